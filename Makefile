@@ -1,0 +1,68 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install first when needed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# The virtualenv: the active one if any, else ./.venv (created on first use).
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlhf-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# torch: a bare `torch` requirement resolves to a multi-GB CUDA build. Without an NVIDIA GPU we take
+# the CPU build: a local wheel if pip's find-links has one, else PyTorch's CPU index. With a GPU we
+# take PyPI's default (CUDA) build. Override with e.g.
+#   make install TORCH_SPEC="torch==2.8.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch>=2.6
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+TORCH_INDEX ?=
+
+.PHONY: help install test test-slow test-gpu demo docs clean
+
+help:
+	@echo "make demo       tiny model: warm start, then GRPO; prints accuracy before/after (CPU, no network)"
+	@echo "make test       the default test suite (fast CPU tests)"
+	@echo "make test-slow  the slow tests too;  make test-gpu: GPU tests (needs CUDA)"
+	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
+	@echo "make docs       regenerate the config tables in README.md"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif [ -n "$(TORCH_INDEX)" ]; then \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)"; \
+	elif [ "$(HAS_GPU)" = "1" ]; then \
+		$(PY) -m pip install -q "$(TORCH_SPEC)"; \
+	else \
+		$(PY) -m pip install -q --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null \
+		|| $(PY) -m pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_CPU_INDEX)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow"
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m "gpu"
+
+demo: $(STAMP)
+	$(PY) recipes/demo.py $(DEMO_ARGS)
+
+docs: $(STAMP)
+	$(PY) -m rlhf.docs --write README.md
+
+clean:
+	rm -rf outputs .pytest_cache build *.egg-info

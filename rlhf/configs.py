@@ -1,0 +1,265 @@
+"""Training configs: one dataclass per algorithm, a docstring under every field.
+
+A *step* is one rollout batch: ``prompts_per_step`` prompts x ``num_generations`` completions,
+generated, scored, and trained on for ``num_epochs`` passes in mini-batches. ``max_steps`` counts
+these steps; each makes ``num_epochs * rollout_batch / mini_batch_size`` optimizer steps.
+"""
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.core import LOSS_AGG_MODES
+
+
+@dataclass
+class RLConfig:
+    """Fields shared by every trainer."""
+
+    # --- run -------------------------------------------------------------------------------
+    output_dir: str = "outputs/run"
+    """Where metrics.jsonl, checkpoints and the final model go."""
+    seed: int = 42
+    """Seed for sampling, shuffling and initialisation; each process adds its rank."""
+    max_steps: int = 100
+    """Number of training steps (one rollout batch each)."""
+    logging_steps: int = 1
+    """Log metrics (averaged over the steps since the last log) every this many steps."""
+    save_steps: int = 0
+    """Write a checkpoint to ``output_dir/checkpoint-<step>`` every this many steps (0: never)."""
+    save_total_limit: int | None = None
+    """Keep only the newest N checkpoints (None: keep all)."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint directory, or "latest" for the newest one in ``output_dir``, to resume from."""
+    report_to: list[str] = field(default_factory=list)
+    """Accelerate trackers to log to, e.g. ["tensorboard"] or ["wandb"] (metrics.jsonl is always written)."""
+    run_name: str | None = None
+    """Name of the run in trackers (default: the basename of ``output_dir``)."""
+    disable_tqdm: bool = False
+    """Turn the progress bar off."""
+    eval_steps: int = 0
+    """Evaluate on ``eval_dataset`` (greedy completions, scored by the reward functions) before training and
+    every this many steps (0: never)."""
+
+    # --- model -----------------------------------------------------------------------------
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Dtype the actor is loaded in when given as a path. Mixed precision is Accelerate's (--mixed_precision)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the repository."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+
+    # --- batch geometry --------------------------------------------------------------------
+    prompts_per_step: int = 8
+    """Prompts per step, across all processes. Must be divisible by the number of processes."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group size G)."""
+    mini_batch_size: int | None = None
+    """Completions per optimizer step, across all processes (None: the whole rollout batch, one step per epoch)."""
+    micro_batch_size: int = 8
+    """Completions per forward/backward pass on each process; gradients accumulate up to a mini-batch."""
+    num_epochs: int = 1
+    """Passes over each rollout batch. With 1 (and one mini-batch) the update is exactly on-policy."""
+
+    # --- generation ------------------------------------------------------------------------
+    max_prompt_length: int | None = 512
+    """Longest prompt in tokens; longer prompts are an error unless ``truncate_prompts`` (None: no limit)."""
+    truncate_prompts: bool = False
+    """Cut prompts longer than ``max_prompt_length`` from the left (keeping their end) with a warning."""
+    max_new_tokens: int = 256
+    """Longest completion in tokens; a completion that reaches it without an EOS is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature. Log-probs for the ratio and the KL are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (1.0: off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens when sampling (0: off)."""
+
+    # --- rewards ---------------------------------------------------------------------------
+    reward_weights: list[float] | None = None
+    """Weight of each reward function in the total reward (None: all 1.0)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit ``max_new_tokens`` without an EOS out of the loss (DAPO)."""
+
+    # --- loss ------------------------------------------------------------------------------
+    clip_eps_low: float = 0.2
+    """Lower PPO clip: the ratio is clipped at 1 - clip_eps_low for negative advantages."""
+    clip_eps_high: float = 0.2
+    """Upper PPO clip: the ratio is clipped at 1 + clip_eps_high for positive advantages (DAPO: 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1: caps the loss of a negative-advantage token at -c * A (None: off)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the frozen reference model (0: no reference model is loaded)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d with d = logp - logp_ref."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    """How per-token losses are reduced: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (the loss subtracts entropy_coef * entropy)."""
+
+    # --- optimisation ----------------------------------------------------------------------
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warm-up: constant, linear decay to 0, or cosine decay to 0."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to ``learning_rate``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping; the norm is still logged)."""
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def rollout_batch_size(self) -> int:
+        """Completions per step across all processes."""
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def effective_mini_batch_size(self) -> int:
+        return self.mini_batch_size or self.rollout_batch_size
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.num_epochs * (self.rollout_batch_size // self.effective_mini_batch_size)
+
+    def validate(self, num_processes: int = 1) -> None:
+        """Check every field and the batch geometry; raise ValueError naming the field and the fix."""
+        errors = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                errors.append(message)
+
+        for name in ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "num_epochs",
+                     "max_new_tokens", "logging_steps"):
+            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
+        need(self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables checkpoints).")
+        need(self.eval_steps >= 0, f"eval_steps={self.eval_steps} must be >= 0 (0 disables evaluation).")
+        need(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
+        need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
+        need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it).")
+        need(0 <= self.clip_eps_low < 1, f"clip_eps_low={self.clip_eps_low} must be in [0, 1).")
+        need(self.clip_eps_high >= 0, f"clip_eps_high={self.clip_eps_high} must be >= 0.")
+        need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be > 1 (or None).")
+        need(self.kl_coef >= 0, f"kl_coef={self.kl_coef} must be >= 0.")
+        need(self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator={self.kl_estimator!r} must be k1, k2 or k3.")
+        need(self.loss_agg in LOSS_AGG_MODES, f"loss_agg={self.loss_agg!r} must be one of {LOSS_AGG_MODES}.")
+        need(self.learning_rate >= 0, f"learning_rate={self.learning_rate} must be >= 0.")
+        need(self.lr_scheduler_type in ("constant", "linear", "cosine"),
+             f"lr_scheduler_type={self.lr_scheduler_type!r} must be constant, linear or cosine.")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm={self.max_grad_norm} must be > 0 (or None to disable clipping).")
+        need(self.max_prompt_length is None or self.max_prompt_length >= 1,
+             f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None).")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"dtype={self.dtype!r} must be auto, float32, bfloat16 or float16.")
+        need(self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
+             f"reward_weights={self.reward_weights} must be a list of numbers.")
+
+        # Batch geometry: rollout -> mini-batches -> per-process micro-batches.
+        if not errors:
+            need(self.prompts_per_step % num_processes == 0,
+                 f"prompts_per_step={self.prompts_per_step} must be divisible by the number of processes "
+                 f"({num_processes}) so that each process owns whole groups; use a multiple of {num_processes}.")
+            rollout = self.rollout_batch_size
+            mini = self.effective_mini_batch_size
+            need(mini >= 1 and rollout % mini == 0,
+                 f"mini_batch_size={self.mini_batch_size} must divide the rollout batch "
+                 f"(prompts_per_step x num_generations = {rollout}); try one of {_divisors(rollout)}.")
+            if mini >= 1 and rollout % mini == 0:
+                need(mini % num_processes == 0,
+                     f"mini_batch_size={mini} must be divisible by the number of processes ({num_processes}).")
+                local_mini = mini // num_processes
+                need(local_mini == 0 or local_mini % self.micro_batch_size == 0,
+                     f"micro_batch_size={self.micro_batch_size} must divide the per-process mini-batch "
+                     f"(mini_batch_size / processes = {local_mini}); try one of {_divisors(local_mini)}.")
+        errors.extend(self._validate_algorithm())
+        if errors:
+            raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(errors))
+
+    def _validate_algorithm(self) -> list[str]:
+        """Checks specific to one algorithm's fields; return the error messages."""
+        return []
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO: group-normalised advantages, no critic (Shao et al. 2024).
+
+    Variants by configuration: Dr. GRPO is ``scale_rewards="none"`` with
+    ``loss_agg="seq-mean-token-sum-norm"``; DAPO is ``clip_eps_high=0.28``, ``loss_agg="token-mean"``,
+    ``mask_truncated_completions=True`` (or the soft overlong penalty) and
+    ``filter_zero_std_groups=True``.
+    """
+
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    filter_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal (zero advantage) out of the loss and its token count (DAPO)."""
+
+    def _validate_algorithm(self) -> list[str]:
+        errors = []
+        if self.scale_rewards not in ("group", "batch", "none"):
+            errors.append(f"scale_rewards={self.scale_rewards!r} must be group, batch or none.")
+        if self.num_generations < 2:
+            errors.append(
+                f"num_generations={self.num_generations}: GRPO compares completions of the same prompt, "
+                "so it needs at least 2 per prompt (8 or 16 is typical)."
+            )
+        return errors
+
+
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source of ``cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def markdown_table(cls: type, only: list[str] | None = None) -> str:
+    """A markdown table of the fields of ``cls`` (or just ``only``): name, type, default, meaning."""
+    docs = field_docs(cls)
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        type_name = _type_name(f.type).replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {type_name} | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)

@@ -1,0 +1,96 @@
+"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), reward-to-go, GAE."""
+
+from typing import Literal
+
+import torch
+
+
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages, one per completion. ``rewards``: [B], B divisible by ``group_size``.
+
+    A_i = (r_i - mean_g) / (std_g + eps) with the unbiased std of the group (``scale="group"``,
+    DeepSeekMath); ``"batch"`` divides by the std of the whole batch instead (more robust when a
+    group's rewards are nearly equal); ``"none"`` only subtracts the group mean (Dr. GRPO).
+    A group of identical rewards, or of size 1, gets advantage 0 (never NaN).
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by group_size={group_size}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size)  # [num_groups, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred.reshape(-1)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+    else:
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    return (centred / (std + eps)).reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: A_i = r_i - mean of the other G-1 rewards of its group.
+
+    Equivalent to G/(G-1) * (r_i - mean_g) (Kool et al. 2019; Ahmadian et al. 2024).
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs at least 2 completions per prompt, got group_size={group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by group_size={group_size}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(-1)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reward-to-go G_t = sum_{k >= t} gamma^(k - t) r_k over the valid tokens of each row. [B, T].
+
+    Masked positions neither receive a return (0 in the output) nor count as a discount step,
+    so a row's returns do not depend on how much padding follows it.
+    """
+    valid = mask.bool()
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    for t in reversed(range(token_rewards.shape[1])):
+        running = torch.where(valid[:, t], token_rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(valid[:, t], running, torch.zeros_like(running))
+    return returns
+
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016). Returns (advantages, returns), [B, T].
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V after the last valid token = 0;
+    A_t = delta_t + gamma * lam * A_{t+1}; returns_t = A_t + V_t.
+    Masked positions are skipped (their values never enter) and are 0 in both outputs.
+    lam = 1 gives discounted returns minus values; lam = 0 gives the one-step TD residual.
+    """
+    valid = mask.bool()
+    zeros = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    next_value, next_advantage = zeros, zeros
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        next_advantage = torch.where(valid[:, t], advantage, next_advantage)
+        advantages[:, t] = torch.where(valid[:, t], advantage, zeros)
+    returns = torch.where(valid, advantages + values, torch.zeros_like(values))
+    return advantages, returns

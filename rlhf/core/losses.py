@@ -1,0 +1,149 @@
+"""Loss aggregation, KL estimators, the clipped policy loss and the clipped value loss."""
+
+from typing import Literal
+
+import torch
+
+from rlhf.core.masked import masked_mean, masked_sum
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def aggregate_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: LossAgg,
+    num_tokens: torch.Tensor | float | None = None,
+    num_seqs: torch.Tensor | float | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    - ``token-mean``: sum(l * m) / sum(m)  (DAPO; every token weighs the same)
+    - ``seq-mean-token-mean``: mean_i(sum_t l * m / sum_t m)  (the original GRPO)
+    - ``seq-mean-token-sum``: mean_i(sum_t l * m)
+    - ``seq-mean-token-sum-norm``: sum(l * m) / (B * T)  (Dr. GRPO; T a constant length budget)
+
+    Rows whose mask is all zero contribute nothing and are not counted in B.
+    When a batch is split into micro-batches (or processes), pass the *global* denominators so that
+    the micro-batch losses add up to the loss of the whole batch: ``num_tokens`` (sum of the mask
+    over the whole batch) for token-mean, ``num_seqs`` (rows with at least one token in the whole
+    batch) for the seq-mean modes, and ``seq_len`` (T, default ``loss.shape[1]``) for the last mode.
+    """
+    if mode == "token-mean":
+        denominator = mask.sum() if num_tokens is None else num_tokens
+        return masked_sum(loss, mask) / torch.as_tensor(denominator, dtype=loss.dtype).clamp(min=1)
+    row_tokens = mask.sum(dim=-1)  # [B]
+    denominator = (row_tokens > 0).sum() if num_seqs is None else num_seqs
+    denominator = torch.as_tensor(denominator, dtype=loss.dtype).clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss, mask, dim=-1).sum() / denominator
+    if mode == "seq-mean-token-sum":
+        return masked_sum(loss, mask) / denominator
+    if mode == "seq-mean-token-sum-norm":
+        horizon = loss.shape[-1] if seq_len is None else seq_len
+        return masked_sum(loss, mask) / (denominator * horizon)
+    raise ValueError(f"loss aggregation mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+
+
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k2", "k3"]
+) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman, 2020).
+
+    With d = logprobs - ref_logprobs: k1 = d (unbiased, can be negative), k2 = d^2 / 2,
+    k3 = exp(-d) - 1 + d (unbiased, never negative, exactly 0 when the two agree).
+    k3 is computed as expm1(-d) + d, which stays >= 0 in fp32 for tiny d where exp(-d) - 1 + d
+    rounds below zero; d is clamped to [-20, 20] inside the exponential so one wild token cannot
+    overflow it.
+    """
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        return torch.expm1(-d.clamp(-20.0, 20.0)) + d
+    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip: float | None = None,
+    agg: LossAgg = "token-mean",
+    **denominators,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, per token, aggregated with ``agg``.
+
+    r = exp(logprobs - old_logprobs); l = max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high)).
+    With dual clip c (Ye et al. 2020) and A < 0: l = min(l, -c * A), which bounds the loss of a
+    token whose ratio has run far above 1 while its advantage is negative.
+    ``advantages`` is [B, T] or [B] (one per sequence, broadcast over its tokens).
+    ``denominators`` (num_tokens, num_seqs, seq_len) are passed to :func:`aggregate_loss`.
+
+    Metrics (masked means over the valid tokens): ``clip_frac_low`` (r < 1 - eps_low with A < 0),
+    ``clip_frac_high`` (r > 1 + eps_high with A > 0), ``dual_clip_frac``, ``approx_kl``
+    (k3 of old vs new), ``ratio_mean``, ``ratio_max``.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_clipped = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        dual_clipped = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(dual_clipped, bound.expand_as(per_token), per_token)
+    loss = aggregate_loss(per_token, mask, agg, **denominators)
+
+    with torch.no_grad():
+        low = (ratio < 1 - clip_eps_low) & (advantages < 0)
+        high = (ratio > 1 + clip_eps_high) & (advantages > 0)
+        valid = mask.bool()
+        metrics = {
+            "clip_frac_low": masked_mean(low.to(ratio.dtype), mask),
+            "clip_frac_high": masked_mean(high.to(ratio.dtype), mask),
+            "dual_clip_frac": masked_mean(dual_clipped.to(ratio.dtype), mask),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).max(),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float | None,
+    agg: LossAgg = "token-mean",
+    **denominators,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2).
+
+    ``clip_eps=None`` gives the plain 0.5 * (V - R)^2. Aggregated with ``agg`` (token mean by
+    default). Metrics: ``value_clip_frac`` (tokens where the clipped term is the larger).
+    """
+    unclipped = (values - returns).square()
+    if clip_eps is None:
+        per_token = 0.5 * unclipped
+        clip_active = torch.zeros_like(values, dtype=torch.bool)
+    else:
+        clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        clipped = (clipped_values - returns).square()
+        per_token = 0.5 * torch.maximum(unclipped, clipped)
+        clip_active = clipped > unclipped
+    loss = aggregate_loss(per_token, mask, agg, **denominators)
+    with torch.no_grad():
+        metrics = {"value_clip_frac": masked_mean(clip_active.to(values.dtype), mask)}
+    return loss, metrics

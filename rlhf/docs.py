@@ -1,0 +1,55 @@
+"""The README's config tables, generated from the dataclasses so that they cannot drift.
+
+    python -m rlhf.docs --write README.md    # regenerate (make docs)
+    python -m rlhf.docs --check README.md    # exit 1 if the README is stale (a test does this)
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from rlhf.configs import GRPOConfig, RLConfig, markdown_table
+
+START, END = "<!-- config-tables:start -->", "<!-- config-tables:end -->"
+ALGORITHM_CONFIGS = [GRPOConfig]
+
+
+def config_tables() -> str:
+    shared = {f.name for f in dataclasses.fields(RLConfig)}
+    parts = ["**Every trainer** (`RLConfig`):", "", markdown_table(RLConfig)]
+    for cls in ALGORITHM_CONFIGS:
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in shared]
+        parts += ["", f"**{cls.__name__}** adds:", "", markdown_table(cls, only=own)]
+    return "\n".join(parts)
+
+
+def render(readme: str) -> str:
+    if START not in readme or END not in readme:
+        raise ValueError(f"the README has no {START} ... {END} block")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{config_tables()}\n{END}{tail}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", metavar="README")
+    group.add_argument("--check", metavar="README")
+    args = parser.parse_args()
+    path = args.write or args.check
+    with open(path) as f:
+        current = f.read()
+    updated = render(current)
+    if args.check:
+        if updated != current:
+            print(f"{path}: the config tables are stale; run `make docs`.", file=sys.stderr)
+            return 1
+        return 0
+    with open(path, "w") as f:
+        f.write(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

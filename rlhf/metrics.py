@@ -1,0 +1,122 @@
+"""Metrics: collected as (sum, count) pairs during a step, reduced across processes in one
+collective, averaged over the logging window, and written to metrics.jsonl, trackers and the bar."""
+
+import json
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+
+class StepMetrics:
+    """Per-step metrics: ``add`` accumulates weighted means, ``add_max`` maxima. ``reduce`` turns
+    them into global values with one collective per kind (none on one process). Tensors stay on
+    their device until ``reduce``, so recording a metric never forces a GPU sync."""
+
+    def __init__(self):
+        self._sums: dict[str, list] = defaultdict(list)
+        self._counts: dict[str, list] = defaultdict(list)
+        self._maxima: dict[str, list] = defaultdict(list)
+
+    def add(self, name: str, value, count=1.0) -> None:
+        """Add ``value * count`` to the numerator and ``count`` to the denominator of ``name``."""
+        value, count = _detached(value), _detached(count)
+        self._sums[name].append(value * count)
+        self._counts[name].append(count)
+
+    def add_max(self, name: str, value) -> None:
+        self._maxima[name].append(_detached(value))
+
+    def reduce(self, accelerator=None) -> dict[str, float]:
+        device = accelerator.device if accelerator is not None else torch.device("cpu")
+
+        def collapse(table: dict[str, list], names: list[str], op) -> torch.Tensor:
+            values = [op(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in table[n]]))
+                      for n in names]
+            return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
+
+        names, max_names = sorted(self._sums), sorted(self._maxima)
+        sums, counts = collapse(self._sums, names, torch.sum), collapse(self._counts, names, torch.sum)
+        maxima = collapse(self._maxima, max_names, torch.max)
+        if accelerator is not None and accelerator.num_processes > 1:
+            sums, counts = accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+            if max_names:
+                maxima = accelerator.gather(maxima.unsqueeze(0)).amax(dim=0)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1e-12), torch.zeros_like(sums))
+        out = dict(zip(names, means.tolist()))
+        out.update(zip(max_names, maxima.tolist()))
+        return out
+
+
+def _detached(value):
+    return value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
+class MetricsLogger:
+    """Averages step metrics over the logging window; the main process writes them out."""
+
+    def __init__(self, output_dir: str, accelerator, max_steps: int, initial_step: int = 0,
+                 disable_tqdm: bool = False):
+        self.accelerator = accelerator
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._window: dict[str, list[float]] = defaultdict(list)
+        self._bar = None
+        if accelerator.is_main_process and not disable_tqdm:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=max_steps, initial=initial_step, desc="training", dynamic_ncols=True)
+
+    def accumulate(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._window[key].append(value)
+
+    def log(self, step: int) -> dict[str, float]:
+        """Write the window's means for ``step`` and start a new window."""
+        averaged = {key: sum(values) / len(values) for key, values in self._window.items()}
+        self._window.clear()
+        return self.write(step, averaged)
+
+    def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Write one record for ``step`` (main process only); returns it."""
+        record = {"step": step, **metrics}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.accelerator.log(metrics, step=step)
+            if self._bar is not None:
+                shown = {k: f"{record[k]:.3g}" for k in ("reward/mean", "kl", "entropy", "completions/mean_length")
+                         if k in record}
+                if shown:
+                    self._bar.set_postfix(shown, refresh=False)
+        return record
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,148 @@
+"""Loading the actor and its tokenizer, switching dropout off, and scoring completions.
+
+``completion_logprobs`` is the one forward pass behind every ratio and KL: actor, old policy and
+reference all go through it, so positions, masks and temperature are handled the same way.
+"""
+
+import copy
+import inspect
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.core import entropy_from_logits, token_logprobs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM from a path or hub id (safetensors only), or the model object itself."""
+    if isinstance(model, nn.Module):
+        return model
+    return AutoModelForCausalLM.from_pretrained(
+        model, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def load_tokenizer(
+    model: str | PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """The given tokenizer, else the one saved with the model. Ensures a pad token (see below)."""
+    if processing_class is not None:
+        tokenizer = processing_class
+    else:
+        source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        if not source:
+            raise ValueError(
+                "processing_class is required when the model is passed as an object without a saved path: "
+                "pass the tokenizer, e.g. processing_class=AutoTokenizer.from_pretrained(...)."
+            )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "The tokenizer has neither a pad token nor an EOS token; set one, e.g. "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings."
+            )
+        # Safe here: completion masks come from positions, never from comparing ids with the pad id.
+        logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and all of the model's generation EOS ids."""
+    ids = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("Neither the model's generation_config nor the tokenizer defines an EOS token id.")
+    return sorted(ids)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0, so that forward passes are deterministic in train mode too.
+
+    Train mode is still needed for gradient checkpointing, and a ratio computed with dropout on is
+    not 1 on the first on-policy pass.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for attr in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+            if isinstance(getattr(config, attr, None), float):
+                setattr(config, attr, 0.0)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with gradients off and in eval mode (the reference policy)."""
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only attended tokens, as ``generate`` computes them: left padding gets 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(completion token | prefix) at ``temperature``, and optionally the entropy, both [B, T].
+
+    The prompt is left-padded and the completion right-padded; position ids are computed from the
+    attention mask so that padding never shifts a position. Only the T + 1 last positions produce
+    logits. The entropy is computed without gradient (a metric) unless ``entropy_grad``.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    num_completion = completion_ids.shape[1]
+    kwargs = {}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = num_completion + 1
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+    # Logits at position i predict token i + 1: the completion's tokens are predicted by the
+    # positions from the last prompt token to the second-to-last completion token.
+    logits = outputs.logits[:, -(num_completion + 1) : -1]  # [B, T, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = token_logprobs(logits, completion_ids)
+    entropy = None
+    if with_entropy:
+        with torch.enable_grad() if entropy_grad else torch.no_grad():
+            entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
+    return logprobs, entropy

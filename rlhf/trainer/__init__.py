@@ -1,0 +1,4 @@
+from rlhf.trainer.base import RLTrainer
+from rlhf.trainer.grpo import GRPOTrainer
+
+__all__ = ["GRPOTrainer", "RLTrainer"]

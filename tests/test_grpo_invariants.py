@@ -1,0 +1,160 @@
+"""GRPO trainer invariants (PITFALLS 2, 5, 6, 7, 8, 10): each checked against an independent path."""
+
+import pytest
+import torch
+
+from helpers import flat_grad, gradient, make_trainer, relative_error
+from rlhf.core import policy_loss
+from rlhf.metrics import StepMetrics
+from rlhf.models import completion_logprobs
+from rlhf.tiny import EOS_ID, char_tokenizer, tiny_model
+
+def independent_lengths(completion_ids):
+    """Valid length of each completion: up to and including the first EOS (a loop, not the library)."""
+    lengths = []
+    for row in completion_ids.tolist():
+        lengths.append(row.index(EOS_ID) + 1 if EOS_ID in row else len(row))
+    return lengths
+
+
+def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
+    """Ratio == 1 exactly, and the gradient equals -sum(A * grad log p) / N computed sequence by sequence
+    without padding. The tokenizer pads with its EOS id, so a dropped EOS would show up here."""
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    trainer = make_trainer(tmp_path, tokenizer=tokenizer)
+    batch = trainer.make_rollout_batch(0)
+    assert "old_logprobs" not in batch  # one epoch, one mini-batch: exactly on-policy
+    metrics = StepMetrics()
+    grad = gradient(trainer, batch, metrics)
+    stats = metrics.reduce()
+    assert stats["policy/ratio_mean"] == 1.0 and stats["policy/ratio_max"] == 1.0
+    assert stats["clip/low_frac"] == 0.0 and stats["clip/high_frac"] == 0.0
+
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    lengths = independent_lengths(batch["completion_ids"])
+    assert any(n < batch["completion_ids"].shape[1] for n in lengths)  # some rows end with an EOS
+    num_tokens = sum(lengths)
+    loss = 0.0
+    for i, n in enumerate(lengths):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
+        completion = batch["completion_ids"][i, :n]
+        logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        loss = loss - (batch["advantages"][i] * logprobs).sum() / num_tokens
+    loss.backward()
+    assert relative_error(grad, flat_grad(model)) < 1e-5
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])
+def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, loss_agg):
+    """Off-policy (ratios away from 1, some clipped), with KL and entropy terms: micro-batches of 1, 2 and
+    the whole mini-batch give the same gradient."""
+    trainer = make_trainer(tmp_path, loss_agg=loss_agg, num_epochs=2, kl_coef=0.1, entropy_coef=0.01,
+                           clip_eps_low=0.05, clip_eps_high=0.05)
+    batch = trainer.make_rollout_batch(0)
+    with torch.no_grad():  # move the policy away from the one that sampled
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    grads = {}
+    for size in (1, 2, batch.size):
+        trainer.args.micro_batch_size = size
+        metrics = StepMetrics()
+        grads[size] = gradient(trainer, batch, metrics)
+    stats = metrics.reduce()
+    assert stats["clip/low_frac"] + stats["clip/high_frac"] > 0  # clipping is active
+    assert relative_error(grads[1], grads[batch.size]) < 1e-6
+    assert relative_error(grads[2], grads[batch.size]) < 1e-6
+
+
+def test_naive_per_micro_batch_normalisation_differs(tmp_path):
+    """Negative control for the test above: token-mean per micro-batch, averaged, is a different gradient."""
+    trainer = make_trainer(tmp_path)
+    batch = trainer.make_rollout_batch(0)
+    whole = gradient(trainer, batch)
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    micro_batches = [batch.rows(slice(i, i + 2)).trimmed() for i in range(0, batch.size, 2)]
+    for micro in micro_batches:
+        logprobs, _ = completion_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"],
+                                          micro["completion_mask"])
+        loss, _ = policy_loss(logprobs, logprobs.detach(), micro["advantages"], micro["loss_mask"], 0.2, 0.2)
+        (loss / len(micro_batches)).backward()
+    assert relative_error(flat_grad(model), whole) > 1e-2
+
+
+def test_old_logprobs_are_computed_once_before_any_update(tmp_path):
+    trainer = make_trainer(tmp_path, num_epochs=3, mini_batch_size=8, micro_batch_size=4)
+    calls = []
+    original = trainer._logprobs_no_grad
+
+    def spy(model, batch):
+        calls.append(trainer.optimizer.state_dict()["state"] != {})  # has any optimizer step happened yet?
+        return original(model, batch)
+
+    trainer._logprobs_no_grad = spy
+    metrics = trainer.training_step()
+    assert calls == [False]  # one pass, before the first update
+    assert metrics["policy/ratio_mean"] != 1.0  # later mini-batches do see the updated policy
+
+
+def test_old_logprobs_match_the_policy_that_sampled(tmp_path):
+    trainer = make_trainer(tmp_path, num_epochs=2)
+    batch = trainer.make_rollout_batch(0)
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        fresh, _ = completion_logprobs(trainer.model, batch["prompt_ids"], batch["prompt_mask"],
+                                       batch["completion_ids"], batch["completion_mask"])
+    assert (batch["old_logprobs"] - fresh)[mask].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_to_an_identical_reference_is_exactly_zero(tmp_path, estimator):
+    trainer = make_trainer(tmp_path, kl_coef=0.1, kl_estimator=estimator, max_steps=1)
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    metrics = trainer.training_step()
+    assert metrics["kl"] == 0.0
+    # After an update the logged KL is the trained one, and k3 is positive.
+    metrics = trainer.training_step()
+    assert metrics["kl"] != 0.0 and (estimator == "k1" or metrics["kl"] > 0)
+
+
+def test_reference_model_is_loaded_only_with_a_kl_term(tmp_path):
+    assert make_trainer(tmp_path).ref_model is None
+
+
+def test_dropout_in_the_config_does_not_break_the_first_ratio(tmp_path):
+    model = tiny_model("gpt2", hidden_size=32, num_layers=2, num_heads=2, resid_pdrop=0.3, attn_pdrop=0.3,
+                       embd_pdrop=0.3)
+    metrics = make_trainer(tmp_path, model=model).training_step()
+    assert metrics["policy/ratio_mean"] == 1.0 and metrics["policy/ratio_max"] == 1.0
+
+
+@pytest.mark.parametrize("reward", [lambda prompts, completions, **kw: [1.0] * len(completions),
+                                    lambda prompts, completions, **kw: [None] * len(completions)])
+def test_equal_or_missing_rewards_give_zero_finite_advantages(tmp_path, reward):
+    trainer = make_trainer(tmp_path, reward=reward)
+    batch = trainer.make_rollout_batch(0)
+    assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
+    metrics = trainer.training_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["reward/zero_std_group_frac"] == 1.0
+
+
+def test_truncated_completions_can_be_left_out_of_the_loss(tmp_path):
+    trainer = make_trainer(tmp_path, mask_truncated_completions=True, max_new_tokens=3)
+    batch = trainer.make_rollout_batch(0)
+    assert batch["truncated"].any()
+    assert batch["loss_mask"][batch["truncated"]].sum() == 0
+    assert torch.equal(batch["loss_mask"][~batch["truncated"]], batch["completion_mask"][~batch["truncated"]])
+
+
+def test_zero_std_groups_can_be_filtered(tmp_path):
+    def first_group_equal(prompts, completions, **kwargs):
+        return [0.0 if i < 4 else float(len(c)) + i % 2 for i, c in enumerate(completions)]
+
+    trainer = make_trainer(tmp_path, reward=first_group_equal, filter_zero_std_groups=True)
+    batch = trainer.make_rollout_batch(0)
+    assert batch["loss_mask"][:4].sum() == 0 and batch["loss_mask"][4:].sum() > 0

@@ -1,0 +1,110 @@
+"""Sampling and completion masks: EOS handling, truncation, and the distribution that is sampled."""
+
+import torch
+
+from rlhf.data import left_pad
+from rlhf.models import completion_logprobs
+from rlhf.rollout import Batch, SamplingParams, completion_mask, generation_config, sample_completions
+from rlhf.tiny import EOS_ID, PAD_ID, tiny_model
+
+A, B = 20, 21  # two ordinary tokens
+
+
+def test_mask_keeps_first_eos_and_drops_the_rest():
+    ids = torch.tensor([[A, B, EOS_ID, PAD_ID, PAD_ID], [EOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID],
+                        [A, A, A, A, A]])
+    mask, truncated = completion_mask(ids, [EOS_ID])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_mask_is_right_when_pad_is_eos():
+    """After an EOS, generate pads with the pad id; when that id is the EOS id the first EOS must stay in."""
+    ids = torch.tensor([[A, EOS_ID, EOS_ID, EOS_ID], [A, B, A, EOS_ID]])
+    mask, truncated = completion_mask(ids, [EOS_ID])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False]
+
+
+def test_mask_cuts_at_any_eos_id():
+    second_eos = 77
+    ids = torch.tensor([[A, second_eos, B, EOS_ID], [A, B, EOS_ID, second_eos]])
+    mask, _ = completion_mask(ids, [EOS_ID, second_eos])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+
+
+def _peaky_model(seed=0, sharpness=20.0):
+    """A tiny model with a sharp next-token distribution, so sampling statistics are measurable."""
+    model = tiny_model("llama", hidden_size=32, num_layers=1, num_heads=2, seed=seed).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    return model
+
+
+def test_generation_stops_at_every_eos_id_of_the_list():
+    """Half the vocabulary declared EOS: rows stop at many different ids, each where it first appears."""
+    model = tiny_model("llama", hidden_size=32, num_layers=1, num_heads=2, seed=0).eval()
+    prompt = torch.tensor([[1, 30, 31]] * 64)
+    eos_ids = list(range(EOS_ID, model.config.vocab_size, 2))
+    ids, mask, truncated = sample_completions(model, prompt, torch.ones_like(prompt),
+                                              SamplingParams(max_new_tokens=12), eos_ids, PAD_ID)
+    lengths = mask.sum(dim=1)
+    last_kept = ids.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+    ended = ~truncated
+    assert ended.sum() > 56 and ids.shape[1] < 12  # generation stopped once every row had ended
+    assert len(set(last_kept[ended].tolist())) >= 5 and torch.isin(last_kept[ended], torch.tensor(eos_ids)).all()
+    for row, n in zip(ids.tolist(), lengths.tolist()):  # no EOS id before the end of a kept span
+        assert all(t not in eos_ids for t in row[: n - 1])
+
+
+def test_sampled_distribution_is_the_scored_distribution():
+    """Samples at temperature T follow softmax(logits / T), the distribution the ratio is computed from,
+    even though the model's own generation_config asks for top_k=1 and a repetition penalty."""
+    model = _peaky_model(seed=3)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 3.0
+    temperature, n = 2.0, 4000
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    torch.manual_seed(0)
+    ids, mask, _ = sample_completions(model, prompt.repeat(n, 1), torch.ones(n, 4, dtype=torch.long),
+                                      SamplingParams(max_new_tokens=1, temperature=temperature), [EOS_ID], PAD_ID)
+    empirical = torch.bincount(ids[:, 0], minlength=model.config.vocab_size).double() / n
+    with torch.no_grad():
+        candidates = torch.arange(model.config.vocab_size).unsqueeze(1)
+        scored, _ = completion_logprobs(model, prompt.repeat(len(candidates), 1), torch.ones(len(candidates), 4,
+                                        dtype=torch.long), candidates, torch.ones_like(candidates), temperature)
+    expected = scored[:, 0].double().exp()
+    assert expected.max() < 0.9  # the check below is not trivial
+    total_variation = 0.5 * (empirical - expected).abs().sum()
+    assert total_variation < 0.06
+    at_t1 = torch.softmax(model(input_ids=prompt).logits[0, -1].double(), -1).detach()
+    assert 0.5 * (empirical - at_t1).abs().sum() > 3 * total_variation  # temperature matters here
+
+
+def test_generation_config_sets_every_sampling_knob():
+    config = generation_config(SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=0), [2, 7], 0)
+    assert (config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (0.7, 0.9, 0, 1.0)
+    assert config.eos_token_id == [2, 7] and config.do_sample
+
+
+def test_left_padded_generation_matches_unpadded():
+    """Greedy completions of a prompt are the same alone and inside a left-padded batch."""
+    model = tiny_model("gpt2", hidden_size=32, num_layers=2, num_heads=2, seed=5).eval()
+    prompts = [[1, 10, 11, 12, 13, 14, 15], [1, 16]]
+    ids, mask = left_pad(prompts, PAD_ID)
+    greedy = SamplingParams(max_new_tokens=6, do_sample=False)
+    batched, _, _ = sample_completions(model, ids, mask, greedy, [EOS_ID], PAD_ID)
+    alone, _, _ = sample_completions(model, torch.tensor([prompts[1]]), torch.ones(1, 2, dtype=torch.long), greedy,
+                                     [EOS_ID], PAD_ID)
+    assert batched[1, : alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_batch_trimming_drops_only_all_padding_columns():
+    batch = Batch(prompt_ids=torch.tensor([[0, 0, 5], [0, 6, 7]]), prompt_mask=torch.tensor([[0, 0, 1], [0, 1, 1]]),
+                  completion_ids=torch.tensor([[8, 2, 0, 0], [9, 9, 2, 0]]),
+                  completion_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]), advantages=torch.tensor([1.0, 2.0]))
+    trimmed = batch.trimmed()
+    assert trimmed["prompt_ids"].tolist() == [[0, 5], [6, 7]]
+    assert trimmed["completion_ids"].tolist() == [[8, 2, 0], [9, 9, 2]]
+    assert trimmed["advantages"].tolist() == [1.0, 2.0]
+    assert batch.rows(torch.tensor([1]))["completion_mask"].tolist() == [[1, 1, 1, 0]]
