@@ -1,7 +1,7 @@
 """The demo: a tiny Llama learns 2-digit addition, first from a short supervised warm start, then
 by RL with a rule-based correctness reward. CPU only, no network, a few minutes.
 
-    make demo                 # or: python recipes/demo.py [--algo grpo] [--seed 0]
+    make demo [ALGO=grpo|ppo|reinforce]     # or: python recipes/demo.py [--algo grpo] [--seed 0]
 
 1. Builds a 4-layer Llama (hidden 128) and the project's character tokenizer from scratch.
 2. Warm start: supervised training on "a+b=" -> "c", stopped on purpose as soon as accuracy on a
@@ -15,13 +15,17 @@ import json
 import os
 import time
 
-from rlhf import GRPOConfig, GRPOTrainer
-from rlhf.cli import ScriptArguments, parse_args
+from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, ReinforceConfig, ReinforceTrainer
+from rlhf.cli import PPOScriptArguments, parse_args
 from rlhf.plot import plot_metrics
 from rlhf.tasks.addition import correctness_reward, greedy_accuracy, make_splits, warm_start
 from rlhf.tiny import char_tokenizer, tiny_model
 
-ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer)}
+ALGORITHMS = {
+    "grpo": (GRPOConfig, GRPOTrainer),
+    "ppo": (PPOConfig, PPOTrainer),
+    "reinforce": (ReinforceConfig, ReinforceTrainer),
+}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 ACCURACY = "eval/reward/correctness_reward/mean"
 
@@ -65,7 +69,7 @@ def main():
     overrides = ["--output_dir", os.path.join(cli.output_dir, cli.algo)]
     if cli.max_steps is not None:
         overrides += ["--max_steps", str(cli.max_steps)]
-    _, config = parse_args([ScriptArguments, config_class], ["--config", config_path, *overrides])
+    _, config = parse_args([PPOScriptArguments, config_class], ["--config", config_path, *overrides])
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)

@@ -52,13 +52,14 @@ def save_pretrained_model(model, tokenizer, directory: str, state_dict=None) -> 
 
 
 def load_model_weights(model, directory: str) -> None:
-    """Load the safetensors weights in ``directory`` into ``model``. Every parameter must be loaded,
-    except those tied to one that is (e.g. an lm_head sharing the embedding matrix)."""
+    """Load the weights ``save_pretrained`` wrote in ``directory`` (``model*.safetensors``) into ``model``.
+    Every parameter must be loaded, except those tied to one that is (an lm_head sharing the
+    embedding matrix)."""
     from safetensors.torch import load_file
 
     weights = {}
     for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
+        if name.startswith("model") and name.endswith(".safetensors"):
             weights.update(load_file(os.path.join(directory, name)))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     state = model.state_dict()

@@ -38,6 +38,15 @@ class ScriptArguments:
     """Reward functions as "package.module:function" import paths."""
 
 
+@dataclass
+class PPOScriptArguments(ScriptArguments):
+    """ScriptArguments plus PPO's critic."""
+
+    value_model_name_or_path: str | None = None
+    """The critic's starting point: a saved critic, a reward model or any model directory (None: a copy of the
+    actor's backbone)."""
+
+
 class ConfigError(ValueError):
     """A bad key or value in a YAML config or on the command line."""
 
@@ -166,6 +175,23 @@ def import_object(path: str):
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"cannot import {path!r}: {error}") from error
+
+
+def trainer_inputs(script: ScriptArguments) -> dict:
+    """The trainer arguments a recipe's ScriptArguments name: model, reward functions and datasets."""
+    missing = [name for name in ("model_name_or_path", "dataset_name", "reward_funcs") if not getattr(script, name)]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set, in the --config YAML or on the command line "
+                          "(--help lists every option).")
+    eval_dataset = None
+    if script.eval_dataset_name:
+        eval_dataset = load_dataset_spec(script.eval_dataset_name, script.eval_dataset_split)
+    return {
+        "model": script.model_name_or_path,
+        "reward_funcs": [import_object(path) for path in script.reward_funcs],
+        "train_dataset": load_dataset_spec(script.dataset_name, script.dataset_split),
+        "eval_dataset": eval_dataset,
+    }
 
 
 def load_dataset_spec(spec: str, split: str = "train"):

@@ -120,6 +120,12 @@ class RLConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping; the norm is still logged)."""
 
+    # --- guards ----------------------------------------------------------------------------
+    max_nonfinite_updates: int = 3
+    """An update with a non-finite loss or gradient is skipped; this many in a row stop the run (the batch is saved)."""
+    reward_timeout: float | None = None
+    """Seconds a reward function may take on one batch before the run stops with an error naming it (None: no limit)."""
+
     # --- derived ---------------------------------------------------------------------------
     @property
     def rollout_batch_size(self) -> int:
@@ -147,6 +153,9 @@ class RLConfig:
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
         need(self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables checkpoints).")
         need(self.eval_steps >= 0, f"eval_steps={self.eval_steps} must be >= 0 (0 disables evaluation).")
+        need(self.max_nonfinite_updates >= 1, f"max_nonfinite_updates={self.max_nonfinite_updates} must be >= 1.")
+        need(self.reward_timeout is None or self.reward_timeout > 0,
+             f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit).")
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
         need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it).")
@@ -221,6 +230,101 @@ class GRPOConfig(RLConfig):
                 f"num_generations={self.num_generations}: GRPO compares completions of the same prompt, "
                 "so it needs at least 2 per prompt (8 or 16 is typical)."
             )
+        return errors
+
+
+@dataclass
+class TokenRewardConfig(RLConfig):
+    """Fields of the algorithms that turn the sequence reward into per-token rewards (PPO, REINFORCE):
+    the reward sits on the last completion token and, with ``kl_in="reward"``, every token pays
+    ``kl_coef`` times its KL to the reference."""
+
+    kl_coef: float = 0.05
+    """KL penalty weight (the initial one when ``kl_target`` is set); 0: no reference model is loaded."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d with d = logp - logp_ref."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty goes: subtracted from each token's reward (InstructGPT), or added to the loss (GRPO)."""
+    kl_target: float | None = None
+    """Adapt kl_coef towards this KL per sequence (Ziegler et al. 2019), a proportional controller (None: fixed kl_coef)."""
+    kl_horizon: int = 10000
+    """Horizon, in samples, of the adaptive KL controller."""
+    gamma: float = 1.0
+    """Discount of future token rewards."""
+
+    def _validate_algorithm(self) -> list[str]:
+        errors = []
+        if not 0 <= self.gamma <= 1:
+            errors.append(f"gamma={self.gamma} must be in [0, 1].")
+        if self.kl_in not in ("reward", "loss"):
+            errors.append(f"kl_in={self.kl_in!r} must be reward or loss.")
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_coef <= 0):
+            errors.append(f"kl_target={self.kl_target} needs kl_target > 0 and an initial kl_coef > 0 "
+                          f"(kl_coef={self.kl_coef}).")
+        if self.kl_horizon < 1:
+            errors.append(f"kl_horizon={self.kl_horizon} must be >= 1.")
+        return errors
+
+
+@dataclass
+class PPOConfig(TokenRewardConfig):
+    """PPO with a separate critic (a backbone + a scalar value head) and GAE (Schulman et al. 2017;
+    Ouyang et al. 2022)."""
+
+    num_generations: int = 1
+    """Completions sampled per prompt (PPO needs no groups; more than 1 is allowed)."""
+    prompts_per_step: int = 64
+    """Prompts per step, across all processes. Must be divisible by the number of processes."""
+    gae_lambda: float = 0.95
+    """GAE lambda: 1 gives Monte-Carlo returns minus values, 0 the one-step TD residual."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    value_clip_eps: float | None = 0.2
+    """Clip each new value to within this of its old value in the value loss (None: no clipping)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout batch (all processes) after computing returns."""
+    critic_learning_rate: float | None = None
+    """Peak learning rate of the critic's AdamW (None: ``learning_rate``)."""
+    critic_warmup_steps: int = 0
+    """Steps at the start during which only the critic trains (the actor stays frozen)."""
+    target_kl: float | None = None
+    """Stop the step's remaining epochs once a mini-batch's approximate KL to the rollout policy exceeds this."""
+
+    def _validate_algorithm(self) -> list[str]:
+        errors = super()._validate_algorithm()
+        if not 0 <= self.gae_lambda <= 1:
+            errors.append(f"gae_lambda={self.gae_lambda} must be in [0, 1].")
+        if self.vf_coef < 0:
+            errors.append(f"vf_coef={self.vf_coef} must be >= 0.")
+        if self.value_clip_eps is not None and self.value_clip_eps <= 0:
+            errors.append(f"value_clip_eps={self.value_clip_eps} must be > 0 (or None to disable value clipping).")
+        if self.critic_learning_rate is not None and self.critic_learning_rate < 0:
+            errors.append(f"critic_learning_rate={self.critic_learning_rate} must be >= 0.")
+        if self.critic_warmup_steps < 0:
+            errors.append(f"critic_warmup_steps={self.critic_warmup_steps} must be >= 0.")
+        if self.target_kl is not None and self.target_kl <= 0:
+            errors.append(f"target_kl={self.target_kl} must be > 0 (or None).")
+        return errors
+
+
+@dataclass
+class ReinforceConfig(TokenRewardConfig):
+    """REINFORCE (Williams 1992) with a choice of baseline: none, the batch mean, leave-one-out (RLOO,
+    Ahmadian et al. 2024) or REINFORCE++ (Hu 2025: KL in the reward, returns whitened over the batch)."""
+
+    baseline: Literal["none", "mean", "rloo", "reinforce++"] = "rloo"
+    """none: advantage = reward-to-go; mean: minus the batch-mean reward; rloo: minus the mean reward of the
+    prompt's other completions; reinforce++: reward-to-go with KL in the reward, whitened over the batch."""
+    num_generations: int = 4
+    """Completions sampled per prompt (rloo needs at least 2)."""
+
+    def _validate_algorithm(self) -> list[str]:
+        errors = super()._validate_algorithm()
+        if self.baseline not in ("none", "mean", "rloo", "reinforce++"):
+            errors.append(f"baseline={self.baseline!r} must be none, mean, rloo or reinforce++.")
+        if self.baseline == "rloo" and self.num_generations < 2:
+            errors.append(f"num_generations={self.num_generations}: the rloo baseline leaves one completion out of "
+                          "its prompt's group, so it needs at least 2 per prompt.")
         return errors
 
 

@@ -116,8 +116,7 @@ def tokenize_prompts(
                     f"(starts {texts[i][:60]!r}); raise max_prompt_length, or set truncate_prompts=True "
                     "to keep its last tokens."
                 )
-            logger.warning("Prompt %d has %d tokens; keeping its last %d.", i, len(row), max_length)
-            ids[i] = row[-max_length:]
+            ids[i] = row[-max_length:]  # the trainer warned about these prompts at construction
     return ids
 
 

@@ -8,18 +8,26 @@ import argparse
 import dataclasses
 import sys
 
-from rlhf.configs import GRPOConfig, RLConfig, markdown_table
+from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig, TokenRewardConfig, markdown_table
 
 START, END = "<!-- config-tables:start -->", "<!-- config-tables:end -->"
-ALGORITHM_CONFIGS = [GRPOConfig]
+# (config, the config it extends): each table lists the fields the config adds or whose default it changes.
+SECTIONS = [(GRPOConfig, RLConfig), (TokenRewardConfig, RLConfig), (PPOConfig, TokenRewardConfig),
+            (ReinforceConfig, TokenRewardConfig)]
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def config_tables() -> str:
-    shared = {f.name for f in dataclasses.fields(RLConfig)}
     parts = ["**Every trainer** (`RLConfig`):", "", markdown_table(RLConfig)]
-    for cls in ALGORITHM_CONFIGS:
-        own = [f.name for f in dataclasses.fields(cls) if f.name not in shared]
-        parts += ["", f"**{cls.__name__}** adds:", "", markdown_table(cls, only=own)]
+    for cls, parent in SECTIONS:
+        inherited = {f.name: _default(f) for f in dataclasses.fields(parent)}
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in inherited or inherited[f.name] != _default(f)]
+        title = (f"**{cls.__name__}** adds or changes" if cls is not TokenRewardConfig
+                 else "**PPOConfig and ReinforceConfig** share (`TokenRewardConfig`)")
+        parts += ["", f"{title}:", "", markdown_table(cls, only=own)]
     return "\n".join(parts)
 
 

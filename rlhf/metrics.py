@@ -11,7 +11,7 @@ import torch
 
 
 class StepMetrics:
-    """Per-step metrics: ``add`` accumulates weighted means, ``add_max`` maxima. ``reduce`` turns
+    """Per-step metrics: ``add`` accumulates weighted means, ``add_sum`` totals, ``add_max`` maxima. ``reduce`` turns
     them into global values with one collective per kind (none on one process). Tensors stay on
     their device until ``reduce``, so recording a metric never forces a GPU sync."""
 
@@ -19,12 +19,17 @@ class StepMetrics:
         self._sums: dict[str, list] = defaultdict(list)
         self._counts: dict[str, list] = defaultdict(list)
         self._maxima: dict[str, list] = defaultdict(list)
+        self._totals: dict[str, list] = defaultdict(list)
 
     def add(self, name: str, value, count=1.0) -> None:
         """Add ``value * count`` to the numerator and ``count`` to the denominator of ``name``."""
         value, count = _detached(value), _detached(count)
         self._sums[name].append(value * count)
         self._counts[name].append(count)
+
+    def add_sum(self, name: str, value) -> None:
+        """A total over the step (summed over calls and processes), not a mean."""
+        self._totals[name].append(_detached(value))
 
     def add_max(self, name: str, value) -> None:
         self._maxima[name].append(_detached(value))
@@ -37,16 +42,19 @@ class StepMetrics:
                       for n in names]
             return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
 
-        names, max_names = sorted(self._sums), sorted(self._maxima)
+        names, max_names, total_names = sorted(self._sums), sorted(self._maxima), sorted(self._totals)
         sums, counts = collapse(self._sums, names, torch.sum), collapse(self._counts, names, torch.sum)
+        totals = collapse(self._totals, total_names, torch.sum)
         maxima = collapse(self._maxima, max_names, torch.max)
         if accelerator is not None and accelerator.num_processes > 1:
             sums, counts = accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+            totals = accelerator.reduce(totals, reduction="sum") if total_names else totals
             if max_names:
                 maxima = accelerator.gather(maxima.unsqueeze(0)).amax(dim=0)
         means = torch.where(counts > 0, sums / counts.clamp(min=1e-12), torch.zeros_like(sums))
         out = dict(zip(names, means.tolist()))
         out.update(zip(max_names, maxima.tolist()))
+        out.update(zip(total_names, totals.tolist()))
         return out
 
 

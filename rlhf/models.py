@@ -19,12 +19,17 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+def resolve_dtype(name: str):
+    """A config's dtype name as ``from_pretrained`` takes it ("auto" stays "auto")."""
+    return _DTYPES[name]
+
+
 def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_remote_code: bool = False):
     """A causal LM from a path or hub id (safetensors only), or the model object itself."""
     if isinstance(model, nn.Module):
         return model
     return AutoModelForCausalLM.from_pretrained(
-        model, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        model, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
 
 
@@ -102,8 +107,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "module", model)  # DistributedDataParallel
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
+    """Model inputs for left-padded prompts followed by right-padded completions; position ids come
+    from the attention mask so that padding never shifts a position."""
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    return {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1), "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask)}
 
 
 def completion_logprobs(
@@ -122,19 +136,10 @@ def completion_logprobs(
     attention mask so that padding never shifts a position. Only the T + 1 last positions produce
     logits. The entropy is computed without gradient (a metric) unless ``entropy_grad``.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     num_completion = completion_ids.shape[1]
-    kwargs = {}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = num_completion + 1
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **kwargs,
-    )
+    kwargs = {"logits_to_keep": num_completion + 1} if _accepts_logits_to_keep(model) else {}
+    outputs = model(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False,
+                    **kwargs)
     # Logits at position i predict token i + 1: the completion's tokens are predicted by the
     # positions from the last prompt token to the second-to-last completion token.
     logits = outputs.logits[:, -(num_completion + 1) : -1]  # [B, T, V]

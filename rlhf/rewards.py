@@ -13,6 +13,8 @@ names the function and the sample.
 import inspect
 import math
 import numbers
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,14 +54,38 @@ def _as_float(value, name: str, index: int, prompts, completions) -> float:
     return value
 
 
-class RewardFunction:
-    """A callable reward with a name, validated on every call."""
+def call_with_timeout(fn: Callable, timeout: float | None):
+    """``fn()``, or TimeoutError after ``timeout`` seconds. The call runs in a daemon thread, which
+    cannot be killed: a hung call is abandoned, and it never blocks the interpreter's exit."""
+    if timeout is None:
+        return fn()
+    outcome = {}
 
-    def __init__(self, fn: Callable, name: str | None = None):
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"did not return within {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class RewardFunction:
+    """A callable reward with a name, validated on every call; ``timeout`` (seconds) bounds one call."""
+
+    def __init__(self, fn: Callable, name: str | None = None, timeout: float | None = None):
         if not callable(fn):
             raise TypeError(f"reward function {fn!r} is not callable.")
         self.fn = fn
         self.name = name or reward_name(fn)
+        self.timeout = timeout
 
     def required_columns(self) -> set[str]:
         """Keyword arguments without a default that are not part of the standard call."""
@@ -81,7 +107,9 @@ class RewardFunction:
         """Rewards [N] as float64, NaN where the function returned None."""
         n = len(completions)
         try:
-            values = self._call(prompts, completions, completion_ids, columns)
+            values = call_with_timeout(lambda: self._call(prompts, completions, completion_ids, columns), self.timeout)
+        except TimeoutError as error:
+            raise self._locate_timeout(prompts, completions, completion_ids, columns) from error
         except Exception as error:
             raise self._locate_exception(error, prompts, completions, completion_ids, columns) from error
         if isinstance(values, torch.Tensor):
@@ -100,12 +128,33 @@ class RewardFunction:
             [_as_float(v, self.name, i, prompts, completions) for i, v in enumerate(values)], dtype=torch.float64
         )
 
+    def _sample_call(self, i, prompts, completions, completion_ids, columns):
+        return lambda: self._call(prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
+                                  {k: v[i:i + 1] for k, v in columns.items()})
+
+    def _locate_timeout(self, prompts, completions, completion_ids, columns) -> RewardError:
+        """Run every sample alone, all at once, for one more ``timeout``: name those that do not finish."""
+        threads = [threading.Thread(target=self._sample_call(i, prompts, completions, completion_ids, columns),
+                                    daemon=True) for i in range(len(completions))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        slow = [i for i, thread in enumerate(threads) if thread.is_alive()]
+        where = (f"sample {slow[0]} (of {len(slow)} slow: {slow[:10]}) does not finish alone either. "
+                 f"Prompt: {_preview(prompts[slow[0]])}; completion: {_preview(completions[slow[0]])}"
+                 if slow else "every sample alone finishes in time, the batch as a whole does not")
+        return RewardError(
+            f"reward function {self.name!r} took longer than reward_timeout={self.timeout} s on a batch of "
+            f"{len(completions)} completions; {where}. Make it faster, or raise reward_timeout."
+        )
+
     def _locate_exception(self, error, prompts, completions, completion_ids, columns) -> RewardError:
         """Re-run sample by sample to name the one that raises."""
         for i in range(len(completions)):
             try:
-                self._call(prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
-                           {k: v[i:i + 1] for k, v in columns.items()})
+                call_with_timeout(self._sample_call(i, prompts, completions, completion_ids, columns), self.timeout)
             except Exception:
                 return RewardError(
                     f"reward function {self.name!r} raised {type(error).__name__}: {error} on sample {i}. "

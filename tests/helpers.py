@@ -2,9 +2,12 @@
 
 import torch
 
-from rlhf import GRPOConfig, GRPOTrainer
+from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, ReinforceConfig, ReinforceTrainer
 from rlhf.metrics import StepMetrics
-from rlhf.tiny import char_tokenizer, tiny_model
+from rlhf.tiny import EOS_ID, char_tokenizer, tiny_model
+
+ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer),
+              "reinforce": (ReinforceConfig, ReinforceTrainer)}
 
 PROMPTS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(3, 9) for b in range(2, 7)]
 
@@ -14,13 +17,16 @@ def varied_reward(prompts, completions, **kwargs):
     return [float(sum(map(ord, c)) % 5) for c in completions]
 
 
-def make_trainer(tmp_path, model=None, tokenizer=None, reward=varied_reward, **overrides):
+def make_trainer(tmp_path, model=None, tokenizer=None, reward=varied_reward, algo="grpo", trainer_kwargs=None,
+                 **overrides):
+    """A tiny trainer: 4 prompts x 4 completions of at most 6 tokens, one micro-batch."""
     settings = dict(output_dir=str(tmp_path), max_steps=2, prompts_per_step=4, num_generations=4, max_new_tokens=6,
                     micro_batch_size=16, learning_rate=1e-3, disable_tqdm=True, seed=0)
     settings.update(overrides)
     model = model if model is not None else tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=0)
-    return GRPOTrainer(model, [reward], args=GRPOConfig(**settings), train_dataset=PROMPTS,
-                       processing_class=tokenizer or char_tokenizer())
+    config_class, trainer_class = ALGORITHMS[algo]
+    return trainer_class(model, [reward], args=config_class(**settings), train_dataset=PROMPTS,
+                         processing_class=tokenizer or char_tokenizer(), **(trainer_kwargs or {}))
 
 
 def flat_grad(model):
@@ -36,3 +42,26 @@ def gradient(trainer, batch, metrics=None):
 
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def independent_lengths(completion_ids):
+    """Valid length of each completion: up to and including the first EOS (a loop, not the library)."""
+    return [row.index(EOS_ID) + 1 if EOS_ID in row else len(row) for row in completion_ids.tolist()]
+
+
+def policy_gradient_reference(model, batch):
+    """The plain policy gradient -sum_i sum_t A_it grad log p_it / N, scoring each sequence alone without
+    padding (full log-softmax). Advantages are [B] (per sequence) or [B, T] (per token)."""
+    model.zero_grad(set_to_none=True)
+    lengths = independent_lengths(batch["completion_ids"])
+    num_tokens = sum(lengths)
+    loss = 0.0
+    for i, n in enumerate(lengths):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
+        completion = batch["completion_ids"][i, :n]
+        logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        advantages = batch["advantages"][i] if batch["advantages"].dim() == 1 else batch["advantages"][i, :n]
+        loss = loss - (advantages * logprobs).sum() / num_tokens
+    loss.backward()
+    return flat_grad(model), lengths

@@ -39,3 +39,27 @@ def test_grpo_recipe_learns_through_accelerate_launch(tmp_path):
     rewards = [r["reward/mean"] for r in records]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     assert AutoModelForCausalLM.from_pretrained(str(out / "model")) is not None
+
+
+def test_ppo_and_reinforce_recipes_run_through_accelerate_launch(tmp_path):
+    from rlhf import ValueModel
+
+    model_dir = save_tiny(str(tmp_path / "tiny"), hidden_size=32, num_layers=2, max_positions=64)
+    common = ["--model_name_or_path", model_dir, "--eval_dataset_name", "none", "--max_steps", "3",
+              "--prompts_per_step", "4", "--num_generations", "4", "--mini_batch_size", "8", "--micro_batch_size", "8",
+              "--logging_steps", "1", "--disable_tqdm", "true", "--kl_coef", "0.05"]
+    for recipe, extra in (("ppo", ["--critic_warmup_steps", "1"]), ("reinforce", ["--baseline", "reinforce++"])):
+        out = tmp_path / recipe
+        launch(f"{recipe}.py", "--config", os.path.join(ROOT, "recipes", "configs", f"demo_{recipe}.yaml"), *common,
+               *extra, "--output_dir", str(out))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert all(r["kl_coef"] == 0.05 and "kl/sequence" in r for r in records)
+        assert AutoModelForCausalLM.from_pretrained(str(out / "model")) is not None
+    assert "critic/explained_variance" not in records[0]  # the last run, reinforce, has no critic
+    critic_records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss/value", "critic/value_clip_frac", "critic/explained_variance", "critic/returns_mean",
+                "critic/values_mean", "policy/approx_kl", "kl"):
+        assert key in critic_records[-1], key
+    assert "grad_norm" not in critic_records[0] and "grad_norm" in critic_records[1]  # critic warm-up step
+    assert ValueModel.from_pretrained(str(tmp_path / "ppo" / "critic")) is not None

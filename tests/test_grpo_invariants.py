@@ -3,19 +3,11 @@
 import pytest
 import torch
 
-from helpers import flat_grad, gradient, make_trainer, relative_error
+from helpers import flat_grad, gradient, make_trainer, policy_gradient_reference, relative_error
 from rlhf.core import policy_loss
 from rlhf.metrics import StepMetrics
 from rlhf.models import completion_logprobs
-from rlhf.tiny import EOS_ID, char_tokenizer, tiny_model
-
-def independent_lengths(completion_ids):
-    """Valid length of each completion: up to and including the first EOS (a loop, not the library)."""
-    lengths = []
-    for row in completion_ids.tolist():
-        lengths.append(row.index(EOS_ID) + 1 if EOS_ID in row else len(row))
-    return lengths
-
+from rlhf.tiny import char_tokenizer, tiny_model
 
 def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
     """Ratio == 1 exactly, and the gradient equals -sum(A * grad log p) / N computed sequence by sequence
@@ -31,20 +23,9 @@ def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
     assert stats["policy/ratio_mean"] == 1.0 and stats["policy/ratio_max"] == 1.0
     assert stats["clip/low_frac"] == 0.0 and stats["clip/high_frac"] == 0.0
 
-    model = trainer.model
-    model.zero_grad(set_to_none=True)
-    lengths = independent_lengths(batch["completion_ids"])
+    reference, lengths = policy_gradient_reference(trainer.model, batch)
     assert any(n < batch["completion_ids"].shape[1] for n in lengths)  # some rows end with an EOS
-    num_tokens = sum(lengths)
-    loss = 0.0
-    for i, n in enumerate(lengths):
-        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
-        completion = batch["completion_ids"][i, :n]
-        logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-        loss = loss - (batch["advantages"][i] * logprobs).sum() / num_tokens
-    loss.backward()
-    assert relative_error(grad, flat_grad(model)) < 1e-5
+    assert relative_error(grad, reference) < 1e-5
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",

@@ -8,7 +8,13 @@ Shapes: ``[B]`` per sequence, ``[B, T]`` per completion token; ``mask`` is 1 whe
 token counts. Group ``g`` holds rows ``g*G .. g*G+G-1``.
 """
 
-from rlhf.core.advantages import discounted_returns, gae, grpo_advantages, rloo_advantages
+from rlhf.core.advantages import (
+    discounted_returns,
+    gae,
+    grpo_advantages,
+    rloo_advantages,
+    token_level_rewards,
+)
 from rlhf.core.logprobs import entropy_from_logits, token_logprobs
 from rlhf.core.losses import LOSS_AGG_MODES, aggregate_loss, kl_penalty, policy_loss, value_loss
 from rlhf.core.masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -27,6 +33,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "rloo_advantages",
+    "token_level_rewards",
     "token_logprobs",
     "value_loss",
 ]

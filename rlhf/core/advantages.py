@@ -53,6 +53,29 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others_mean).reshape(-1)
 
 
+def token_level_rewards(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-token rewards [B, T]: the sequence reward on the last valid token of each row (the first
+    EOS, or the last token of a truncated completion), minus ``kl_coef * kl`` on every valid token.
+
+    r_t = -kl_coef * kl_t + R * [t == last valid t]; masked positions are 0. A row with no valid
+    token receives nothing.
+    """
+    valid = mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(dim=1)  # [B], -1 if empty
+    token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    if kl is not None and kl_coef != 0.0:
+        token_rewards = torch.where(valid, -kl_coef * kl.to(rewards.dtype), token_rewards)
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    token_rewards[rows, last[rows]] += rewards[rows]
+    return token_rewards
+
+
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Reward-to-go G_t = sum_{k >= t} gamma^(k - t) r_k over the valid tokens of each row. [B, T].
 

@@ -139,7 +139,8 @@ def value_loss(
         per_token = 0.5 * unclipped
         clip_active = torch.zeros_like(values, dtype=torch.bool)
     else:
-        clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        # clamp with tensor bounds returns V itself (bit for bit) whenever it is inside the range
+        clipped_values = torch.clamp(values, old_values - clip_eps, old_values + clip_eps)
         clipped = (clipped_values - returns).square()
         per_token = 0.5 * torch.maximum(unclipped, clipped)
         clip_active = clipped > unclipped

@@ -10,16 +10,16 @@ not depend on how the mini-batch is split.
 import logging
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from rlhf.configs import RLConfig
-from rlhf.data import PromptSampler, as_dataset, left_pad, render_prompts, tokenize_prompts
+from rlhf.core import aggregate_loss, kl_penalty, masked_mean, policy_loss
+from rlhf.data import PromptSampler, as_dataset
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
 from rlhf.models import (
     completion_logprobs,
@@ -29,24 +29,19 @@ from rlhf.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from rlhf.rewards import RewardFunction, combine_rewards
-from rlhf.rollout import Batch, SamplingParams, sample_completions
+from rlhf.rewards import RewardFunction
+from rlhf.rollout import Batch, SamplingParams
 from rlhf.trainer.checkpointing import Checkpointing
+from rlhf.trainer.experience import Experience
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RolloutTexts:
-    """What reward functions see, one entry per completion (prompts repeated G times)."""
-
-    prompts: list
-    completions: list
-    completion_ids: list[list[int]]
-    columns: dict[str, list]
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
 
 
-class RLTrainer(Checkpointing):
+class RLTrainer(Experience, Checkpointing):
     """Shared trainer loop. Subclasses set ``config_class`` and implement ``compute_advantages`` and
     ``compute_loss``."""
 
@@ -71,6 +66,7 @@ class RLTrainer(Checkpointing):
         if args.gradient_checkpointing:
             actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.eos_ids = eos_token_ids(actor, self.tokenizer)
+        self.kl_coef = args.kl_coef  # the current coefficient: an adaptive controller may move it
         self.ref_model = frozen_copy(actor).to(self.accelerator.device) if args.kl_coef > 0 else None
 
         self.reward_functions = self._build_reward_functions(reward_funcs)
@@ -78,33 +74,49 @@ class RLTrainer(Checkpointing):
         self.train_dataset = as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self._check_reward_columns(self.train_dataset)
+        self.check_prompts(self.train_dataset, "train_dataset")
+        if self.eval_dataset is not None:
+            self._check_reward_columns(self.eval_dataset)
+            self.check_prompts(self.eval_dataset, "eval_dataset")
+        self._check_sequence_length(actor)
+        self.model_source = model if isinstance(model, str) else getattr(actor.config, "_name_or_path", "")
         self.sampler = PromptSampler(len(self.train_dataset), args.prompts_per_step, args.seed,
                                      self.accelerator.num_processes, self.accelerator.process_index)
 
-        optimizer = torch.optim.AdamW(
-            [p for p in actor.parameters() if p.requires_grad], lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay,
-        )
-        self.model, self.optimizer = self.accelerator.prepare(actor, optimizer)
-        # Stepped by hand once per optimizer step (Accelerate's wrapper would step it per process).
-        self.scheduler = get_scheduler(
-            {"constant": "constant_with_warmup"}.get(args.lr_scheduler_type, args.lr_scheduler_type),
-            self.optimizer, num_warmup_steps=args.warmup_steps,
-            num_training_steps=args.max_steps * args.optimizer_steps_per_step,
-        )
+        self.init_algorithm(actor)
+        self.model, self.optimizer = self.accelerator.prepare(actor, self.make_optimizer(actor, args.learning_rate))
+        self.scheduler = self.make_scheduler(self.optimizer)
         self.sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
         self.step = 0
+        self.consecutive_skips = 0
         if self.accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
 
     # ------------------------------------------------------------------ set-up helpers
+    def init_algorithm(self, actor) -> None:
+        """Build what an algorithm adds (e.g. PPO's critic) from the actor before Accelerate wraps it."""
+
+    def make_optimizer(self, model, learning_rate: float) -> torch.optim.Optimizer:
+        args = self.args
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                 weight_decay=args.weight_decay)
+
+    def make_scheduler(self, optimizer):
+        """Warm-up then the configured decay, over every optimizer step of the run. Stepped by hand once
+        per optimizer step (Accelerate's wrapper would step it once per process)."""
+        args = self.args
+        return get_scheduler({"constant": "constant_with_warmup"}.get(args.lr_scheduler_type, args.lr_scheduler_type),
+                             optimizer, num_warmup_steps=args.warmup_steps,
+                             num_training_steps=args.max_steps * args.optimizer_steps_per_step)
+
     def _build_reward_functions(self, reward_funcs) -> list[RewardFunction]:
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("reward_funcs is empty; give at least one reward function.")
-        return [RewardFunction(f) for f in funcs]
+        return [RewardFunction(f, timeout=self.args.reward_timeout) for f in funcs]
 
     def _check_reward_weights(self, weights) -> list[float]:
         if weights is None:
@@ -124,6 +136,13 @@ class RLTrainer(Checkpointing):
                     f"reward function {func.name!r} needs the dataset column(s) {sorted(missing)}, which the dataset "
                     f"lacks (columns: {dataset.column_names}); add them or give those parameters a default."
                 )
+
+    def _check_sequence_length(self, actor) -> None:
+        longest = self.args.max_new_tokens + (self.args.max_prompt_length or 0)
+        positions = getattr(actor.config.get_text_config(), "max_position_embeddings", None)
+        if positions is not None and longest > positions:
+            logger.warning("max_prompt_length + max_new_tokens = %d exceeds the model's max_position_embeddings=%d; "
+                           "positions past it are out of the range the model was trained on.", longest, positions)
 
     @property
     def unwrapped_model(self):
@@ -164,7 +183,8 @@ class RLTrainer(Checkpointing):
         timer, metrics = PhaseTimer(), StepMetrics()
         start = time.perf_counter()
         batch = self.make_rollout_batch(self.step, metrics, timer)
-        self.model.train()
+        for model in self.trained_models:
+            model.train()
         with timer("update"):
             self.update(batch, metrics)
         seconds = time.perf_counter() - start
@@ -184,6 +204,7 @@ class RLTrainer(Checkpointing):
         self.model.eval()
         with timer("generate"):
             batch, texts = self.generate_rollout(step)
+        self._last_rollout_texts = texts
         with timer("score"):
             rewards = self.score_rollout(batch, texts, metrics)
         with timer("reference"):
@@ -192,111 +213,6 @@ class RLTrainer(Checkpointing):
         self._rollout_metrics(batch, metrics)
         return batch
 
-    # ------------------------------------------------------------------ rollout
-    def _tokenized_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        texts, is_chat = render_prompts(prompts, self.tokenizer)
-        ids = tokenize_prompts(texts, self.tokenizer, is_chat, self.args.max_prompt_length, self.args.truncate_prompts)
-        prompt_ids, prompt_mask = left_pad(ids, self.tokenizer.pad_token_id)
-        return prompt_ids.to(self.accelerator.device), prompt_mask.to(self.accelerator.device), is_chat
-
-    def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor, is_chat: bool):
-        lengths = mask.sum(dim=1).tolist()
-        id_lists = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
-        texts = self.tokenizer.batch_decode(id_lists, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_chat else texts
-        return completions, id_lists
-
-    def generate_rollout(self, step: int) -> tuple[Batch, RolloutTexts]:
-        """This process's prompts for ``step``, each with ``num_generations`` sampled completions
-        (the completions of one prompt are contiguous rows)."""
-        group = self.args.num_generations
-        rows = self.train_dataset[self.sampler.indices(step)]
-        prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
-        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        completion_ids, completion_mask, truncated = sample_completions(
-            self.unwrapped_model, prompt_ids, prompt_mask, self.sampling, self.eos_ids, self.tokenizer.pad_token_id
-        )
-        completions, id_lists = self._decode(completion_ids, completion_mask, is_chat)
-        repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
-        texts = RolloutTexts(
-            prompts=repeat(rows["prompt"]), completions=completions, completion_ids=id_lists,
-            columns={k: repeat(v) for k, v in rows.items() if k != "prompt"},
-        )
-        loss_mask = completion_mask.clone()
-        if self.args.mask_truncated_completions:
-            loss_mask[truncated] = 0
-        batch = Batch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, loss_mask=loss_mask, truncated=truncated)
-        return batch, texts
-
-    def score_rollout(self, batch: Batch, texts: RolloutTexts, metrics: StepMetrics) -> torch.Tensor:
-        """Total rewards of the *whole* rollout batch (all processes, in process order), [B_global]."""
-        per_function = torch.stack([
-            func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
-            for func in self.reward_functions
-        ], dim=1)  # [B_local, F], NaN where a function returned None
-        per_function = self.accelerator.gather(per_function.to(self.accelerator.device)).cpu()
-        rewards = combine_rewards(per_function, self.reward_weights)
-        metrics.add("reward/mean", rewards.mean())
-        metrics.add("reward/std", rewards.std() if rewards.numel() > 1 else 0.0)
-        for j, func in enumerate(self.reward_functions):
-            values = per_function[:, j]
-            present = values[~values.isnan()]
-            if present.numel():
-                metrics.add(f"reward/{func.name}/mean", present.mean())
-                metrics.add(f"reward/{func.name}/std", present.std() if present.numel() > 1 else 0.0)
-            metrics.add(f"reward/{func.name}/none_frac", values.isnan().double().mean())
-        all_none = per_function.isnan().all(dim=1)
-        if all_none.any():
-            logger.warning("%d completions got None from every reward function; their reward is 0.",
-                           int(all_none.sum()))
-        grouped = rewards.view(-1, self.args.num_generations)
-        metrics.add("reward/zero_std_group_frac", (grouped.std(dim=1) == 0).double().mean()
-                    if self.args.num_generations > 1 else 1.0)
-        return rewards
-
-    def local_rows(self, values: torch.Tensor) -> torch.Tensor:
-        """This process's slice of a tensor gathered over processes in process order."""
-        per_process = values.shape[0] // self.accelerator.num_processes
-        start = self.accelerator.process_index * per_process
-        return values[start:start + per_process].to(self.accelerator.device)
-
-    @torch.no_grad()
-    def _logprobs_no_grad(self, model, batch: Batch) -> torch.Tensor:
-        """Log-probs [B, T] of every completion under ``model``, micro-batch by micro-batch."""
-        pieces = []
-        size = self.args.micro_batch_size
-        for start in range(0, batch.size, size):
-            micro = batch.rows(slice(start, start + size)).trimmed()
-            logprobs, _ = completion_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"],
-                                              micro["completion_mask"], self.args.temperature)
-            pieces.append(logprobs)
-        width = batch["completion_ids"].shape[1]
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pieces])
-
-    @property
-    def needs_old_logprobs(self) -> bool:
-        """True when the update leaves the rollout policy: more than one epoch or mini-batch. Otherwise
-        the old log-probs are the current ones, detached, and the ratio is exactly 1."""
-        return self.args.optimizer_steps_per_step > 1
-
-    def compute_reference_logprobs(self, batch: Batch) -> None:
-        """Reference and old-policy log-probs, computed once per rollout batch before any update."""
-        if self.ref_model is not None:
-            batch["ref_logprobs"] = self._logprobs_no_grad(self.ref_model, batch)
-        if self.needs_old_logprobs:
-            batch["old_logprobs"] = self._logprobs_no_grad(self.model, batch)
-
-    def _rollout_metrics(self, batch: Batch, metrics: StepMetrics) -> None:
-        lengths = self.accelerator.gather(batch["completion_mask"].sum(dim=1)).double()
-        truncated = self.accelerator.gather(batch["truncated"].long()).double()
-        metrics.add("completions/mean_length", lengths.mean())
-        metrics.add_max("completions/max_length", lengths.max())
-        metrics.add("completions/min_length", lengths.min())
-        metrics.add("completions/truncated_frac", truncated.mean())
-        metrics.add("completions/total_tokens", lengths.sum())
-
     # ------------------------------------------------------------------ algorithm hooks
     def compute_advantages(self, batch: Batch, rewards: torch.Tensor, metrics: StepMetrics) -> None:
         """Store ``batch["advantages"]`` ([B] or [B, T]) from the global rewards."""
@@ -304,7 +220,57 @@ class RLTrainer(Checkpointing):
 
     def compute_loss(self, micro: Batch, denominators: dict, metrics: StepMetrics) -> torch.Tensor:
         """The loss of one micro-batch, normalised with the mini-batch's global ``denominators``."""
-        raise NotImplementedError
+        return self.actor_loss(micro, denominators, metrics)
+
+    def actor_loss(self, micro: Batch, denominators: dict, metrics: StepMetrics) -> torch.Tensor:
+        """Clipped policy loss with ``micro["advantages"]`` ([B] or [B, T]), plus the KL term when it sits in
+        the loss and the entropy bonus."""
+        args = self.args
+        mask = micro["loss_mask"]
+        logprobs, entropy = completion_logprobs(
+            self.model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"], micro["completion_mask"],
+            args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0,
+        )
+        old_logprobs = logprobs.detach() if self.on_policy else micro["old_logprobs"]
+        loss, stats = policy_loss(logprobs, old_logprobs, micro["advantages"], mask, args.clip_eps_low,
+                                  args.clip_eps_high, args.dual_clip, args.loss_agg, **denominators)
+        tokens = mask.sum()
+        self._mini_batch_kl += torch.stack([stats["approx_kl"] * tokens, tokens.to(stats["approx_kl"].dtype)])
+        self.record_loss(metrics, "loss/policy", loss)
+        if self.kl_in_loss:
+            kl = kl_penalty(logprobs, micro["ref_logprobs"], args.kl_estimator)
+            loss = loss + self.kl_coef * aggregate_loss(kl, mask, args.loss_agg, **denominators)
+            metrics.add("kl", masked_mean(kl.detach(), mask), tokens)
+        if args.entropy_coef > 0:
+            loss = loss - args.entropy_coef * aggregate_loss(entropy, mask, args.loss_agg, **denominators)
+        metrics.add("entropy", masked_mean(entropy.detach(), mask), tokens)
+        metrics.add("clip/low_frac", stats["clip_frac_low"], tokens)
+        metrics.add("clip/high_frac", stats["clip_frac_high"], tokens)
+        metrics.add("clip/dual_frac", stats["dual_clip_frac"], tokens)
+        metrics.add("policy/approx_kl", stats["approx_kl"], tokens)
+        metrics.add("policy/ratio_mean", stats["ratio_mean"], tokens)
+        metrics.add_max("policy/ratio_max", stats["ratio_max"])
+        return loss
+
+    def global_mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased variance of the masked elements of ``x`` over all processes."""
+        valid = mask.bool()
+        x = torch.where(valid, x, torch.zeros_like(x)).double()
+        sums = torch.stack([valid.sum().double(), x.sum()])
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        count, total = sums[0], sums[1]
+        mean = total / count.clamp(min=1)
+        squares = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x)).sum()
+        if self.accelerator.num_processes > 1:
+            squares = self.accelerator.reduce(squares, reduction="sum")
+        return mean, squares / (count - 1).clamp(min=1)
+
+    def global_whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """``masked_whiten`` with the statistics of the whole rollout batch (all processes)."""
+        mean, var = self.global_mean_var(x, mask)
+        whitened = ((x.double() - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+        return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
     # ------------------------------------------------------------------ update
     def loss_denominators(self, mini: Batch) -> dict:
@@ -314,15 +280,23 @@ class RLTrainer(Checkpointing):
         counts = self.accelerator.reduce(counts, reduction="sum") if self.accelerator.num_processes > 1 else counts
         return {"num_tokens": counts[0], "num_seqs": counts[1], "seq_len": self.args.max_new_tokens}
 
+    @property
+    def trained_models(self) -> list:
+        """Every model that receives gradients in the update."""
+        return [self.model]
+
     def accumulate_gradients(self, mini: Batch, metrics: StepMetrics) -> None:
         """Forward and backward every micro-batch of ``mini``; gradients add up to the mini-batch's."""
         denominators = self.loss_denominators(mini)
         size = self.args.micro_batch_size
         starts = range(0, mini.size, size)
         self._micro_share = 1.0 / (len(starts) * self.accelerator.num_processes)
+        self._mini_batch_kl = torch.zeros(2, device=self.accelerator.device)  # approx-KL sum and token count
         for i, start in enumerate(starts):
-            last = i == len(starts) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
+            with ExitStack() as no_sync:
+                if i < len(starts) - 1:  # gradients are all-reduced once, on the last micro-batch
+                    for model in self.trained_models:
+                        no_sync.enter_context(self.accelerator.no_sync(model))
                 loss = self.compute_loss(mini.rows(slice(start, start + size)).trimmed(), denominators, metrics)
                 # DDP averages gradients over processes; the denominators are already global.
                 self.accelerator.backward(loss * self.accelerator.num_processes)
@@ -332,49 +306,69 @@ class RLTrainer(Checkpointing):
         (the sum of its micro-batch losses over processes), averaged over the step's mini-batches."""
         metrics.add(name, loss.detach() / self._micro_share, self._micro_share)
 
-    def optimizer_step(self, metrics: StepMetrics) -> None:
+    def optimization_targets(self) -> list[tuple[str, object, torch.optim.Optimizer, object]]:
+        """(metric prefix, model, optimizer, scheduler) of every model this update steps."""
+        return [("", self.model, self.optimizer, self.scheduler)]
+
+    def optimizer_step(self, metrics: StepMetrics) -> bool:
+        """Clip and step every target, or skip them all if any gradient norm is not finite (a NaN or inf
+        loss leaves one). Returns whether the update was applied."""
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        metrics.add("grad_norm", grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        targets = self.optimization_targets()
+        norms = [self.accelerator.clip_grad_norm_(model.parameters(), max_norm) for _, model, _, _ in targets]
+        finite = bool(torch.isfinite(torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms])).all())
+        for (prefix, _, optimizer, scheduler), norm in zip(targets, norms):
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                metrics.add(f"{prefix}grad_norm", norm)
+            optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def should_stop_update(self, metrics: StepMetrics) -> bool:
+        """Checked after every optimizer step: True ends this step's update early."""
+        return False
+
+    def mini_batch_approx_kl(self) -> float:
+        """Approximate KL between the rollout policy and the policy of the last mini-batch, over all
+        processes (a synchronising collective: call it only when the value is needed)."""
+        totals = self._mini_batch_kl
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1)).item()
 
     def update(self, batch: Batch, metrics: StepMetrics) -> None:
         """``num_epochs`` passes over the rollout batch in shuffled mini-batches."""
         local_mini = self.args.effective_mini_batch_size // self.accelerator.num_processes
         generator = torch.Generator().manual_seed(self.args.seed * 7919 + self.step)
+        metrics.add_sum("guard/skipped_updates", 0.0)
         for _ in range(self.args.num_epochs):
             order = torch.randperm(batch.size, generator=generator).to(self.accelerator.device)
             for start in range(0, batch.size, local_mini):
-                self.accumulate_gradients(batch.rows(order[start:start + local_mini]), metrics)
-                self.optimizer_step(metrics)
+                mini = batch.rows(order[start:start + local_mini])
+                self.accumulate_gradients(mini, metrics)
+                if self.optimizer_step(metrics):
+                    self.consecutive_skips = 0
+                else:
+                    self.skip_nonfinite_update(mini, metrics)
+                if self.should_stop_update(metrics):
+                    return
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, dataset=None, batch_size: int = 64) -> dict[str, float]:
-        """Greedy completions for every prompt of ``dataset`` (default: ``eval_dataset``), scored with the
-        reward functions. Returns eval/reward_mean and eval/reward/<name>/mean."""
-        dataset = as_dataset(dataset, "dataset") if dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
-        greedy = SamplingParams(self.args.max_new_tokens, do_sample=False)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        self.model.eval()
-        scores = []
-        for start in range(rank * batch_size, len(dataset), batch_size * world):
-            rows = dataset[start:start + batch_size]
-            prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
-            completion_ids, mask, _ = sample_completions(self.unwrapped_model, prompt_ids, prompt_mask, greedy,
-                                                         self.eos_ids, self.tokenizer.pad_token_id)
-            completions, id_lists = self._decode(completion_ids, mask, is_chat)
-            columns = {k: v for k, v in rows.items() if k != "prompt"}
-            scores.append(torch.stack([f(rows["prompt"], completions, id_lists, columns)
-                                       for f in self.reward_functions], dim=1))
-        local = torch.cat(scores) if scores else torch.zeros(0, len(self.reward_functions), dtype=torch.float64)
-        per_function = torch.cat(gather_object([local]))
-        out = {"eval/reward_mean": combine_rewards(per_function, self.reward_weights).mean().item()}
-        for j, func in enumerate(self.reward_functions):
-            present = per_function[:, j][~per_function[:, j].isnan()]
-            out[f"eval/reward/{func.name}/mean"] = present.mean().item() if present.numel() else float("nan")
-        return out
+    def skip_nonfinite_update(self, mini: Batch, metrics: StepMetrics) -> None:
+        """Count a skipped update; after ``max_nonfinite_updates`` in a row save the batch and stop."""
+        self.consecutive_skips += 1
+        # Summed over processes: divide by the process count for updates (each process skips the same one).
+        metrics.add_sum("guard/skipped_updates", 1.0 / self.accelerator.num_processes)
+        logger.warning("Step %d: non-finite loss or gradient; update skipped (%d in a row).", self.step,
+                       self.consecutive_skips)
+        if self.consecutive_skips >= self.args.max_nonfinite_updates:
+            path = os.path.join(self.args.output_dir,
+                                f"nonfinite-step{self.step}-rank{self.accelerator.process_index}.pt")
+            torch.save({"step": self.step, "tensors": {k: v.detach().cpu() for k, v in mini.items()},
+                        "prompts": self._last_rollout_texts.prompts,
+                        "completions": self._last_rollout_texts.completions}, path)
+            raise NonFiniteError(
+                f"{self.consecutive_skips} updates in a row had a non-finite loss or gradient (step {self.step}); "
+                f"the last mini-batch is saved in {path} (torch.load(path, weights_only=True)). Check the rewards, "
+                "lower learning_rate, or set max_grad_norm; the last good checkpoint is untouched."
+            )

@@ -28,7 +28,8 @@ class Checkpointing:
 
     def checkpoint_state(self) -> dict:
         """JSON-serialisable trainer state saved with every checkpoint."""
-        return {"step": self.step, "config": self.args.to_dict(), "num_processes": self.accelerator.num_processes}
+        return {"step": self.step, "config": self.args.to_dict(), "num_processes": self.accelerator.num_processes,
+                "kl_coef": self.kl_coef, "model": self.model_source, "trainer": type(self).__name__}
 
     def save_checkpoint(self) -> str:
         """``output_dir/checkpoint-<step>``: model, optimizer, scheduler, RNG of every process, state."""
@@ -37,6 +38,7 @@ class Checkpointing:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(self.model)
+        extra = self.extra_state_dicts()  # collective under sharded training: every process takes part
         if accelerator.is_main_process:
             for stale in (tmp, f"{path}.old"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -47,7 +49,7 @@ class Checkpointing:
             ckpt.save_pretrained_model(self.unwrapped_model, self.tokenizer, os.path.join(tmp, "model"), state_dict)
             ckpt.save_torch_state(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             ckpt.save_torch_state(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            self.save_extra_state(tmp)
+            self.save_extra_state(tmp, extra)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.write_state(tmp, self.checkpoint_state())  # written last: marks the checkpoint complete
@@ -59,7 +61,11 @@ class Checkpointing:
         accelerator.wait_for_everyone()
         return path
 
-    def save_extra_state(self, directory: str) -> None:
+    def extra_state_dicts(self) -> dict:
+        """State dicts of extra models (e.g. a critic), gathered on every process for ``save_extra_state``."""
+        return {}
+
+    def save_extra_state(self, directory: str, state_dicts: dict) -> None:
         """Algorithm-specific state (e.g. a critic); written by the main process."""
 
     def load_extra_state(self, directory: str) -> None:
@@ -83,13 +89,20 @@ class Checkpointing:
         ckpt.set_rng_state(ckpt.load_torch_state(os.path.join(path, f"rng_state_{self.accelerator.process_index}.pt")))
         self.load_extra_state(path)
         self.step = state["step"]
+        self.kl_coef = state["kl_coef"]
         self.accelerator.print(f"Resumed from {path} at step {self.step}.")
 
     def _check_resumable(self, state: dict) -> None:
         """A checkpoint only resumes under the settings that give its step the same meaning."""
-        saved, current = state["config"], self.args.to_dict()
+        saved, current = dict(state["config"]), self.args.to_dict()
+        for config in (saved, current):  # None means "the whole rollout batch"
+            config["mini_batch_size"] = config.get("mini_batch_size") or (
+                config["prompts_per_step"] * config["num_generations"])
         fields = ("prompts_per_step", "num_generations", "mini_batch_size", "num_epochs", "seed")
         changed = [f"{f}: checkpoint {saved.get(f)!r}, now {current[f]!r}" for f in fields if saved.get(f) != current[f]]
+        for key, now in (("model", self.model_source), ("trainer", type(self).__name__)):
+            if state.get(key) != now:
+                changed.append(f"{key}: checkpoint {state.get(key)!r}, now {now!r}")
         if state.get("num_processes") != self.accelerator.num_processes:
             changed.append(f"number of processes: checkpoint {state.get('num_processes')}, "
                            f"now {self.accelerator.num_processes}")

@@ -12,8 +12,7 @@ How this differs from the paper's description, in brief:
 import torch
 
 from rlhf.configs import GRPOConfig
-from rlhf.core import aggregate_loss, grpo_advantages, kl_penalty, masked_mean, policy_loss
-from rlhf.models import completion_logprobs
+from rlhf.core import grpo_advantages
 from rlhf.rollout import Batch
 from rlhf.trainer.base import RLTrainer
 
@@ -36,31 +35,3 @@ class GRPOTrainer(RLTrainer):
             zero_std = rewards.view(-1, args.num_generations).std(dim=1) == 0
             keep = self.local_rows((~zero_std).repeat_interleave(args.num_generations))
             batch["loss_mask"] = batch["loss_mask"] * keep.unsqueeze(1)
-
-    def compute_loss(self, micro: Batch, denominators: dict, metrics) -> torch.Tensor:
-        args = self.args
-        mask = micro["loss_mask"]
-        logprobs, entropy = completion_logprobs(
-            self.model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"], micro["completion_mask"],
-            args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0,
-        )
-        old_logprobs = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
-        loss, stats = policy_loss(logprobs, old_logprobs, micro["advantages"], mask, args.clip_eps_low,
-                                  args.clip_eps_high, args.dual_clip, args.loss_agg, **denominators)
-        tokens = mask.sum()
-        self.record_loss(metrics, "loss/policy", loss)
-        if args.kl_coef > 0:
-            kl = kl_penalty(logprobs, micro["ref_logprobs"], args.kl_estimator)
-            loss = loss + args.kl_coef * aggregate_loss(kl, mask, args.loss_agg, **denominators)
-            metrics.add("kl", masked_mean(kl.detach(), mask), tokens)
-        if args.entropy_coef > 0:
-            loss = loss - args.entropy_coef * aggregate_loss(entropy, mask, args.loss_agg, **denominators)
-        metrics.add("entropy", masked_mean(entropy.detach(), mask), tokens)
-        metrics.add("clip/low_frac", stats["clip_frac_low"], tokens)
-        metrics.add("clip/high_frac", stats["clip_frac_high"], tokens)
-        metrics.add("clip/dual_frac", stats["dual_clip_frac"], tokens)
-        metrics.add("policy/approx_kl", stats["approx_kl"], tokens)
-        metrics.add("policy/ratio_mean", stats["ratio_mean"], tokens)
-        metrics.add_max("policy/ratio_max", stats["ratio_max"])
-        self.record_loss(metrics, "loss/total", loss)
-        return loss

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from rlhf.core import discounted_returns, gae, grpo_advantages, rloo_advantages
+from rlhf.core import discounted_returns, gae, grpo_advantages, rloo_advantages, token_level_rewards
 
 F64 = torch.float64
 
@@ -264,3 +264,27 @@ def test_gae_returns_are_advantages_plus_values():
     valid = MASK.bool()
     assert torch.equal(ret[valid], adv[valid] + values[valid])
     assert (adv[~valid] == 0).all() and (ret[~valid] == 0).all()
+
+
+# ---------------------------------------------------------------- token_level_rewards
+
+def test_sequence_reward_lands_on_the_last_valid_token():
+    """EOS-terminated, truncated (no EOS) and pad == eos rows, with masks from the rollout code."""
+    from rlhf.rollout import completion_mask
+
+    eos, pad_is_eos, a = 2, 2, 20
+    ids = torch.tensor([[a, a, eos, 0, 0], [a, a, a, a, a], [a, pad_is_eos, pad_is_eos, pad_is_eos, pad_is_eos]])
+    mask, truncated = completion_mask(ids, [eos])
+    rewards = torch.tensor([1.0, 2.0, 3.0])
+    token_rewards = token_level_rewards(rewards, mask)
+    expected = torch.zeros(3, 5)
+    expected[0, 2], expected[1, 4], expected[2, 1] = 1.0, 2.0, 3.0  # the EOS, the last token, the first EOS
+    assert torch.equal(token_rewards, expected) and truncated.tolist() == [False, True, False]
+
+
+def test_token_rewards_subtract_the_kl_on_valid_tokens_only():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    kl = torch.arange(12, dtype=torch.float32).view(3, 4) / 10
+    out = token_level_rewards(torch.tensor([5.0, 7.0, 9.0]), mask, kl, kl_coef=0.5)
+    expected = torch.tensor([[-0.0, -0.05, -0.1 + 5.0, 0.0], [-0.2 + 7.0, 0, 0, 0], [0.0, 0, 0, 0]])
+    torch.testing.assert_close(out, expected)

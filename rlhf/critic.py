@@ -1,0 +1,121 @@
+"""The PPO critic: a transformer backbone (``AutoModel``) and a scalar value head, Linear(hidden, 1).
+
+Saved as a directory that ``from_pretrained`` on the backbone understands, plus
+``value_head.safetensors``; ``ValueModel.from_pretrained`` loads both back.
+"""
+
+import copy
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+
+from rlhf.models import sequence_inputs
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+# Heads of sequence-classification reward models that can start the value head.
+_REWARD_HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+class ValueModel(nn.Module):
+    """V(prefix) for every position of a sequence: ``forward`` returns values [B, L]."""
+
+    def __init__(self, backbone: PreTrainedModel, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        hidden = backbone.config.get_text_config().hidden_size
+        if value_head is None:
+            # Small weights and zero bias: values start near 0 whatever the backbone (OpenRLHF's choice).
+            value_head = nn.Linear(hidden, 1, dtype=backbone.dtype)
+            nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1))
+            nn.init.zeros_(value_head.bias)
+        self.value_head = value_head
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_causal_lm(cls, model: PreTrainedModel) -> "ValueModel":
+        """A critic whose backbone is a copy of the causal LM's (e.g. the actor's) transformer."""
+        return cls(copy.deepcopy(model.base_model))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, trust_remote_code: bool = False) -> "ValueModel":
+        """Load a saved critic, or start one from any model directory: a causal LM or a reward model
+        (whose score head then starts the value head)."""
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             use_safetensors=True)
+        critic = cls(backbone)
+        head_path = os.path.join(path, VALUE_HEAD_FILE)
+        head = load_file(head_path) if os.path.exists(head_path) else _reward_head(path)
+        if head is not None:
+            _load_head(critic, head)
+        return critic
+
+    def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
+        """Backbone via ``save_pretrained`` (safetensors) and the head in ``value_head.safetensors``."""
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        backbone_state = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone_state, safe_serialization=True)
+        head = {k[len("value_head."):]: v.contiguous() for k, v in state_dict.items() if k.startswith("value_head.")}
+        save_file(head, os.path.join(path, VALUE_HEAD_FILE))
+
+
+def completion_values(critic: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """V of the prefix before each completion token, [B, T], aligned with ``completion_logprobs``: the
+    value of token t comes from the position that predicts it."""
+    values = critic(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask))
+    return values[:, -(completion_ids.shape[1] + 1) : -1]
+
+
+def build_critic(value_model, actor: PreTrainedModel, dtype=torch.float32, trust_remote_code: bool = False):
+    """The critic PPO trains: from ``value_model`` (a ValueModel, a path, or a causal LM / backbone
+    object), or by default from a copy of the actor's backbone."""
+    if value_model is None:
+        return ValueModel.from_causal_lm(actor)
+    if isinstance(value_model, ValueModel):
+        return value_model
+    if isinstance(value_model, str):
+        return ValueModel.from_pretrained(value_model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if isinstance(value_model, PreTrainedModel):
+        critic = ValueModel(value_model.base_model)
+        for name in _REWARD_HEAD_NAMES:  # a reward model object: its head starts the value head
+            head = getattr(value_model, name, None)
+            if isinstance(head, nn.Linear) and head.out_features == 1:
+                _load_head(critic, {k: v.detach() for k, v in head.state_dict().items()})
+        return critic
+    raise TypeError(f"value_model must be None, a path, a PreTrainedModel or a ValueModel, got "
+                    f"{type(value_model).__name__}.")
+
+
+def _reward_head(path: str) -> dict | None:
+    """The one-output head of a sequence-classification checkpoint in ``path``, if it has one (only the
+    head's tensors are read)."""
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            keys = set(f.keys())
+            for head in _REWARD_HEAD_NAMES:
+                if f"{head}.weight" in keys and f.get_slice(f"{head}.weight").get_shape()[0] == 1:
+                    out = {"weight": f.get_tensor(f"{head}.weight")}
+                    if f"{head}.bias" in keys:
+                        out["bias"] = f.get_tensor(f"{head}.bias")
+                    return out
+    return None
+
+
+def _load_head(critic: ValueModel, head: dict) -> None:
+    with torch.no_grad():
+        critic.value_head.weight.copy_(head["weight"].reshape(1, -1))
+        critic.value_head.bias.copy_(head["bias"].reshape(1) if "bias" in head else torch.zeros(1))
