@@ -23,13 +23,14 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo docs clean
+.PHONY: help install test test-slow test-gpu demo rlhf-demo docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
 	@echo "                held-out accuracy before/after RL (CPU, no network, a few minutes)"
 	@echo "make test       the default test suite (fast CPU tests)"
 	@echo "make test-slow  the slow tests too;  make test-gpu: GPU tests (needs CUDA)"
+	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
 	@echo "make docs       regenerate the config tables in README.md"
 
@@ -62,6 +63,12 @@ test-gpu: $(STAMP)
 ALGO ?= grpo
 demo: $(STAMP)
 	$(PY) recipes/demo.py --algo $(ALGO) $(DEMO_ARGS)
+
+LAUNCH := $(PY) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+rlhf-demo: $(STAMP)
+	$(PY) -m reward_models.synthetic outputs/rlhf_chain
+	$(LAUNCH) recipes/train_reward_model.py --config recipes/configs/reward_model_synthetic.yaml
+	$(LAUNCH) recipes/ppo.py --config recipes/configs/ppo_synthetic_rm.yaml
 
 docs: $(STAMP)
 	$(PY) -m rlhf.docs --write README.md

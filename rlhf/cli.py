@@ -35,7 +35,7 @@ class ScriptArguments:
     eval_dataset_split: str = "test"
     """Split to use for the evaluation dataset."""
     reward_funcs: list[str] = field(default_factory=list)
-    """Reward functions as "package.module:function" import paths."""
+    """Reward functions as "package.module:function" import paths, and reward models as directories."""
 
 
 @dataclass
@@ -188,7 +188,7 @@ def trainer_inputs(script: ScriptArguments) -> dict:
         eval_dataset = load_dataset_spec(script.eval_dataset_name, script.eval_dataset_split)
     return {
         "model": script.model_name_or_path,
-        "reward_funcs": [import_object(path) for path in script.reward_funcs],
+        "reward_funcs": [path if os.path.isdir(path) else import_object(path) for path in script.reward_funcs],
         "train_dataset": load_dataset_spec(script.dataset_name, script.dataset_split),
         "eval_dataset": eval_dataset,
     }

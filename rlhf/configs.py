@@ -81,6 +81,10 @@ class RLConfig:
     # --- rewards ---------------------------------------------------------------------------
     reward_weights: list[float] | None = None
     """Weight of each reward function in the total reward (None: all 1.0)."""
+    reward_model_batch_size: int = 32
+    """Completions per forward pass of a reward model given in ``reward_funcs``."""
+    normalize_reward_model_scores: bool = False
+    """Whiten each reward model's scores over the rollout batch (all processes) before they are weighted."""
     mask_truncated_completions: bool = False
     """Leave completions that hit ``max_new_tokens`` without an EOS out of the loss (DAPO)."""
 

@@ -28,6 +28,10 @@ def config_tables() -> str:
         title = (f"**{cls.__name__}** adds or changes" if cls is not TokenRewardConfig
                  else "**PPOConfig and ReinforceConfig** share (`TokenRewardConfig`)")
         parts += ["", f"{title}:", "", markdown_table(cls, only=own)]
+    from reward_models.trainer import RewardModelConfig
+
+    parts += ["", "**RewardModelConfig** (`recipes/train_reward_model.py`, `reward_models.trainer`):", "",
+              markdown_table(RewardModelConfig)]
     return "\n".join(parts)
 
 

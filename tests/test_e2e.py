@@ -63,3 +63,27 @@ def test_ppo_and_reinforce_recipes_run_through_accelerate_launch(tmp_path):
         assert key in critic_records[-1], key
     assert "grad_norm" not in critic_records[0] and "grad_norm" in critic_records[1]  # critic warm-up step
     assert ValueModel.from_pretrained(str(tmp_path / "ppo" / "critic")) is not None
+
+
+def test_rlhf_chain_reward_model_then_ppo_through_accelerate_launch(tmp_path):
+    from reward_models.synthetic import prepare
+
+    paths = prepare(str(tmp_path / "chain"), warm_start_steps=5)
+    rm_out = tmp_path / "rm"
+    result = launch("train_reward_model.py", "--config", os.path.join(ROOT, "recipes", "configs",
+                    "reward_model_synthetic.yaml"), "--model_name_or_path", paths["base"], "--output_dir", str(rm_out),
+                    "--num_epochs", "0.1", "--disable_tqdm", "true")
+    assert "held-out pairwise accuracy" in result.stdout
+    records = [json.loads(line) for line in (rm_out / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/accuracy" in records[-1] and "loss" in records[0]
+    reward_model = str(rm_out / "model")
+    ppo_out = tmp_path / "ppo"
+    launch("ppo.py", "--config", os.path.join(ROOT, "recipes", "configs", "ppo_synthetic_rm.yaml"),
+           "--model_name_or_path", paths["policy"], "--reward_funcs", reward_model,
+           "reward_models.synthetic:gold_reward", "--value_model_name_or_path", reward_model,
+           "--output_dir", str(ppo_out), "--max_steps", "2", "--eval_steps", "2", "--prompts_per_step", "4",
+           "--mini_batch_size", "8", "--micro_batch_size", "8", "--max_new_tokens", "16", "--disable_tqdm", "true")
+    records = [json.loads(line) for line in (ppo_out / "metrics.jsonl").read_text().splitlines()]
+    name = "reward/reward_model:model/mean"
+    assert name in records[1] and "reward/gold_reward/mean" in records[1], records[1].keys()
+    assert records[-1]["step"] == 2 and "eval/reward/gold_reward/mean" in records[-1]

@@ -48,7 +48,7 @@ class RLTrainer(Experience, Checkpointing):
     config_class: type[RLConfig] = RLConfig
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None):
+                 processing_class=None, peft_config=None, reward_processing_classes=None):
         self.args = args if args is not None else self.config_class()
         if not isinstance(self.args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(self.args).__name__}.")
@@ -69,7 +69,7 @@ class RLTrainer(Experience, Checkpointing):
         self.kl_coef = args.kl_coef  # the current coefficient: an adaptive controller may move it
         self.ref_model = frozen_copy(actor).to(self.accelerator.device) if args.kl_coef > 0 else None
 
-        self.reward_functions = self._build_reward_functions(reward_funcs)
+        self.reward_functions = self._build_reward_functions(reward_funcs, reward_processing_classes)
         self.reward_weights = self._check_reward_weights(args.reward_weights)
         self.train_dataset = as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
@@ -112,11 +112,26 @@ class RLTrainer(Experience, Checkpointing):
                              optimizer, num_warmup_steps=args.warmup_steps,
                              num_training_steps=args.max_steps * args.optimizer_steps_per_step)
 
-    def _build_reward_functions(self, reward_funcs) -> list[RewardFunction]:
+    def _build_reward_functions(self, reward_funcs, tokenizers=None) -> list[RewardFunction]:
+        """Callables are used as they are; a path or a model object is a reward model, scored with its own
+        tokenizer (``reward_processing_classes[i]``, else the one saved with it)."""
+        from reward_models.scoring import RewardModelFunction
+
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
-            raise ValueError("reward_funcs is empty; give at least one reward function.")
-        return [RewardFunction(f, timeout=self.args.reward_timeout) for f in funcs]
+            raise ValueError("reward_funcs is empty; give at least one reward function or reward model.")
+        tokenizers = list(tokenizers) if tokenizers is not None else [None] * len(funcs)
+        if len(tokenizers) != len(funcs):
+            raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries for {len(funcs)} reward_funcs.")
+        args = self.args
+        built = []
+        for func, tokenizer in zip(funcs, tokenizers):
+            if isinstance(func, (str, torch.nn.Module)):
+                func = RewardModelFunction(func, tokenizer, self.accelerator.device, args.reward_model_batch_size,
+                                           normalize=args.normalize_reward_model_scores, dtype=args.dtype,
+                                           trust_remote_code=args.trust_remote_code)
+            built.append(RewardFunction(func, timeout=args.reward_timeout))
+        return built
 
     def _check_reward_weights(self, weights) -> list[float]:
         if weights is None:

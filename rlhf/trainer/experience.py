@@ -102,6 +102,12 @@ class Experience:
             for func in self.reward_functions
         ], dim=1)  # [B_local, F], NaN where a function returned None
         per_function = self.accelerator.gather(per_function.to(self.accelerator.device)).cpu()
+        for j, func in enumerate(self.reward_functions):
+            if getattr(func.fn, "normalize", False):  # a reward model's scores, whitened over the rollout batch
+                scores = per_function[:, j]
+                present = scores[~scores.isnan()]
+                if present.numel() > 1:
+                    per_function[:, j] = (scores - present.mean()) / (present.std() + 1e-8)
         rewards = combine_rewards(per_function, self.reward_weights)
         metrics.add("reward/mean", rewards.mean())
         metrics.add("reward/std", rewards.std() if rewards.numel() > 1 else 0.0)

@@ -32,10 +32,11 @@ class PPOTrainer(TokenRewardTrainer):
     config_class = PPOConfig
 
     def __init__(self, model, reward_funcs, args: PPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, value_model=None):
+                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None):
         self._value_model = value_model
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, peft_config=peft_config)
+                         processing_class=processing_class, peft_config=peft_config,
+                         reward_processing_classes=reward_processing_classes)
 
     def init_algorithm(self, actor) -> None:
         super().init_algorithm(actor)

@@ -1,0 +1,34 @@
+"""Train a Bradley-Terry reward model on preference pairs.
+
+    accelerate launch recipes/train_reward_model.py --config recipes/configs/reward_model_synthetic.yaml
+
+The data has `chosen` and `rejected` columns (text or chat messages), optionally `prompt` and
+`margin`. The model is written to `<output_dir>/model` (loadable with
+AutoModelForSequenceClassification.from_pretrained) and can be given to any trainer as an entry of
+`reward_funcs`.
+"""
+
+from reward_models.trainer import RewardModelConfig, RewardModelScriptArguments, RewardModelTrainer
+from rlhf.cli import ConfigError, load_dataset_spec, parse_args
+
+
+def main(argv=None):
+    script, config = parse_args([RewardModelScriptArguments, RewardModelConfig], argv)
+    if not script.model_name_or_path or not script.dataset_name:
+        raise ConfigError("model_name_or_path and dataset_name must be set (--help lists every option).")
+    eval_dataset = None
+    if script.eval_dataset_name:
+        eval_dataset = load_dataset_spec(script.eval_dataset_name, script.eval_dataset_split)
+    trainer = RewardModelTrainer(script.model_name_or_path, config,
+                                 train_dataset=load_dataset_spec(script.dataset_name, script.dataset_split),
+                                 eval_dataset=eval_dataset)
+    trainer.train()
+    path = trainer.save_model()
+    if eval_dataset is not None:
+        result = trainer.evaluate()
+        trainer.accelerator.print(f"held-out pairwise accuracy {result['eval/accuracy']:.1%}, "
+                                  f"mean margin {result['eval/margin_mean']:.3f}; model: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Rule rewards: plain functions with the standard signature ``fn(prompts, completions, **columns)``.
+
+Functions that need a setting are made by a ``make_*`` factory; the function it returns has the
+standard signature and a name that says its setting. Completions may be strings or chat messages
+(``[{"role": "assistant", "content": ...}]``); every rule reads the text of the last message.
+The examples in the docstrings run as tests.
+"""
+
+import math
+import re
+from collections.abc import Callable
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: the string itself, or the content of the last chat message."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").strip())
+    except ValueError:
+        return None
+
+
+def last_number(text: str) -> float | None:
+    """The last number in ``text`` (thousands separators allowed), or None.
+
+    >>> last_number("3 apples and 1,250.5 pears")
+    1250.5
+    >>> last_number("no digits here") is None
+    True
+    """
+    found = _NUMBER.findall(text)
+    return _to_number(found[-1]) if found else None
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed), or None.
+
+    >>> boxed(r"so \\boxed{\\frac{1}{2}} it is")
+    '\\\\frac{1}{2}'
+    >>> boxed("no box") is None
+    True
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[i:j].strip()
+            depth -= 1
+    return None  # unbalanced
+
+
+def _same_answer(found: str | float | None, expected) -> bool:
+    if found is None:
+        return False
+    expected_number = _to_number(str(expected))
+    found_number = found if isinstance(found, float) else _to_number(str(found))
+    if expected_number is not None and found_number is not None:
+        return math.isclose(found_number, expected_number, rel_tol=1e-9, abs_tol=1e-9)
+    return str(found).strip() == str(expected).strip()
+
+
+def numeric_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the last number of the completion equals the ``answer`` column numerically, else 0.0.
+
+    >>> numeric_answer_reward(["?"] * 3, ["It is 42.", "about 41", "no idea"], answer=["42", "42", "42"])
+    [1.0, 0.0, 0.0]
+    """
+    return [float(_same_answer(last_number(completion_text(c)), a)) for c, a in zip(completions, answer)]
+
+
+def boxed_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the last ``\\boxed{}`` holds the answer (numerically, or as the same text), else 0.0.
+
+    >>> boxed_answer_reward(["?"] * 3, [r"\\boxed{1,000}", r"\\boxed{x+1}", "1000"], answer=["1000", "x+1", "1000"])
+    [1.0, 1.0, 0.0]
+    """
+    return [float(_same_answer(boxed(completion_text(c)), a)) for c, a in zip(completions, answer)]
+
+
+def exact_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion, stripped of surrounding whitespace, is exactly the answer, else 0.0.
+
+    >>> exact_answer_reward(["?", "?"], [" 42\\n", "42."], answer=["42", "42"])
+    [1.0, 0.0]
+    """
+    return [float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def make_regex_answer_reward(pattern: str, column: str = "answer") -> Callable:
+    """A reward that extracts group 1 of the last match of ``pattern`` and compares it with ``column``.
+
+    >>> reward = make_regex_answer_reward(r"Answer: (\\S+)")
+    >>> reward(["?"] * 3, ["Answer: 7", "Answer: 6 ... Answer: 8", "7"], answer=["7", "8", "7"])
+    [1.0, 1.0, 0.0]
+    """
+    regex = re.compile(pattern)
+
+    def regex_answer_reward(prompts, completions, **columns) -> list[float]:
+        scores = []
+        for completion, expected in zip(completions, columns[column]):
+            matches = list(regex.finditer(completion_text(completion)))
+            found = (matches[-1].group(1) if regex.groups else matches[-1].group(0)) if matches else None
+            scores.append(float(_same_answer(found, expected)))
+        return scores
+
+    regex_answer_reward.__name__ = f"regex_answer_reward[{pattern}]"
+    return regex_answer_reward
+
+
+def make_format_reward(pattern: str, reward: float = 1.0) -> Callable:
+    """``reward`` when the whole completion matches ``pattern`` (re.fullmatch, DOTALL), else 0.0.
+
+    >>> fmt = make_format_reward(r"<think>.*</think>\\s*<answer>.*</answer>")
+    >>> fmt(["?", "?"], ["<think>2+2</think> <answer>4</answer>", "4"])
+    [1.0, 0.0]
+    """
+    regex = re.compile(pattern, re.DOTALL)
+
+    def format_reward(prompts, completions, **kwargs) -> list[float]:
+        return [reward if regex.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
+
+    format_reward.__name__ = f"format_reward[{pattern}]"
+    return format_reward
+
+
+def make_length_penalty(max_length: int, penalty_per_token: float = 0.01, unit: str = "tokens") -> Callable:
+    """-penalty_per_token for every token (or character, with ``unit="chars"``) beyond ``max_length``.
+
+    >>> penalty = make_length_penalty(3, 0.5)
+    >>> penalty(["?", "?"], ["ab", "abcde"], completion_ids=[[1, 2], [1, 2, 3, 4, 5]])
+    [0.0, -1.0]
+    """
+    if unit not in ("tokens", "chars"):
+        raise ValueError(f"unit must be 'tokens' or 'chars', got {unit!r}")
+
+    def length_penalty(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        lengths = ([len(ids) for ids in completion_ids] if unit == "tokens"
+                   else [len(completion_text(c)) for c in completions])
+        return [-penalty_per_token * (n - max_length) if n > max_length else 0.0 for n in lengths]
+
+    length_penalty.__name__ = f"length_penalty[{max_length}]"
+    return length_penalty
+
+
+def make_soft_overlong_penalty(max_new_tokens: int, buffer: int) -> Callable:
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to ``max_new_tokens - buffer`` tokens,
+    then falling linearly to -1 at ``max_new_tokens``; -1 beyond.
+
+    >>> penalty = make_soft_overlong_penalty(max_new_tokens=10, buffer=4)
+    >>> penalty(["?"] * 3, ["", "", ""], completion_ids=[[0] * 6, [0] * 8, [0] * 10])
+    [0.0, -0.5, -1.0]
+    """
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"buffer={buffer} must be in (0, max_new_tokens={max_new_tokens}]")
+    start = max_new_tokens - buffer
+
+    def soft_overlong_penalty(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        return [max(-1.0, -(len(ids) - start) / buffer) if len(ids) > start else 0.0 for ids in completion_ids]
+
+    soft_overlong_penalty.__name__ = f"soft_overlong_penalty[{max_new_tokens},{buffer}]"
+    return soft_overlong_penalty
+
+
+def make_repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0) -> Callable:
+    """max_penalty x the fraction of repeated word n-grams: 0 for no repetition, ``max_penalty`` in
+    the limit of one n-gram repeated forever. Completions shorter than one n-gram get 0.
+
+    >>> penalty = make_repetition_penalty(ngram_size=2)
+    >>> penalty(["?"] * 3, ["a b c d", "a b a b a b", "a"])
+    [0.0, -0.6, 0.0]
+    """
+    if max_penalty > 0:
+        raise ValueError(f"max_penalty={max_penalty} must be <= 0")
+
+    def repetition_penalty(prompts, completions, **kwargs) -> list[float]:
+        scores = []
+        for completion in completions:
+            words = completion_text(completion).lower().split()
+            grams = [tuple(words[i:i + ngram_size]) for i in range(len(words) - ngram_size + 1)]
+            repeated = 1 - len(set(grams)) / len(grams) if grams else 0.0
+            scores.append(round(repeated * max_penalty, 12) if repeated else 0.0)
+        return scores
+
+    repetition_penalty.__name__ = f"repetition_penalty[{ngram_size}]"
+    return repetition_penalty
