@@ -7,7 +7,11 @@ ids with the pad id, which would skip a final EOS when the pad token is the EOS 
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from rlhf.data import is_conversational
 from rlhf.models import position_ids_from_mask, resolve_dtype

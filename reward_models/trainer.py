@@ -14,13 +14,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from reward_models.modeling import LastTokenScorer, encode, load_reward_model
 from rlhf.checkpoint import save_pretrained_model, staged_directory
 from rlhf.data import PromptSampler
+from rlhf.distributed import make_accelerator
 from rlhf.metrics import MetricsLogger, StepMetrics
 
 
@@ -106,7 +106,7 @@ class RewardModelTrainer:
     def __init__(self, model, args: RewardModelConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):
         self.args = args = args or RewardModelConfig()
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         args.validate(self.accelerator.num_processes)
         set_seed(args.seed)
         model, self.tokenizer = load_reward_model(model, processing_class, args.dtype, args.trust_remote_code)

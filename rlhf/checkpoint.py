@@ -52,11 +52,18 @@ def save_pretrained_model(model, tokenizer, directory: str, state_dict=None) -> 
 
 
 def load_model_weights(model, directory: str) -> None:
-    """Load the weights ``save_pretrained`` wrote in ``directory`` (``model*.safetensors``) into ``model``.
-    Every parameter must be loaded, except those tied to one that is (an lm_head sharing the
-    embedding matrix)."""
+    """Load the weights ``save_pretrained`` wrote in ``directory`` into ``model``: a PEFT adapter, or
+    ``model*.safetensors``, of which every parameter must be loaded except those tied to one that is
+    (an lm_head sharing the embedding matrix)."""
     from safetensors.torch import load_file
 
+    if os.path.exists(os.path.join(directory, "adapter_config.json")):  # a PEFT adapter
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(os.path.join(directory, "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise ValueError(f"adapter weights in {directory} do not match the model: {result.unexpected_keys}")
+        return
     weights = {}
     for name in sorted(os.listdir(directory)):
         if name.startswith("model") and name.endswith(".safetensors"):

@@ -36,6 +36,16 @@ class ScriptArguments:
     """Split to use for the evaluation dataset."""
     reward_funcs: list[str] = field(default_factory=list)
     """Reward functions as "package.module:function" import paths, and reward models as directories."""
+    use_peft: bool = False
+    """Train a LoRA adapter instead of the whole actor (the reference is then the base model, for free)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the adapter is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout inside the adapter. Set to 0 during training whatever its value: a ratio needs deterministic passes."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get an adapter: names such as q_proj v_proj, or all-linear."""
 
 
 @dataclass
@@ -186,7 +196,16 @@ def trainer_inputs(script: ScriptArguments) -> dict:
     eval_dataset = None
     if script.eval_dataset_name:
         eval_dataset = load_dataset_spec(script.eval_dataset_name, script.eval_dataset_split)
+    peft_config = None
+    if script.use_peft:
+        from peft import LoraConfig
+
+        targets = script.lora_target_modules
+        peft_config = LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
+                                 target_modules=targets[0] if targets == ["all-linear"] else targets,
+                                 task_type="CAUSAL_LM")
     return {
+        "peft_config": peft_config,
         "model": script.model_name_or_path,
         "reward_funcs": [path if os.path.isdir(path) else import_object(path) for path in script.reward_funcs],
         "train_dataset": load_dataset_spec(script.dataset_name, script.dataset_split),

@@ -51,6 +51,12 @@ class RLConfig:
     """Allow model code from the hub. Off unless you trust the repository."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    ref_model_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype of the reference model's copy, e.g. bfloat16 to halve its memory (None: the actor's dtype)."""
+    offload_reference: bool = False
+    """Keep the reference model on the CPU, moving it to the device only for its pass of each step."""
+    save_merged_lora: bool = False
+    """With a LoRA actor, ``save_model`` writes the base model with the adapter merged in, instead of the adapter."""
 
     # --- batch geometry --------------------------------------------------------------------
     prompts_per_step: int = 8
@@ -60,7 +66,7 @@ class RLConfig:
     mini_batch_size: int | None = None
     """Completions per optimizer step, across all processes (None: the whole rollout batch, one step per epoch)."""
     micro_batch_size: int = 8
-    """Completions per forward/backward pass on each process; gradients accumulate up to a mini-batch."""
+    """Completions per forward/backward pass on each process; gradients accumulate up to a mini-batch (capped at the per-process mini-batch)."""
     num_epochs: int = 1
     """Passes over each rollout batch. With 1 (and one mini-batch) the update is exactly on-policy."""
 
@@ -140,6 +146,11 @@ class RLConfig:
     def effective_mini_batch_size(self) -> int:
         return self.mini_batch_size or self.rollout_batch_size
 
+    def local_micro_batch_size(self, num_processes: int = 1) -> int:
+        """``micro_batch_size``, capped at the per-process mini-batch: a config written for one process keeps
+        working on several."""
+        return min(self.micro_batch_size, max(1, self.effective_mini_batch_size // num_processes))
+
     @property
     def optimizer_steps_per_step(self) -> int:
         return self.num_epochs * (self.rollout_batch_size // self.effective_mini_batch_size)
@@ -195,7 +206,7 @@ class RLConfig:
                 need(mini % num_processes == 0,
                      f"mini_batch_size={mini} must be divisible by the number of processes ({num_processes}).")
                 local_mini = mini // num_processes
-                need(local_mini == 0 or local_mini % self.micro_batch_size == 0,
+                need(local_mini == 0 or local_mini % self.local_micro_batch_size(num_processes) == 0,
                      f"micro_batch_size={self.micro_batch_size} must divide the per-process mini-batch "
                      f"(mini_batch_size / processes = {local_mini}); try one of {_divisors(local_mini)}.")
         errors.extend(self._validate_algorithm())

@@ -28,9 +28,10 @@ class ValueModel(nn.Module):
         self.backbone = backbone
         self.config = backbone.config
         hidden = backbone.config.get_text_config().hidden_size
+        dtype = next(backbone.parameters()).dtype
         if value_head is None:
             # Small weights and zero bias: values start near 0 whatever the backbone (OpenRLHF's choice).
-            value_head = nn.Linear(hidden, 1, dtype=backbone.dtype)
+            value_head = nn.Linear(hidden, 1, dtype=dtype)
             nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1))
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head
@@ -43,6 +44,15 @@ class ValueModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
+    def add_lora(self, peft_config) -> None:
+        """Train the backbone through a LoRA adapter of the actor's configuration (the value head trains
+        fully)."""
+        import dataclasses
+
+        from peft import get_peft_model
+
+        self.backbone = get_peft_model(self.backbone, dataclasses.replace(peft_config, task_type="FEATURE_EXTRACTION"))
+
     # ---------------------------------------------------------------- building
     @classmethod
     def from_causal_lm(cls, model: PreTrainedModel) -> "ValueModel":
@@ -53,8 +63,16 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path: str, dtype=torch.float32, trust_remote_code: bool = False) -> "ValueModel":
         """Load a saved critic, or start one from any model directory: a causal LM or a reward model
         (whose score head then starts the value head)."""
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                             use_safetensors=True)
+        adapter = os.path.exists(os.path.join(path, "adapter_config.json"))
+        if adapter:  # a LoRA critic: its base model, then the adapter
+            from peft import PeftConfig, PeftModel
+
+            base = PeftConfig.from_pretrained(path).base_model_name_or_path
+            backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base, dtype=dtype, use_safetensors=True,
+                                                                           trust_remote_code=trust_remote_code), path)
+        else:
+            backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
         critic = cls(backbone)
         head_path = os.path.join(path, VALUE_HEAD_FILE)
         head = load_file(head_path) if os.path.exists(head_path) else _reward_head(path)

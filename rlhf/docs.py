@@ -8,7 +8,14 @@ import argparse
 import dataclasses
 import sys
 
-from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig, TokenRewardConfig, markdown_table
+from rlhf.configs import (
+    GRPOConfig,
+    PPOConfig,
+    ReinforceConfig,
+    RLConfig,
+    TokenRewardConfig,
+    markdown_table,
+)
 
 START, END = "<!-- config-tables:start -->", "<!-- config-tables:end -->"
 # (config, the config it extends): each table lists the fields the config adds or whose default it changes.

@@ -10,7 +10,12 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf.core import entropy_from_logits, token_logprobs
 
@@ -94,11 +99,27 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(config, attr, 0.0)
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with gradients off and in eval mode (the reference policy)."""
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy with gradients off and in eval mode (the reference policy), optionally in ``dtype``."""
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
+    if dtype is not None:
+        reference.to(dtype)
     return reference.eval()
+
+
+def apply_lora(model: PreTrainedModel, peft_config, gradient_checkpointing: bool = False):
+    """Wrap ``model`` in a PEFT adapter; only the adapter's weights train. With gradient checkpointing
+    the inputs are made to require grad, so a checkpointed block's adapter weights always get gradients."""
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "module", model), "disable_adapter")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

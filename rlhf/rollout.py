@@ -76,16 +76,19 @@ def sample_completions(
     params: SamplingParams,
     eos_ids: list[int],
     pad_id: int,
+    synced_gpus: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate one completion per prompt row. Returns (completion_ids, completion_mask, truncated).
 
     Rows are left-padded prompts; ``generate`` derives position ids from ``prompt_mask``.
+    ``synced_gpus`` keeps this process stepping until every process has finished (sharded models).
     """
     config = generation_config(params, eos_ids, pad_id)
     was_training = model.training
     model.eval()
     with _only_our_generation_config(model):
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                   synced_gpus=synced_gpus)
     model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
     mask, truncated = completion_mask(completion_ids, eos_ids)

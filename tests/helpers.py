@@ -2,7 +2,14 @@
 
 import torch
 
-from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, ReinforceConfig, ReinforceTrainer
+from rlhf import (
+    GRPOConfig,
+    GRPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    ReinforceConfig,
+    ReinforceTrainer,
+)
 from rlhf.metrics import StepMetrics
 from rlhf.tiny import EOS_ID, char_tokenizer, tiny_model
 

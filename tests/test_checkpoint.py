@@ -3,10 +3,10 @@
 import os
 
 import torch
+from helpers import make_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.checkpoint import latest_checkpoint
-from helpers import make_trainer
 
 
 def test_saved_model_reloads_with_from_pretrained(tmp_path):

@@ -69,3 +69,9 @@ def test_readme_config_tables_are_current():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert render(readme) == readme, "README config tables are stale: run `make docs`"
+
+
+def test_micro_batch_is_capped_at_the_per_process_mini_batch():
+    config = GRPOConfig(prompts_per_step=32, num_generations=8, mini_batch_size=64, micro_batch_size=64)
+    config.validate(num_processes=2)  # the same config on two processes: micro-batches of 32
+    assert config.local_micro_batch_size(1) == 64 and config.local_micro_batch_size(2) == 32

@@ -2,12 +2,19 @@
 
 import pytest
 import torch
+from helpers import (
+    flat_grad,
+    gradient,
+    make_trainer,
+    policy_gradient_reference,
+    relative_error,
+)
 
-from helpers import flat_grad, gradient, make_trainer, policy_gradient_reference, relative_error
 from rlhf.core import policy_loss
 from rlhf.metrics import StepMetrics
 from rlhf.models import completion_logprobs
 from rlhf.tiny import char_tokenizer, tiny_model
+
 
 def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
     """Ratio == 1 exactly, and the gradient equals -sum(A * grad log p) / N computed sequence by sequence

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from rlhf.data import left_pad
-from rlhf.models import completion_logprobs, disable_dropout, eos_token_ids, position_ids_from_mask
+from rlhf.models import (
+    completion_logprobs,
+    disable_dropout,
+    eos_token_ids,
+    position_ids_from_mask,
+)
 from rlhf.tiny import EOS_ID, tiny_model
 
 

@@ -1,9 +1,15 @@
 """PPO: the critic, GAE targets, the first on-policy pass, warm-up, early stop and KL control."""
 
 import torch
+from helpers import (
+    flat_grad,
+    gradient,
+    make_trainer,
+    policy_gradient_reference,
+    relative_error,
+)
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from helpers import flat_grad, gradient, make_trainer, policy_gradient_reference, relative_error
 from rlhf import ValueModel
 from rlhf.critic import completion_values
 from rlhf.metrics import StepMetrics

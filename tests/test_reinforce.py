@@ -2,8 +2,14 @@
 
 import pytest
 import torch
+from helpers import (
+    flat_grad,
+    gradient,
+    make_trainer,
+    policy_gradient_reference,
+    relative_error,
+)
 
-from helpers import flat_grad, gradient, make_trainer, policy_gradient_reference, relative_error
 from rlhf.metrics import StepMetrics
 
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import PROMPTS, make_trainer, varied_reward
+
 from rlhf import GRPOConfig, GRPOTrainer
 from rlhf.checkpoint import latest_checkpoint
 from rlhf.rewards import RewardError

@@ -4,7 +4,13 @@ import torch
 
 from rlhf.data import left_pad
 from rlhf.models import completion_logprobs
-from rlhf.rollout import Batch, SamplingParams, completion_mask, generation_config, sample_completions
+from rlhf.rollout import (
+    Batch,
+    SamplingParams,
+    completion_mask,
+    generation_config,
+    sample_completions,
+)
 from rlhf.tiny import EOS_ID, PAD_ID, tiny_model
 
 A, B = 20, 21  # two ordinary tokens

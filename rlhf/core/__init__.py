@@ -16,7 +16,13 @@ from rlhf.core.advantages import (
     token_level_rewards,
 )
 from rlhf.core.logprobs import entropy_from_logits, token_logprobs
-from rlhf.core.losses import LOSS_AGG_MODES, aggregate_loss, kl_penalty, policy_loss, value_loss
+from rlhf.core.losses import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    kl_penalty,
+    policy_loss,
+    value_loss,
+)
 from rlhf.core.masked import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [

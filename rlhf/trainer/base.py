@@ -10,24 +10,25 @@ not depend on how the mini-batch is split.
 import logging
 import os
 import time
-from contextlib import ExitStack
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from rlhf.configs import RLConfig
 from rlhf.core import aggregate_loss, kl_penalty, masked_mean, policy_loss
 from rlhf.data import PromptSampler, as_dataset
+from rlhf.distributed import make_accelerator
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
 from rlhf.models import (
+    apply_lora,
     completion_logprobs,
     disable_dropout,
     eos_token_ids,
     frozen_copy,
     load_causal_lm,
     load_tokenizer,
+    resolve_dtype,
 )
 from rlhf.rewards import RewardFunction
 from rlhf.rollout import Batch, SamplingParams
@@ -53,21 +54,32 @@ class RLTrainer(Experience, Checkpointing):
         if not isinstance(self.args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(self.args).__name__}.")
         args = self.args
-        self.accelerator = Accelerator(log_with=args.report_to or None, project_dir=args.output_dir)
+        self.accelerator = make_accelerator(log_with=args.report_to or None, project_dir=args.output_dir)
         args.validate(self.accelerator.num_processes)
+        # Micro-batches per mini-batch on each process; set before prepare() so DeepSpeed sees it too.
+        self.accelerator.gradient_accumulation_steps = (
+            args.effective_mini_batch_size // self.accelerator.num_processes
+            // args.local_micro_batch_size(self.accelerator.num_processes))
         # device_specific: every process draws different samples from the same prompts.
         set_seed(args.seed, device_specific=True)
 
         self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code)
         actor = load_causal_lm(model, args.dtype, args.trust_remote_code)
+        self.eos_ids = eos_token_ids(actor, self.tokenizer)
+        self.peft_config = peft_config
+        self.init_algorithm(actor)  # e.g. PPO's critic, from the plain actor (before LoRA and Accelerate)
         if peft_config is not None:
-            raise NotImplementedError("peft_config (LoRA actors) is not supported yet.")
+            actor = apply_lora(actor, peft_config, args.gradient_checkpointing)
         disable_dropout(actor)
         if args.gradient_checkpointing:
             actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.eos_ids = eos_token_ids(actor, self.tokenizer)
         self.kl_coef = args.kl_coef  # the current coefficient: an adaptive controller may move it
-        self.ref_model = frozen_copy(actor).to(self.accelerator.device) if args.kl_coef > 0 else None
+        self.has_reference = args.kl_coef > 0
+        # A LoRA actor's reference is its base model with the adapter disabled: no second copy.
+        self.ref_model = None
+        if self.has_reference and peft_config is None:
+            self.ref_model = frozen_copy(actor, resolve_dtype(args.ref_model_dtype) if args.ref_model_dtype else None)
+            self.ref_model.to("cpu" if args.offload_reference else self.accelerator.device)
 
         self.reward_functions = self._build_reward_functions(reward_funcs, reward_processing_classes)
         self.reward_weights = self._check_reward_weights(args.reward_weights)
@@ -83,7 +95,6 @@ class RLTrainer(Experience, Checkpointing):
         self.sampler = PromptSampler(len(self.train_dataset), args.prompts_per_step, args.seed,
                                      self.accelerator.num_processes, self.accelerator.process_index)
 
-        self.init_algorithm(actor)
         self.model, self.optimizer = self.accelerator.prepare(actor, self.make_optimizer(actor, args.learning_rate))
         self.scheduler = self.make_scheduler(self.optimizer)
         self.sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
@@ -96,7 +107,8 @@ class RLTrainer(Experience, Checkpointing):
 
     # ------------------------------------------------------------------ set-up helpers
     def init_algorithm(self, actor) -> None:
-        """Build what an algorithm adds (e.g. PPO's critic) from the actor before Accelerate wraps it."""
+        """Build what an algorithm adds (e.g. PPO's critic) from the plain actor, before LoRA is applied
+        to it and before Accelerate wraps it (``self.peft_config`` is set)."""
 
     def make_optimizer(self, model, learning_rate: float) -> torch.optim.Optimizer:
         args = self.args
@@ -174,6 +186,10 @@ class RLTrainer(Experience, Checkpointing):
         if args.report_to:
             self.accelerator.init_trackers(args.run_name or os.path.basename(os.path.normpath(args.output_dir)),
                                            config=args.to_dict())
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if self.step == 0 and self.accelerator.is_main_process and os.path.exists(metrics_path):
+            logger.warning("Starting a new run in %s: replacing its metrics.jsonl.", args.output_dir)
+            os.remove(metrics_path)
         metrics_logger = MetricsLogger(args.output_dir, self.accelerator, args.max_steps, self.step, args.disable_tqdm)
         records = []
         evaluating = args.eval_steps > 0 and self.eval_dataset is not None
@@ -190,7 +206,9 @@ class RLTrainer(Experience, Checkpointing):
                 self.save_checkpoint()
             metrics_logger.advance()
         metrics_logger.close()
-        self.accelerator.end_training()
+        # Not accelerator.end_training(): it would also destroy the process group that save_model still needs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         return records
 
     def training_step(self) -> dict[str, float]:
@@ -303,18 +321,19 @@ class RLTrainer(Experience, Checkpointing):
     def accumulate_gradients(self, mini: Batch, metrics: StepMetrics) -> None:
         """Forward and backward every micro-batch of ``mini``; gradients add up to the mini-batch's."""
         denominators = self.loss_denominators(mini)
-        size = self.args.micro_batch_size
+        size = self.args.local_micro_batch_size(self.accelerator.num_processes)
         starts = range(0, mini.size, size)
         self._micro_share = 1.0 / (len(starts) * self.accelerator.num_processes)
         self._mini_batch_kl = torch.zeros(2, device=self.accelerator.device)  # approx-KL sum and token count
-        for i, start in enumerate(starts):
-            with ExitStack() as no_sync:
-                if i < len(starts) - 1:  # gradients are all-reduced once, on the last micro-batch
-                    for model in self.trained_models:
-                        no_sync.enter_context(self.accelerator.no_sync(model))
+        # Accelerate divides each loss by gradient_accumulation_steps (DeepSpeed does the same) and DDP
+        # averages gradients over processes; the denominators are already global, so undo both.
+        scale = self.accelerator.num_processes * self.accelerator.gradient_accumulation_steps
+        for start in starts:
+            # accumulate() skips the gradient all-reduce (DDP) or the engine step (DeepSpeed) until the last
+            # micro-batch of the mini-batch.
+            with self.accelerator.accumulate(*self.trained_models):
                 loss = self.compute_loss(mini.rows(slice(start, start + size)).trimmed(), denominators, metrics)
-                # DDP averages gradients over processes; the denominators are already global.
-                self.accelerator.backward(loss * self.accelerator.num_processes)
+                self.accelerator.backward(loss * scale)
 
     def record_loss(self, metrics: StepMetrics, name: str, loss: torch.Tensor) -> None:
         """Log a micro-batch's share of a mini-batch loss: the logged value is the mini-batch's loss
@@ -330,13 +349,16 @@ class RLTrainer(Experience, Checkpointing):
         loss leaves one). Returns whether the update was applied."""
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
         targets = self.optimization_targets()
+        # DeepSpeed clips inside its engine and returns no norm here (None); it also skips overflowing steps.
         norms = [self.accelerator.clip_grad_norm_(model.parameters(), max_norm) for _, model, _, _ in targets]
-        finite = bool(torch.isfinite(torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms])).all())
+        known = [torch.as_tensor(n, dtype=torch.float32) for n in norms if n is not None]
+        finite = not known or bool(torch.isfinite(torch.stack(known)).all())
         for (prefix, _, optimizer, scheduler), norm in zip(targets, norms):
             if finite:
                 optimizer.step()
                 scheduler.step()
-                metrics.add(f"{prefix}grad_norm", norm)
+                if norm is not None:
+                    metrics.add(f"{prefix}grad_norm", norm)
             optimizer.zero_grad(set_to_none=True)
         return finite
 

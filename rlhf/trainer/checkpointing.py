@@ -5,6 +5,7 @@ renamed to ``checkpoint-<step>`` by the main process once ``trainer_state.json``
 in place, so a crash mid-write never leaves a directory that ``"latest"`` would pick.
 """
 
+import copy
 import os
 import shutil
 
@@ -15,14 +16,19 @@ class Checkpointing:
     """Needs ``args``, ``accelerator``, ``model``, ``optimizer``, ``scheduler``, ``tokenizer``, ``step``."""
 
     def save_model(self, path: str | None = None) -> str:
-        """Write the actor and tokenizer (safetensors) so that ``from_pretrained(path)`` loads them.
-        Default: ``output_dir/model``. Other files already in ``path`` are left alone."""
+        """Write the actor and tokenizer (safetensors) so that ``from_pretrained(path)`` loads them; a LoRA
+        actor writes its adapter (``PeftModel.from_pretrained``), or with ``save_merged_lora`` the merged
+        model. Default: ``output_dir/model``. Other files already in ``path`` are left alone."""
         path = path or os.path.join(self.args.output_dir, "model")
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
+            model = self.unwrapped_model
+            if self.args.save_merged_lora and hasattr(model, "merge_and_unload"):
+                # Merge into a copy: merging and unmerging in place would not restore the weights bit for bit.
+                model, state_dict = copy.deepcopy(model).merge_and_unload(), None
             with ckpt.staged_directory(path) as tmp:
-                ckpt.save_pretrained_model(self.unwrapped_model, self.tokenizer, tmp, state_dict)
+                ckpt.save_pretrained_model(model, self.tokenizer, tmp, state_dict)
         self.accelerator.wait_for_everyone()
         return path
 

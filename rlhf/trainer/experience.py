@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import gather_object
 
 from rlhf.data import as_dataset, left_pad, render_prompts, tokenize_prompts
+from rlhf.distributed import model_for_generation, needs_synced_generation
 from rlhf.metrics import StepMetrics
 from rlhf.models import completion_logprobs
 from rlhf.rewards import combine_rewards
@@ -32,7 +33,7 @@ class RolloutTexts:
 
 
 class Experience:
-    """Needs ``args``, ``accelerator``, ``model``, ``ref_model``, ``tokenizer``, ``sampler``,
+    """Needs ``args``, ``accelerator``, ``model``, ``ref_model``, ``has_reference``, ``tokenizer``, ``sampler``,
     ``reward_functions``, ``reward_weights``, ``eos_ids``, ``sampling``."""
 
     def check_prompts(self, dataset, name: str) -> None:
@@ -71,6 +72,12 @@ class Experience:
         completions = [[{"role": "assistant", "content": t}] for t in texts] if is_chat else texts
         return completions, id_lists
 
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams):
+        """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast."""
+        with model_for_generation(self.accelerator, self.model) as model, self.accelerator.autocast():
+            return sample_completions(model, prompt_ids, prompt_mask, params, self.eos_ids, self.tokenizer.pad_token_id,
+                                      synced_gpus=needs_synced_generation(self.accelerator))
+
     def generate_rollout(self, step: int) -> tuple[Batch, RolloutTexts]:
         """This process's prompts for ``step``, each with ``num_generations`` sampled completions
         (the completions of one prompt are contiguous rows)."""
@@ -79,9 +86,7 @@ class Experience:
         prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        completion_ids, completion_mask, truncated = sample_completions(
-            self.unwrapped_model, prompt_ids, prompt_mask, self.sampling, self.eos_ids, self.tokenizer.pad_token_id
-        )
+        completion_ids, completion_mask, truncated = self.generate(prompt_ids, prompt_mask, self.sampling)
         completions, id_lists = self._decode(completion_ids, completion_mask, is_chat)
         repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
         texts = RolloutTexts(
@@ -143,6 +148,22 @@ class Experience:
         width = batch["completion_ids"].shape[1]
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pieces])
 
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Log-probs under the reference: the frozen copy (moved to the device for this pass when it is
+        offloaded), or a LoRA actor with its adapter disabled."""
+        if self.ref_model is None:
+            with self.unwrapped_model.disable_adapter():
+                return self._logprobs_no_grad(self.model, batch)
+        device = self.accelerator.device
+        offloaded = next(self.ref_model.parameters()).device != device
+        if offloaded:
+            self.ref_model.to(device)
+        try:
+            return self._logprobs_no_grad(self.ref_model, batch).float()
+        finally:
+            if offloaded:
+                self.ref_model.to("cpu")
+
     def _logprobs_no_grad(self, model, batch: Batch) -> torch.Tensor:
         """Log-probs [B, T] of every completion under ``model``."""
         return self.no_grad_pass(lambda micro: completion_logprobs(
@@ -162,17 +183,17 @@ class Experience:
 
     @property
     def kl_in_loss(self) -> bool:
-        return self.ref_model is not None and not self.kl_in_reward
+        return self.has_reference and not self.kl_in_reward
 
     @property
     def needs_old_logprobs(self) -> bool:
         """The rollout policy's log-probs are needed: for the ratio off-policy, or for a KL reward."""
-        return not self.on_policy or (self.kl_in_reward and self.ref_model is not None)
+        return not self.on_policy or (self.kl_in_reward and self.has_reference)
 
     def compute_reference_logprobs(self, batch: Batch) -> None:
         """Reference and old-policy log-probs, computed once per rollout batch before any update."""
-        if self.ref_model is not None:
-            batch["ref_logprobs"] = self._logprobs_no_grad(self.ref_model, batch)
+        if self.has_reference:
+            batch["ref_logprobs"] = self.reference_logprobs(batch)
         if self.needs_old_logprobs:
             batch["old_logprobs"] = self._logprobs_no_grad(self.model, batch)
 
@@ -196,11 +217,17 @@ class Experience:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.model.eval()
         scores = []
-        for start in range(rank * batch_size, len(dataset), batch_size * world):
-            rows = dataset[start:start + batch_size]
+        # Every process runs the same number of batches (sharded models generate in lockstep); a process
+        # whose share has run out scores its first row again and drops the result.
+        rounds = -(-len(dataset) // (batch_size * world))
+        for round_index in range(rounds):
+            start = (round_index * world + rank) * batch_size
+            rows = dataset[start:start + batch_size] if start < len(dataset) else None
+            if rows is None:
+                self.generate(*self._tokenized_prompts(dataset[:1]["prompt"])[:2], greedy)
+                continue
             prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
-            completion_ids, mask, _ = sample_completions(self.unwrapped_model, prompt_ids, prompt_mask, greedy,
-                                                         self.eos_ids, self.tokenizer.pad_token_id)
+            completion_ids, mask, _ = self.generate(prompt_ids, prompt_mask, greedy)
             completions, id_lists = self._decode(completion_ids, mask, is_chat)
             columns = {k: v for k, v in rows.items() if k != "prompt"}
             scores.append(torch.stack([f(rows["prompt"], completions, id_lists, columns)

@@ -15,6 +15,7 @@
 import os
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from rlhf import checkpoint as ckpt
@@ -41,8 +42,14 @@ class PPOTrainer(TokenRewardTrainer):
     def init_algorithm(self, actor) -> None:
         super().init_algorithm(actor)
         args = self.args
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError("PPO trains two models (actor and critic), which one Accelerate DeepSpeed engine does "
+                             "not support; use DDP or FSDP for PPO (recipes/accelerate/multi_gpu.yaml, fsdp.yaml), "
+                             "or GRPO / REINFORCE under DeepSpeed.")
         critic = build_critic(self._value_model, actor, resolve_dtype(args.dtype), args.trust_remote_code)
         self._value_model = None
+        if self.peft_config is not None:
+            critic.add_lora(self.peft_config)
         disable_dropout(critic)
         if args.gradient_checkpointing:
             critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -39,14 +39,14 @@ class TokenRewardTrainer(RLTrainer):
     @property
     def needs_old_logprobs(self) -> bool:
         # With a reference, the rollout's KL is measured from the rollout policy's log-probs.
-        return not self.on_policy or self.ref_model is not None
+        return not self.on_policy or self.has_reference
 
     def token_rewards(self, batch: Batch, sequence_rewards: torch.Tensor, metrics) -> torch.Tensor:
         """[B_local, T] rewards: this process's ``sequence_rewards`` (a [B_global] tensor) on the last valid
         token, minus ``kl_coef * KL`` per token when the KL sits in the reward."""
         mask = batch["completion_mask"]
         kl = None
-        if self.ref_model is not None:
+        if self.has_reference:
             kl = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], self.args.kl_estimator)
             sequence_kl = masked_sum(kl, mask, dim=1)
             metrics.add("kl/sequence", sequence_kl.mean(), sequence_kl.numel())

@@ -6,7 +6,13 @@ import statistics
 import pytest
 import torch
 
-from rlhf.core import discounted_returns, gae, grpo_advantages, rloo_advantages, token_level_rewards
+from rlhf.core import (
+    discounted_returns,
+    gae,
+    grpo_advantages,
+    rloo_advantages,
+    token_level_rewards,
+)
 
 F64 = torch.float64
 

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from rlhf.core import LOSS_AGG_MODES, aggregate_loss, kl_penalty, policy_loss, value_loss
+from rlhf.core import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    kl_penalty,
+    policy_loss,
+    value_loss,
+)
 
 F64 = torch.float64
 

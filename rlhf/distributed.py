@@ -1,0 +1,55 @@
+"""What generation needs under sharded training (DeepSpeed ZeRO-3, FSDP).
+
+``generate`` runs on the unwrapped model. Under ZeRO-3 its parameters are gathered for the duration
+of the rollout; under FSDP v1 the root module's parameters are summoned (nested units gather their own
+in forward). In both cases every process must run the same number of forward passes, or the
+collectives inside them hang: ``synced_gpus`` keeps a process that has finished generating stepping
+until the last one is done.
+"""
+
+import os
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator that also works for several processes on a machine without GPUs: `accelerate launch
+    --multi_gpu` (or a MULTI_GPU config with use_cpu) starts the processes, and Accelerate then needs
+    ``cpu=True`` to join them over gloo instead of falling back to one process each."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero_stage if plugin is not None else 0
+
+
+def fsdp_version(accelerator: Accelerator) -> int | None:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return getattr(plugin, "fsdp_version", 1) if plugin is not None else None
+
+
+def needs_synced_generation(accelerator: Accelerator) -> bool:
+    """Whether generation must keep every process stepping until all are done."""
+    return accelerator.num_processes > 1 and (zero_stage(accelerator) == 3 or fsdp_version(accelerator) is not None)
+
+
+@contextmanager
+def model_for_generation(accelerator: Accelerator, model):
+    """The unwrapped model with whole parameters for the duration of the block."""
+    unwrapped = accelerator.unwrap_model(model)
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield unwrapped
+    elif fsdp_version(accelerator) == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, recurse=False, writeback=False):
+            yield unwrapped
+    else:
+        yield unwrapped

@@ -1,0 +1,50 @@
+"""Run by test_multiprocess.py under `accelerate launch` with two CPU processes (gloo).
+
+Writes, from the main process, what the test compares against a one-process run: the world size, the
+completions each process sampled for one shared prompt, the whole rollout batch gathered from both
+processes, the gradient of one update, and the reduced reward metric.
+"""
+
+import sys
+
+import torch
+from accelerate.utils import gather_object
+from helpers import make_trainer
+
+from rlhf.metrics import StepMetrics
+
+PAD = {"prompt_ids": (0, True), "prompt_mask": (0, True)}  # key: (pad value, pad on the left)
+
+
+def gathered(trainer, batch):
+    out = {}
+    for key, value in batch.items():
+        if value.dim() == 2:
+            pad, first = PAD.get(key, (0, False))
+            value = trainer.accelerator.pad_across_processes(value, dim=1, pad_index=pad, pad_first=first)
+        out[key] = trainer.accelerator.gather(value).cpu()
+    return out
+
+
+def main(out_dir: str) -> None:
+    same_prompt = make_trainer(out_dir + "/same", mini_batch_size=16, micro_batch_size=4)
+    same_prompt.train_dataset = same_prompt.train_dataset.map(lambda row: {"prompt": "5+5=", "answer": "10"})
+    _, texts = same_prompt.generate_rollout(0)
+    completions = gather_object([texts.completions])
+
+    trainer = make_trainer(out_dir + "/grad", mini_batch_size=16, micro_batch_size=4, kl_coef=0.1)
+    metrics = StepMetrics()
+    batch = trainer.make_rollout_batch(0, metrics)
+    reduced = metrics.reduce(trainer.accelerator)
+    trainer.model.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.accumulate_gradients(batch, StepMetrics())
+    grad = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()])
+    full = gathered(trainer, batch)
+    if trainer.accelerator.is_main_process:
+        torch.save({"world_size": trainer.accelerator.num_processes, "completions": completions, "batch": full,
+                    "grad": grad, "reward_mean": reduced["reward/mean"]}, out_dir + "/result.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

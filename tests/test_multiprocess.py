@@ -1,0 +1,73 @@
+"""Two CPU processes under `accelerate launch` (gloo) against one process on the same rollout batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from helpers import gradient, make_trainer, relative_error, varied_reward
+
+from rlhf.rollout import Batch
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_two_processes_match_one(tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
+               os.path.join(TESTS, "multiproc_worker.py"), str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert out["world_size"] == 2  # `accelerate launch --cpu` would silently have run one
+
+    # Same prompt on both processes, different samples: each process has its own seed.
+    first, second = out["completions"]
+    assert len(first) == len(second) == 8 and first != second
+
+    batch = Batch(out["batch"])
+    # Rewards and group advantages were computed over both processes: the reduced metric is the mean over
+    # all 16 completions, and each group of 4 (kept on one process) has advantages summing to 0.
+    trainer = make_trainer(tmp_path / "single", mini_batch_size=16, micro_batch_size=4, kl_coef=0.1)
+    lengths = batch["completion_mask"].sum(dim=1).tolist()
+    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch["completion_ids"].tolist(), lengths)],
+                                           skip_special_tokens=True)
+    assert abs(out["reward_mean"] - sum(varied_reward(None, texts)) / 16) < 1e-9
+    assert batch["advantages"].view(4, 4).sum(dim=1).abs().max() < 1e-5
+
+    # One update's gradient: two processes with global loss normalisation == one process on the same batch.
+    assert relative_error(out["grad"], gradient(trainer, batch)) < 1e-5
+
+
+def test_the_grpo_recipe_trains_and_saves_on_two_processes(tmp_path):
+    """The whole recipe on two processes: training, metrics from the main process only, then save_model
+    (a collective after training)."""
+    from rlhf.tiny import save_tiny
+
+    model_dir = save_tiny(str(tmp_path / "tiny"), hidden_size=32, num_layers=2, max_positions=64)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
+               os.path.join(ROOT, "recipes", "grpo.py"), "--config",
+               os.path.join(ROOT, "recipes", "configs", "demo_grpo.yaml"), "--model_name_or_path", model_dir,
+               "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
+               "--mini_batch_size", "none", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 2]  # written once, not once per process
+    assert (out / "model" / "model.safetensors").exists()
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["model", "optimizer.pt", "rng_state_0.pt", "rng_state_1.pt",
+                                                         "scheduler.pt", "trainer_state.json"]
