@@ -23,7 +23,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo rlhf-demo docs clean
+.PHONY: help install test test-slow test-gpu demo rlhf-demo bench docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
@@ -32,6 +32,7 @@ help:
 	@echo "make test-slow  the slow tests too;  make test-gpu: GPU tests (needs CUDA)"
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
+	@echo "make bench      our GRPO step against TRL's on the same model and data (DEVICE=cuda for the GPU case)"
 	@echo "make docs       regenerate the config tables in README.md"
 
 install: $(STAMP)
@@ -69,6 +70,10 @@ rlhf-demo: $(STAMP)
 	$(PY) -m reward_models.synthetic outputs/rlhf_chain
 	$(LAUNCH) recipes/train_reward_model.py --config recipes/configs/reward_model_synthetic.yaml
 	$(LAUNCH) recipes/ppo.py --config recipes/configs/ppo_synthetic_rm.yaml
+
+DEVICE ?= cpu
+bench: $(STAMP)
+	$(PY) bench/run.py --device $(DEVICE)
 
 docs: $(STAMP)
 	$(PY) -m rlhf.docs --write README.md

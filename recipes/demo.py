@@ -15,10 +15,22 @@ import json
 import os
 import time
 
-from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, ReinforceConfig, ReinforceTrainer
+from rlhf import (
+    GRPOConfig,
+    GRPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    ReinforceConfig,
+    ReinforceTrainer,
+)
 from rlhf.cli import PPOScriptArguments, parse_args
 from rlhf.plot import plot_metrics
-from rlhf.tasks.addition import correctness_reward, greedy_accuracy, make_splits, warm_start
+from rlhf.tasks.addition import (
+    correctness_reward,
+    greedy_accuracy,
+    make_splits,
+    warm_start,
+)
 from rlhf.tiny import char_tokenizer, tiny_model
 
 ALGORITHMS = {

@@ -11,6 +11,7 @@ import os
 
 from rlhf import GRPOConfig, GRPOTrainer
 from rlhf.cli import ScriptArguments, parse_args, trainer_inputs
+from rlhf.distributed import shutdown
 
 
 def main(argv=None):
@@ -18,6 +19,7 @@ def main(argv=None):
     trainer = GRPOTrainer(args=config, **trainer_inputs(script))
     trainer.train()
     trainer.save_model(os.path.join(config.output_dir, "model"))
+    shutdown(trainer.accelerator)
 
 
 if __name__ == "__main__":

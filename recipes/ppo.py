@@ -11,6 +11,7 @@ import os
 
 from rlhf import PPOConfig, PPOTrainer
 from rlhf.cli import PPOScriptArguments, parse_args, trainer_inputs
+from rlhf.distributed import shutdown
 
 
 def main(argv=None):
@@ -19,6 +20,7 @@ def main(argv=None):
     trainer.train()
     trainer.save_model(os.path.join(config.output_dir, "model"))
     trainer.save_critic(os.path.join(config.output_dir, "critic"))
+    shutdown(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ AutoModelForSequenceClassification.from_pretrained) and can be given to any trai
 `reward_funcs`.
 """
 
-from reward_models.trainer import RewardModelConfig, RewardModelScriptArguments, RewardModelTrainer
+from reward_models.trainer import (
+    RewardModelConfig,
+    RewardModelScriptArguments,
+    RewardModelTrainer,
+)
 from rlhf.cli import ConfigError, load_dataset_spec, parse_args
+from rlhf.distributed import shutdown
 
 
 def main(argv=None):
@@ -28,6 +33,7 @@ def main(argv=None):
         result = trainer.evaluate()
         trainer.accelerator.print(f"held-out pairwise accuracy {result['eval/accuracy']:.1%}, "
                                   f"mean margin {result['eval/margin_mean']:.3f}; model: {path}")
+    shutdown(trainer.accelerator)
 
 
 if __name__ == "__main__":

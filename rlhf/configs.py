@@ -51,6 +51,11 @@ class RLConfig:
     """Allow model code from the hub. Off unless you trust the repository."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    share_prompt_prefix: bool = True
+    """Run each prompt once for its num_generations completions in the scoring and training passes (its KV
+    cache is shared): the same results, less compute. Off automatically under FSDP, ZeRO-3 and gradient checkpointing."""
+    inference_batch_size: int | None = None
+    """Completions per forward of the no-grad passes (reference, old log-probs, values); None: 2 x micro_batch_size (no activations are kept)."""
     ref_model_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Dtype of the reference model's copy, e.g. bfloat16 to halve its memory (None: the actor's dtype)."""
     offload_reference: bool = False
@@ -77,6 +82,8 @@ class RLConfig:
     """Cut prompts longer than ``max_prompt_length`` from the left (keeping their end) with a warning."""
     max_new_tokens: int = 256
     """Longest completion in tokens; a completion that reaches it without an EOS is truncated."""
+    min_new_tokens: int = 0
+    """Suppress EOS before this many tokens. The sampled distribution then differs from the scored one at those positions (use for benchmarks)."""
     temperature: float = 1.0
     """Sampling temperature. Log-probs for the ratio and the KL are computed at the same temperature."""
     top_p: float = 1.0
@@ -172,6 +179,8 @@ class RLConfig:
         need(self.reward_timeout is None or self.reward_timeout > 0,
              f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit).")
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
+        need(0 <= self.min_new_tokens <= self.max_new_tokens,
+             f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}].")
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
         need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it).")
         need(0 <= self.clip_eps_low < 1, f"clip_eps_low={self.clip_eps_low} must be in [0, 1).")
@@ -185,6 +194,8 @@ class RLConfig:
              f"lr_scheduler_type={self.lr_scheduler_type!r} must be constant, linear or cosine.")
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max_grad_norm={self.max_grad_norm} must be > 0 (or None to disable clipping).")
+        need(self.inference_batch_size is None or self.inference_batch_size >= 1,
+             f"inference_batch_size={self.inference_batch_size} must be >= 1 (or None).")
         need(self.max_prompt_length is None or self.max_prompt_length >= 1,
              f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None).")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -6,6 +6,7 @@ Saved as a directory that ``from_pretrained`` on the backbone understands, plus
 
 import copy
 import os
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -13,11 +14,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
-from rlhf.models import sequence_inputs
+from rlhf.models import _cache_argument, predicting_outputs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 # Heads of sequence-classification reward models that can start the value head.
 _REWARD_HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+@dataclass
+class ValueOutput:
+    values: torch.Tensor  # [B, L]
+    cache: object = None
 
 
 class ValueModel(nn.Module):
@@ -36,10 +43,14 @@ class ValueModel(nn.Module):
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache: bool = False,
+                cache=None) -> "ValueOutput":
+        """Values [B, L] (fp32) at every position, and the backbone's KV cache when ``use_cache``."""
+        kwargs = {_cache_argument(self.backbone): cache} if cache is not None else {}
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=use_cache, **kwargs)
+        new_cache = getattr(outputs, "cache", None) if hasattr(outputs, "cache") else outputs.past_key_values
+        return ValueOutput(self.value_head(outputs.last_hidden_state).squeeze(-1).float(), new_cache)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
@@ -89,11 +100,12 @@ class ValueModel(nn.Module):
         save_file(head, os.path.join(path, VALUE_HEAD_FILE))
 
 
-def completion_values(critic: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+def completion_values(critic: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                      group_size: int = 1, prefix_model: nn.Module | None = None) -> torch.Tensor:
     """V of the prefix before each completion token, [B, T], aligned with ``completion_logprobs``: the
-    value of token t comes from the position that predicts it."""
-    values = critic(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask))
-    return values[:, -(completion_ids.shape[1] + 1) : -1]
+    value of token t comes from the position that predicts it (see ``predicting_outputs``)."""
+    return predicting_outputs(critic, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                              lambda outputs: outputs.values, group_size, prefix_model)
 
 
 def build_critic(value_model, actor: PreTrainedModel, dtype=torch.float32, trust_remote_code: bool = False):

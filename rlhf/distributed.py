@@ -53,3 +53,11 @@ def model_for_generation(accelerator: Accelerator, model):
             yield unwrapped
     else:
         yield unwrapped
+
+
+def shutdown(accelerator: Accelerator) -> None:
+    """End a distributed run cleanly: wait for every process, then destroy the process group. Without it a
+    process that finishes first can abort at exit (gloo) while another is still writing."""
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

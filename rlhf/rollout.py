@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from rlhf.models import (
+    _accepts_logits_to_keep,
+    _cache_argument,
+    _groups_share_prompts,
+    position_ids_from_mask,
+)
+
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, T], truncated [B]): mask is 1 up to and including the first EOS; a row without an EOS
@@ -31,6 +38,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    min_new_tokens: int = 0
 
 
 def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -40,7 +48,7 @@ def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -
     sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if params.do_sample else {}
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
-        min_new_tokens=0,
+        min_new_tokens=params.min_new_tokens,
         do_sample=params.do_sample,
         **sampling,
         min_p=None,
@@ -77,18 +85,30 @@ def sample_completions(
     eos_ids: list[int],
     pad_id: int,
     synced_gpus: bool = False,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate one completion per prompt row. Returns (completion_ids, completion_mask, truncated).
 
     Rows are left-padded prompts; ``generate`` derives position ids from ``prompt_mask``.
     ``synced_gpus`` keeps this process stepping until every process has finished (sharded models).
+    With ``group_size`` G, when each run of G rows repeats one prompt, the prompt (but its last token)
+    is prefilled once per group and the KV cache repeated G times before ``generate`` continues.
     """
     config = generation_config(params, eos_ids, pad_id)
     was_training = model.training
     model.eval()
+    kwargs = {}
+    if prompt_ids.shape[1] > 1 and _groups_share_prompts(prompt_ids, prompt_mask, group_size):
+        unique_ids, unique_mask = prompt_ids[::group_size, :-1], prompt_mask[::group_size, :-1]
+        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        prefill = model(input_ids=unique_ids, attention_mask=unique_mask, use_cache=True,
+                        position_ids=position_ids_from_mask(unique_mask), **keep)
+        cache = prefill.cache if getattr(prefill, "cache", None) is not None else prefill.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        kwargs[_cache_argument(model)] = cache
     with _only_our_generation_config(model):
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                   synced_gpus=synced_gpus)
+                                   synced_gpus=synced_gpus, **kwargs)
     model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
     mask, truncated = completion_mask(completion_ids, eos_ids)

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import gather_object
 from helpers import make_trainer
 
+from rlhf.distributed import shutdown
 from rlhf.metrics import StepMetrics
 
 PAD = {"prompt_ids": (0, True), "prompt_mask": (0, True)}  # key: (pad value, pad on the left)
@@ -44,6 +45,7 @@ def main(out_dir: str) -> None:
     if trainer.accelerator.is_main_process:
         torch.save({"world_size": trainer.accelerator.num_processes, "completions": completions, "batch": full,
                     "grad": grad, "reward_mean": reduced["reward/mean"]}, out_dir + "/result.pt")
+    shutdown(trainer.accelerator)
 
 
 if __name__ == "__main__":

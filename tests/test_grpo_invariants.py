@@ -101,9 +101,13 @@ def test_old_logprobs_match_the_policy_that_sampled(tmp_path):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_to_an_identical_reference_is_exactly_zero(tmp_path, estimator):
     trainer = make_trainer(tmp_path, kl_coef=0.1, kl_estimator=estimator, max_steps=1)
-    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert trainer.ref_model is not None
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in trainer.ref_model.parameters())
+    reference = [p.detach().clone() for p in trainer.ref_model.parameters()]
     metrics = trainer.training_step()
     assert metrics["kl"] == 0.0
+    assert all(p.grad is None and torch.equal(p, q) for p, q in zip(trainer.ref_model.parameters(), reference))
     # After an update the logged KL is the trained one, and k3 is positive.
     metrics = trainer.training_step()
     assert metrics["kl"] != 0.0 and (estimator == "k1" or metrics["kl"] > 0)

@@ -99,3 +99,35 @@ def test_disable_dropout_makes_train_mode_deterministic(arch):
 def test_eos_ids_union_of_model_and_tokenizer(llama, tokenizer):
     llama.generation_config.eos_token_id = [EOS_ID, 77]
     assert eos_token_ids(llama, tokenizer) == [EOS_ID, 77]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(arch):
+    """Each prompt run once for its group of completions (KV cache repeated) == every row run in full."""
+    from rlhf import ValueModel
+    from rlhf.critic import completion_values
+
+    group = 3
+    prompts = [p for p in PROMPTS for _ in range(group)]
+    completions = [[40 + i, 41, 42 + i % 3, 2][: 1 + i % 4] for i in range(len(prompts))]
+    batch = _padded_batch(prompts, completions)
+    results = {}
+    for size in (1, group):
+        model = tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=3).eval()  # GPT-2 has dropout
+        logprobs, entropy = completion_logprobs(model, *batch, temperature=0.8, with_entropy=True, group_size=size)
+        mask = batch[3].bool()
+        logprobs[mask].sum().backward()
+        critic = ValueModel.from_causal_lm(tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=3)).eval()
+        values = completion_values(critic, *batch, group_size=size)
+        results[size] = (logprobs[mask], entropy[mask], values[mask],
+                         torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    for full, shared in zip(results[1], results[group]):
+        torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_different_prompts_are_not_shared(llama):
+    batch = _padded_batch(PROMPTS, COMPLETIONS)  # three different prompts, "group size" 3
+    with torch.no_grad():
+        full, _ = completion_logprobs(llama, *batch)
+        guarded, _ = completion_logprobs(llama, *batch, group_size=3)
+    assert torch.equal(full, guarded)

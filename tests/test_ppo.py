@@ -85,9 +85,9 @@ def test_value_model_from_a_reward_model_keeps_its_head(tmp_path):
     critic = ValueModel.from_pretrained(str(tmp_path / "rm")).eval()
     ids = torch.tensor([[1, 20, 21, 22, 23]])
     with torch.no_grad():
-        assert torch.allclose(critic(ids)[0, -1], reward_model(input_ids=ids).logits[0, 0], atol=1e-5)
+        assert torch.allclose(critic(ids).values[0, -1], reward_model(input_ids=ids).logits[0, 0], atol=1e-5)
         from_object = make_trainer(tmp_path / "run", algo="ppo", trainer_kwargs={"value_model": reward_model}).critic
-        assert torch.allclose(from_object(ids)[0, -1], reward_model(input_ids=ids).logits[0, 0], atol=1e-5)
+        assert torch.allclose(from_object(ids).values[0, -1], reward_model(input_ids=ids).logits[0, 0], atol=1e-5)
 
 
 def test_critic_warmup_trains_only_the_critic(tmp_path):

@@ -1,5 +1,6 @@
 """Sampling and completion masks: EOS handling, truncation, and the distribution that is sampled."""
 
+import pytest
 import torch
 
 from rlhf.data import left_pad
@@ -114,3 +115,15 @@ def test_batch_trimming_drops_only_all_padding_columns():
     assert trimmed["completion_ids"].tolist() == [[8, 2, 0], [9, 9, 2]]
     assert trimmed["advantages"].tolist() == [1.0, 2.0]
     assert batch.rows(torch.tensor([1]))["completion_mask"].tolist() == [[1, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefilling_each_prompt_once_per_group_changes_no_completion(arch):
+    model = tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=5).eval()
+    ids, mask = left_pad([[1, 10, 11, 12, 13, 14, 15], [1, 16], [1, 17, 18, 19]], PAD_ID)
+    ids, mask = ids.repeat_interleave(3, dim=0), mask.repeat_interleave(3, dim=0)
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False)
+    plain = sample_completions(model, ids, mask, greedy, [EOS_ID], PAD_ID)
+    shared = sample_completions(model, ids, mask, greedy, [EOS_ID], PAD_ID, group_size=3)
+    for a, b in zip(plain, shared):
+        assert torch.equal(a, b)

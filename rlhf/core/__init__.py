@@ -15,7 +15,11 @@ from rlhf.core.advantages import (
     rloo_advantages,
     token_level_rewards,
 )
-from rlhf.core.logprobs import entropy_from_logits, token_logprobs
+from rlhf.core.logprobs import (
+    entropy_from_logits,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from rlhf.core.losses import (
     LOSS_AGG_MODES,
     aggregate_loss,
@@ -41,5 +45,6 @@ __all__ = [
     "rloo_advantages",
     "token_level_rewards",
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "value_loss",
 ]

@@ -51,3 +51,25 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int | None = None) -> 
         probs = torch.softmax(chunk, dim=-1)
         pieces.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(dim=-1))
     return torch.cat(pieces).view(logits.shape[:-1])
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, chunk_rows: int | None = None, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and ``entropy_from_logits`` in one pass over the logits (one upcast and one
+    logsumexp per chunk). H = -sum(p * log p) with log p = x - logsumexp(x), which keeps its precision
+    when the logits share a large offset. The entropy has a gradient only with ``entropy_grad``."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_tokens = tokens.reshape(-1, 1)
+    starts, rows = _row_chunks(flat_logits, chunk_rows)
+    logprob_pieces, entropy_pieces = [], []
+    for start in starts:
+        chunk = _upcast(flat_logits[start : start + rows])
+        normaliser = torch.logsumexp(chunk, dim=-1, keepdim=True)
+        logprob_pieces.append((chunk.gather(-1, flat_tokens[start : start + rows]) - normaliser).squeeze(-1))
+        with torch.enable_grad() if entropy_grad else torch.no_grad():
+            if not entropy_grad:
+                chunk, normaliser = chunk.detach(), normaliser.detach()
+            log_probs = chunk - normaliser
+            entropy_pieces.append(-(log_probs.exp() * log_probs).sum(dim=-1))
+    return torch.cat(logprob_pieces).view(tokens.shape), torch.cat(entropy_pieces).view(tokens.shape)

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from rlhf.configs import RLConfig
 from rlhf.core import aggregate_loss, kl_penalty, masked_mean, policy_loss
 from rlhf.data import PromptSampler, as_dataset
-from rlhf.distributed import make_accelerator
+from rlhf.distributed import fsdp_version, make_accelerator, zero_stage
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
 from rlhf.models import (
     apply_lora,
@@ -97,7 +97,8 @@ class RLTrainer(Experience, Checkpointing):
 
         self.model, self.optimizer = self.accelerator.prepare(actor, self.make_optimizer(actor, args.learning_rate))
         self.scheduler = self.make_scheduler(self.optimizer)
-        self.sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        self.sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                       min_new_tokens=args.min_new_tokens)
         self.step = 0
         self.consecutive_skips = 0
         if self.accelerator.is_main_process:
@@ -111,10 +112,15 @@ class RLTrainer(Experience, Checkpointing):
         to it and before Accelerate wraps it (``self.peft_config`` is set)."""
 
     def make_optimizer(self, model, learning_rate: float) -> torch.optim.Optimizer:
+        """AdamW, with PyTorch's fused kernel where it exists (CPU and CUDA; 5x faster on CPU here)."""
         args = self.args
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                 weight_decay=args.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        settings = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                        weight_decay=args.weight_decay)
+        try:
+            return torch.optim.AdamW(params, fused=True, **settings)
+        except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+            return torch.optim.AdamW(params, **settings)
 
     def make_scheduler(self, optimizer):
         """Warm-up then the configured decay, over every optimizer step of the run. Stepped by hand once
@@ -263,6 +269,7 @@ class RLTrainer(Experience, Checkpointing):
         logprobs, entropy = completion_logprobs(
             self.model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"], micro["completion_mask"],
             args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0,
+            group_size=self.prefix_group_size, prefix_model=self.unwrapped_model,
         )
         old_logprobs = logprobs.detach() if self.on_policy else micro["old_logprobs"]
         loss, stats = policy_loss(logprobs, old_logprobs, micro["advantages"], mask, args.clip_eps_low,
@@ -321,6 +328,7 @@ class RLTrainer(Experience, Checkpointing):
     def accumulate_gradients(self, mini: Batch, metrics: StepMetrics) -> None:
         """Forward and backward every micro-batch of ``mini``; gradients add up to the mini-batch's."""
         denominators = self.loss_denominators(mini)
+        mini = mini.rows(self.length_order(mini))  # similar lengths share a micro-batch: less padding
         size = self.args.local_micro_batch_size(self.accelerator.num_processes)
         starts = range(0, mini.size, size)
         self._micro_share = 1.0 / (len(starts) * self.accelerator.num_processes)
@@ -380,7 +388,7 @@ class RLTrainer(Experience, Checkpointing):
         generator = torch.Generator().manual_seed(self.args.seed * 7919 + self.step)
         metrics.add_sum("guard/skipped_updates", 0.0)
         for _ in range(self.args.num_epochs):
-            order = torch.randperm(batch.size, generator=generator).to(self.accelerator.device)
+            order = self._shuffled_rows(batch.size, generator).to(self.accelerator.device)
             for start in range(0, batch.size, local_mini):
                 mini = batch.rows(order[start:start + local_mini])
                 self.accumulate_gradients(mini, metrics)
@@ -390,6 +398,42 @@ class RLTrainer(Experience, Checkpointing):
                     self.skip_nonfinite_update(mini, metrics)
                 if self.should_stop_update(metrics):
                     return
+
+    def length_order(self, batch: Batch) -> torch.Tensor:
+        """Rows ordered by length, longest first (whole groups when prompts are shared). Micro-batches cut
+        from this order hold sequences of similar length, so trimming leaves little padding; the loss
+        is normalised over the whole mini-batch, so the order does not change the gradient."""
+        lengths = batch["prompt_mask"].sum(dim=1) + batch["completion_mask"].sum(dim=1)
+        group = self.prefix_group_size
+        if group == 1:
+            return torch.argsort(lengths, descending=True, stable=True)
+        groups = torch.argsort(lengths.view(-1, group).amax(dim=1), descending=True, stable=True)
+        return (groups.unsqueeze(1) * group + torch.arange(group, device=groups.device)).reshape(-1)
+
+    def _shuffled_rows(self, rows: int, generator: torch.Generator) -> torch.Tensor:
+        """A random order of the rows; whole groups move together when prompts are shared within them."""
+        group = self.prefix_group_size
+        if group == 1:
+            return torch.randperm(rows, generator=generator)
+        groups = torch.randperm(rows // group, generator=generator)
+        return (groups.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
+
+    @property
+    def prefix_group_size(self) -> int:
+        """G when each micro-batch holds whole groups whose prompt can be run once (share_prompt_prefix), else 1."""
+        args, accelerator = self.args, self.accelerator
+        group = args.num_generations
+        local_mini = args.effective_mini_batch_size // accelerator.num_processes
+        sharded = zero_stage(accelerator) == 3 or fsdp_version(accelerator) is not None
+        if (not args.share_prompt_prefix or group == 1 or args.gradient_checkpointing or sharded
+                or local_mini % group or args.local_micro_batch_size(accelerator.num_processes) % group
+                or self.inference_batch_size % group):
+            return 1
+        return group
+
+    @property
+    def inference_batch_size(self) -> int:
+        return self.args.inference_batch_size or 2 * self.args.local_micro_batch_size(self.accelerator.num_processes)
 
     def skip_nonfinite_update(self, mini: Batch, metrics: StepMetrics) -> None:
         """Count a skipped update; after ``max_nonfinite_updates`` in a row save the batch and stop."""

@@ -13,7 +13,12 @@ import torch
 from accelerate.utils import gather_object
 
 from rlhf.data import as_dataset, left_pad, render_prompts, tokenize_prompts
-from rlhf.distributed import model_for_generation, needs_synced_generation
+from rlhf.distributed import (
+    fsdp_version,
+    model_for_generation,
+    needs_synced_generation,
+    zero_stage,
+)
 from rlhf.metrics import StepMetrics
 from rlhf.models import completion_logprobs
 from rlhf.rewards import combine_rewards
@@ -72,11 +77,12 @@ class Experience:
         completions = [[{"role": "assistant", "content": t}] for t in texts] if is_chat else texts
         return completions, id_lists
 
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams):
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
+                 group_size: int = 1):
         """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast."""
         with model_for_generation(self.accelerator, self.model) as model, self.accelerator.autocast():
             return sample_completions(model, prompt_ids, prompt_mask, params, self.eos_ids, self.tokenizer.pad_token_id,
-                                      synced_gpus=needs_synced_generation(self.accelerator))
+                                      synced_gpus=needs_synced_generation(self.accelerator), group_size=group_size)
 
     def generate_rollout(self, step: int) -> tuple[Batch, RolloutTexts]:
         """This process's prompts for ``step``, each with ``num_generations`` sampled completions
@@ -86,7 +92,10 @@ class Experience:
         prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        completion_ids, completion_mask, truncated = self.generate(prompt_ids, prompt_mask, self.sampling)
+        sharded = zero_stage(self.accelerator) == 3 or fsdp_version(self.accelerator) is not None
+        prefill_group = group if self.args.share_prompt_prefix and not sharded else 1
+        completion_ids, completion_mask, truncated = self.generate(prompt_ids, prompt_mask, self.sampling,
+                                                                   group_size=prefill_group)
         completions, id_lists = self._decode(completion_ids, completion_mask, is_chat)
         repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
         texts = RolloutTexts(
@@ -140,13 +149,17 @@ class Experience:
 
     @torch.no_grad()
     def no_grad_pass(self, score, batch: Batch) -> torch.Tensor:
-        """``score(micro)`` -> [b, t] for every micro-batch of ``batch`` (trimmed), reassembled to [B, T]."""
+        """``score(micro)`` -> [b, t] for every micro-batch of ``batch`` (by length, trimmed), reassembled to
+        [B, T] in the batch's row order."""
+        order = self.length_order(batch)
+        ordered = batch.rows(order)
         pieces = []
-        size = self.args.micro_batch_size
+        size = self.inference_batch_size
         for start in range(0, batch.size, size):
-            pieces.append(score(batch.rows(slice(start, start + size)).trimmed()))
+            pieces.append(score(ordered.rows(slice(start, start + size)).trimmed()))
         width = batch["completion_ids"].shape[1]
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pieces])
+        scores = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pieces])
+        return scores[torch.argsort(order)]  # back to the batch's row order
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """Log-probs under the reference: the frozen copy (moved to the device for this pass when it is
@@ -166,9 +179,10 @@ class Experience:
 
     def _logprobs_no_grad(self, model, batch: Batch) -> torch.Tensor:
         """Log-probs [B, T] of every completion under ``model``."""
+        prefix_model = self.unwrapped_model if model is self.model else model
         return self.no_grad_pass(lambda micro: completion_logprobs(
             model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"], micro["completion_mask"],
-            self.args.temperature)[0], batch)
+            self.args.temperature, group_size=self.prefix_group_size, prefix_model=prefix_model)[0], batch)
 
     @property
     def on_policy(self) -> bool:

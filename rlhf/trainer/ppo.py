@@ -69,9 +69,11 @@ class PPOTrainer(TokenRewardTrainer):
     def compute_reference_logprobs(self, batch: Batch) -> None:
         super().compute_reference_logprobs(batch)
         self.critic.eval()
-        batch["old_values"] = self.no_grad_pass(lambda micro: completion_values(
-            self.critic, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"], micro["completion_mask"]),
-            batch)
+        batch["old_values"] = self.no_grad_pass(lambda micro: self._values(micro), batch)
+
+    def _values(self, micro: Batch) -> torch.Tensor:
+        return completion_values(self.critic, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"],
+                                 micro["completion_mask"], self.prefix_group_size, self.unwrapped_critic)
 
     def compute_advantages(self, batch: Batch, rewards: torch.Tensor, metrics) -> None:
         args = self.args
@@ -94,8 +96,7 @@ class PPOTrainer(TokenRewardTrainer):
     # ------------------------------------------------------------------ update
     def compute_loss(self, micro: Batch, denominators: dict, metrics) -> torch.Tensor:
         args = self.args
-        values = completion_values(self.critic, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"],
-                                   micro["completion_mask"])
+        values = self._values(micro)
         loss_v, stats = value_loss(values, micro["old_values"], micro["returns"], micro["loss_mask"],
                                    args.value_clip_eps, "token-mean", num_tokens=denominators["num_tokens"])
         self.record_loss(metrics, "loss/value", loss_v)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlhf.core import entropy_from_logits, token_logprobs
+from rlhf.core import entropy_from_logits, token_logprobs, token_logprobs_and_entropy
 
 B, L, V = 3, 5, 11  # 15 rows of logits
 CHUNKS = [None, 1, 3, 4, 100]  # default, one row, divides 15, does not divide 15, more than 15
@@ -159,3 +159,23 @@ def test_entropy_gradient():
         fn(x).sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 5])
+@pytest.mark.parametrize("offset", [0.0, -100.0])
+def test_fused_logprobs_and_entropy_match_the_separate_functions(chunk_rows, offset):
+    """One pass gives what token_logprobs and the full-softmax entropy give, gradients included."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 3 + offset).requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 7))
+    logprobs, entropy = token_logprobs_and_entropy(logits, tokens, chunk_rows=chunk_rows, entropy_grad=True)
+    reference = torch.log_softmax(logits.double(), -1)
+    expected_logprobs = reference.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected_entropy = -(reference.exp() * reference).sum(-1)
+    torch.testing.assert_close(logprobs.double(), expected_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), expected_entropy, atol=1e-5, rtol=0)
+    (grad,) = torch.autograd.grad((logprobs.sum() + entropy.sum()), logits)
+    (expected_grad,) = torch.autograd.grad((expected_logprobs.sum() + expected_entropy.sum()), logits)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0)
+    _, detached = token_logprobs_and_entropy(logits, tokens, chunk_rows=chunk_rows)
+    assert not detached.requires_grad and torch.allclose(detached, entropy.detach())

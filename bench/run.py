@@ -1,0 +1,199 @@
+"""Our GRPO step against TRL's GRPOTrainer, side by side, on the same weights, tokenizer, prompts,
+sampling settings and optimizer; completions have a fixed length (EOS suppressed), so both generate
+the same number of tokens. PPO is timed too (TRL has no PPO trainer: absolute numbers and phases).
+
+    make bench                     # CPU case: Llama-style hidden 256, 4 layers, 16 prompts x 4 x 64 tokens, fp32
+    make bench DEVICE=cuda         # GPU case: Qwen2.5-0.5B's shape (random init), bf16, 32 x 8 x 256 tokens
+    python bench/run.py --smoke    # the GPU case's settings at a tiny size, two steps, on the CPU (a test runs it)
+
+Prints a table (median seconds per step after warm-up, per phase for ours, tokens/s, peak memory,
+ours/TRL) with each phase against its floor (its FLOPs at the measured matmul rate; on a GPU,
+generation against the time to read the weights and KV cache once per decode step), and writes the
+numbers with the machine, the torch version and the exact settings to bench/results/.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SHAPES = {
+    "cpu": dict(arch=dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=4,
+                          vocab=None), prompts=16, generations=4, new_tokens=64, prompt_length=40, micro_batch=16,
+                dtype="float32", steps=12, warmup=2),
+    "cuda": dict(arch=dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+                           vocab=151936), prompts=32, generations=8, new_tokens=256, prompt_length=128, micro_batch=32,
+                 dtype="bfloat16", steps=8, warmup=2),
+    # The GPU case's code path (large vocabulary, bf16, grouped KV heads) at a size a CPU test can afford.
+    "smoke": dict(arch=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                            vocab=151936), prompts=4, generations=2, new_tokens=8, prompt_length=24, micro_batch=8,
+                  dtype="bfloat16", steps=2, warmup=1),
+}
+
+
+def build_model(directory: str, arch: dict) -> int:
+    """A randomly initialised Llama-style model and a tokenizer, saved to ``directory``; returns the
+    parameter count that matmuls touch (the tied embedding counts once, as the output projection)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.tiny import BOS_ID, EOS_ID, PAD_ID, char_tokenizer
+
+    tokenizer = char_tokenizer()
+    vocab = arch["vocab"] or len(tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=arch["hidden_size"], intermediate_size=arch["intermediate_size"],
+                         num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_heads"],
+                         num_key_value_heads=arch["num_kv_heads"], max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(0)
+    # With a vocabulary larger than the tokenizer's (the GPU case), sampled ids past it decode to nothing:
+    # the benchmark times the trainer, and its reward does not care.
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def matmul_rate(device: str, dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of square matmuls."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def memory_bandwidth(device: str) -> float | None:
+    """Measured bytes/s of a large device copy (read + write), GPU only."""
+    if device != "cuda":
+        return None
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (time.perf_counter() - start)
+
+
+def floors(shape: dict, params: int, rate: float, bandwidth: float | None) -> dict:
+    """Seconds each phase would take at the measured rates, for the least work the step needs: each prompt
+    run once (not once per completion), 2 FLOPs per parameter per token forward (6 with the backward),
+    plus attention; generation on a GPU: every decode step reads the weights and the KV cache once."""
+    arch = shape["arch"]
+    prompts, rows = shape["prompts"], shape["prompts"] * shape["generations"]
+    prompt, new = shape["prompt_length"], shape["new_tokens"]
+    layers, hidden = arch["num_layers"], arch["hidden_size"]
+    attention = lambda context: 4 * layers * hidden * context  # noqa: E731 - QK^T and AV per token
+    prompt_pass = prompts * prompt * (2 * params + attention(prompt / 2))
+    completion_pass = rows * sum(2 * params + attention(prompt + t) for t in range(new))
+    generate = prompt_pass + completion_pass
+    update = 3 * (prompt_pass + completion_pass)
+    out = {"generate": generate / rate, "update": update / rate}
+    if bandwidth:
+        bytes_per_param = 2 if shape["dtype"] == "bfloat16" else 4
+        kv = lambda context: 2 * layers * context * hidden * arch["num_kv_heads"] / arch["num_heads"]  # noqa: E731
+        read = sum(params * bytes_per_param + rows * kv(prompt + t) * bytes_per_param for t in range(new))
+        out["generate_bandwidth"] = read / bandwidth
+    return out
+
+
+def run_worker(which: str, spec: dict) -> dict:
+    command = [sys.executable, os.path.join(HERE, "workers.py"), which, json.dumps(spec)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{which} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(results: dict, floor: dict) -> str:
+    ours, trl = results["ours_grpo"], results.get("trl_grpo")
+    rows = ["| run | median s/step | tokens/s | peak memory (MB) |", "|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} |")
+    if trl:
+        rows.append(f"| **ours/TRL** | **{ours['median_step_s'] / trl['median_step_s']:.2f}** | | "
+                    f"**{ours['peak_memory_mb'] / trl['peak_memory_mb']:.2f}** |")
+    rows += ["", "| our GRPO phase | median s | floor s | x floor |", "|---|---|---|---|"]
+    for phase, seconds in ours["phases"].items():
+        bound = floor.get(phase)
+        rows.append(f"| {phase} | {seconds:.3f} | {bound:.3f} | {seconds / bound:.1f} |" if bound
+                    else f"| {phase} | {seconds:.3f} | | |")
+    if "generate_bandwidth" in floor:
+        rows.append(f"| generate vs bandwidth floor | {ours['phases']['generate']:.3f} | "
+                    f"{floor['generate_bandwidth']:.3f} | {ours['phases']['generate'] / floor['generate_bandwidth']:.1f} |")
+    if "ours_ppo" in results:
+        rows += ["", "| our PPO phase | median s |", "|---|---|"]
+        rows += [f"| {phase} | {s:.3f} |" for phase, s in results["ours_ppo"]["phases"].items()]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="the GPU case's settings at a tiny size, two steps, on the CPU")
+    parser.add_argument("--no-trl", action="store_true", help="time only our trainers")
+    parser.add_argument("--no-ppo", action="store_true", help="skip the PPO timing")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    case = "smoke" if args.smoke else args.device
+    shape = SHAPES[case]
+    device = "cpu" if args.smoke else args.device
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        params = build_model(model_dir, shape["arch"])
+        rate = matmul_rate(device, torch.bfloat16 if shape["dtype"] == "bfloat16" else torch.float32)
+        floor = floors(shape, params, rate, memory_bandwidth(device))
+        spec = {"model_dir": model_dir, "shape": shape, "steps": shape["steps"], "warmup": shape["warmup"],
+                "device": device}
+        results = {}
+        runs = [("ours_grpo", "ours", "grpo")]
+        if not args.no_trl:
+            runs.append(("trl_grpo", "trl", "grpo"))
+        if not args.no_ppo:
+            runs.append(("ours_ppo", "ours", "ppo"))
+        for name, which, algo in runs:
+            print(f"running {name} ...", flush=True)
+            results[name] = run_worker(which, {**spec, "algo": algo, "output_dir": os.path.join(tmp, name)})
+    report = table(results, floor)
+    print(report)
+    record = {
+        "case": case, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
+        "torch": torch.__version__, "shape": shape, "matched_settings": MATCHED, "matmul_flops_per_s": rate,
+        "parameters": params, "floors_s": floor, "results": results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{case}-{record['date'].replace(':', '')}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"\nwritten: {path}")
+
+
+MATCHED = ("same weights and tokenizer; same prompts; temperature 1, top_p 1, top_k off; completions of exactly "
+           "new_tokens (EOS suppressed by min_new_tokens in both); no KL / reference model; token-mean loss; one "
+           "optimizer step per generation batch (micro-batches of micro_batch); AdamW (PyTorch fused kernel), lr 1e-5 "
+           "constant, grad-norm clip 1.0; no gradient checkpointing; dropout off")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""One benchmark run in its own process (so that peak memory is its own): ours (GRPO or PPO) or TRL's
+GRPOTrainer, on the model directory and settings the driver (bench/run.py) gives.
+
+Prints one JSON line: seconds per step, per phase for ours, and peak memory.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from datasets import Dataset
+
+
+def prompts(n: int, length: int = 40) -> Dataset:
+    """Fixed prompts of ``length`` tokens (the character tokenizer: one per character, plus <bos>)."""
+    rows = []
+    for i in range(n):
+        text = f"Q{i:03d}: add {i * 7 % 97} and {i * 13 % 89}; answer = "
+        text = (text * (length // len(text) + 1))[-(length - 1):]
+        rows.append({"prompt": text})
+    return Dataset.from_list(rows)
+
+
+def length_reward(prompts, completions, **kwargs):
+    """A cheap reward (the benchmark measures the trainer, not the reward)."""
+    return [float(sum(ch.isdigit() for ch in c)) / max(1, len(c)) for c in completions]
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def summary(step_seconds: list[float], warmup: int, tokens_per_step: int, device: str, extra: dict) -> dict:
+    measured = step_seconds[warmup:]
+    median = statistics.median(measured)
+    return {"step_seconds": step_seconds, "median_step_s": median, "tokens_per_s": tokens_per_step / median,
+            "peak_memory_mb": peak_memory_mb(device), **extra}
+
+
+def run_ours(spec: dict) -> dict:
+    from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+
+    algo = spec["algo"]
+    config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer)}[algo]
+    shape = spec["shape"]
+    extra = {"kl_coef": 0.0} if algo == "grpo" else {"kl_coef": 0.05, "critic_learning_rate": 1e-5}
+    args = config_class(
+        output_dir=spec["output_dir"], seed=0, max_steps=spec["steps"], prompts_per_step=shape["prompts"],
+        num_generations=shape["generations"], max_new_tokens=shape["new_tokens"], min_new_tokens=shape["new_tokens"],
+        mini_batch_size=shape["prompts"] * shape["generations"], micro_batch_size=shape["micro_batch"],
+        max_prompt_length=None, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, max_grad_norm=1.0,
+        loss_agg="token-mean", dtype=shape["dtype"], disable_tqdm=True, **extra)
+    trainer = trainer_class(spec["model_dir"], [length_reward], args=args, train_dataset=prompts(64, shape["prompt_length"]))
+    steps, phases = [], []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        metrics = trainer.training_step()
+        if spec["device"] == "cuda":
+            torch.cuda.synchronize()
+        steps.append(time.perf_counter() - start)
+        phases.append({k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")})
+        trainer.step += 1
+    warmup = spec["warmup"]
+    per_phase = {name: statistics.median(p[name] for p in phases[warmup:]) for name in phases[-1]}
+    tokens = shape["prompts"] * shape["generations"] * shape["new_tokens"]
+    return summary(steps, warmup, tokens, spec["device"], {"phases": per_phase})
+
+
+def run_trl(spec: dict) -> dict:
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    shape = spec["shape"]
+    completions = shape["prompts"] * shape["generations"]
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not times:
+                times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    args = GRPOConfig(
+        output_dir=spec["output_dir"], seed=0, max_steps=spec["steps"], num_generations=shape["generations"],
+        per_device_train_batch_size=shape["micro_batch"],
+        gradient_accumulation_steps=completions // shape["micro_batch"],
+        max_completion_length=shape["new_tokens"], generation_kwargs={"min_new_tokens": shape["new_tokens"]},
+        temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0,
+        beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1, optim="adamw_torch_fused",
+        bf16=shape["dtype"] == "bfloat16", gradient_checkpointing=False, disable_dropout=True,
+        use_cpu=spec["device"] == "cpu", logging_steps=1000, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], padding_side="left")
+    model_kwargs = {"dtype": torch.bfloat16} if shape["dtype"] == "bfloat16" else {}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **model_kwargs)
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=prompts(64, shape["prompt_length"]),
+                          processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.train()
+    steps = [b - a for a, b in zip(times, times[1:])]
+    return summary(steps, spec["warmup"], completions * shape["new_tokens"], spec["device"], {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("which", choices=["ours", "trl"])
+    parser.add_argument("spec", help="JSON settings from the driver")
+    args = parser.parse_args()
+    spec = json.loads(args.spec)
+    torch.manual_seed(0)
+    result = run_ours(spec) if args.which == "ours" else run_trl(spec)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
