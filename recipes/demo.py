@@ -39,7 +39,7 @@ ALGORITHMS = {
     "reinforce": (ReinforceConfig, ReinforceTrainer),
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-ACCURACY = "eval/reward/correctness_reward/mean"
+ACCURACY = "eval/accuracy"  # correctness_reward is marked with rlhf.rewards.correctness
 
 
 def build_warm_start(path: str, train, validation, seed: int, target: float) -> dict:
@@ -106,7 +106,8 @@ def main():
     print(f"      after warm start: {before:6.1%}")
     print(f"      after {cli.algo.upper():<11} {after:6.1%}   ({summary['gain_points']:+.1f} points, "
           f"RL {summary['rl_seconds']} s, total {summary['total_seconds']} s)")
-    print(f"      metrics: {metrics_path}\n      curves:  {png}\n      model:   {config.output_dir}/model")
+    print(f"      metrics: {metrics_path}\n      curves:  {png}\n      report:  {config.output_dir}/report.html\n"
+          f"      model:   {config.output_dir}/model")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from reward_models.trainer import (
     RewardModelScriptArguments,
     RewardModelTrainer,
 )
-from rlhf.cli import ConfigError, load_dataset_spec, parse_args
+from rlhf.cli import ConfigError, parse_args
 from rlhf.distributed import shutdown
 
 
@@ -21,11 +21,8 @@ def main(argv=None):
     script, config = parse_args([RewardModelScriptArguments, RewardModelConfig], argv)
     if not script.model_name_or_path or not script.dataset_name:
         raise ConfigError("model_name_or_path and dataset_name must be set (--help lists every option).")
-    eval_dataset = None
-    if script.eval_dataset_name:
-        eval_dataset = load_dataset_spec(script.eval_dataset_name, script.eval_dataset_split)
-    trainer = RewardModelTrainer(script.model_name_or_path, config,
-                                 train_dataset=load_dataset_spec(script.dataset_name, script.dataset_split),
+    train_dataset, eval_dataset = script.load_datasets(require_prompt=False)
+    trainer = RewardModelTrainer(script.model_name_or_path, config, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset)
     trainer.train()
     path = trainer.save_model()

@@ -3,12 +3,15 @@
 Functions that need a setting are made by a ``make_*`` factory; the function it returns has the
 standard signature and a name that says its setting. Completions may be strings or chat messages
 (``[{"role": "assistant", "content": ...}]``); every rule reads the text of the last message.
-The examples in the docstrings run as tests.
+Answer-matching rules are marked with ``rlhf.rewards.correctness``, so evaluation reports
+``eval/accuracy`` and pass@k from them. The examples in the docstrings run as tests.
 """
 
 import math
 import re
 from collections.abc import Callable
+
+from rlhf.rewards import correctness
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -73,6 +76,7 @@ def _same_answer(found: str | float | None, expected) -> bool:
     return str(found).strip() == str(expected).strip()
 
 
+@correctness
 def numeric_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 when the last number of the completion equals the ``answer`` column numerically, else 0.0.
 
@@ -82,6 +86,7 @@ def numeric_answer_reward(prompts, completions, answer, **kwargs) -> list[float]
     return [float(_same_answer(last_number(completion_text(c)), a)) for c, a in zip(completions, answer)]
 
 
+@correctness
 def boxed_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 when the last ``\\boxed{}`` holds the answer (numerically, or as the same text), else 0.0.
 
@@ -91,6 +96,7 @@ def boxed_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [float(_same_answer(boxed(completion_text(c)), a)) for c, a in zip(completions, answer)]
 
 
+@correctness
 def exact_answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 when the completion, stripped of surrounding whitespace, is exactly the answer, else 0.0.
 
@@ -118,7 +124,7 @@ def make_regex_answer_reward(pattern: str, column: str = "answer") -> Callable:
         return scores
 
     regex_answer_reward.__name__ = f"regex_answer_reward[{pattern}]"
-    return regex_answer_reward
+    return correctness(regex_answer_reward)
 
 
 def make_format_reward(pattern: str, reward: float = 1.0) -> Callable:

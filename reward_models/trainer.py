@@ -19,6 +19,7 @@ from transformers import get_scheduler
 
 from reward_models.modeling import LastTokenScorer, encode, load_reward_model
 from rlhf.checkpoint import save_pretrained_model, staged_directory
+from rlhf.cli import DataArguments
 from rlhf.data import PromptSampler
 from rlhf.distributed import make_accelerator
 from rlhf.metrics import MetricsLogger, StepMetrics
@@ -78,19 +79,12 @@ class RewardModelConfig:
 
 
 @dataclass
-class RewardModelScriptArguments:
-    """What recipes/train_reward_model.py trains on."""
+class RewardModelScriptArguments(DataArguments):
+    """What recipes/train_reward_model.py trains on: preference pairs (``chosen`` / ``rejected``, optionally
+    ``prompt`` and ``margin``; map other column names with ``dataset_mapping``)."""
 
     model_name_or_path: str = ""
     """The base model: a sequence-classification checkpoint or a causal LM (it gets a new one-output head)."""
-    dataset_name: str = ""
-    """Preference pairs: a .jsonl/.json/.parquet/.csv file, a saved directory, a hub id, or module:function."""
-    dataset_split: str = "train"
-    """Split of a hub or file dataset."""
-    eval_dataset_name: str | None = None
-    """Held-out pairs, in any form dataset_name accepts."""
-    eval_dataset_split: str = "test"
-    """Split of the evaluation dataset."""
 
 
 def _check_pairs(dataset, name: str) -> None:

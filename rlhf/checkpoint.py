@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from contextlib import contextmanager
 
 import numpy as np
@@ -145,3 +146,20 @@ def read_state(checkpoint_dir: str) -> dict:
 def write_state(checkpoint_dir: str, state: dict) -> None:
     with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as f:
         json.dump(state, f, indent=2)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to a uniquely named temporary file next to ``path``, flushed to disk, then rename it over
+    ``path``: readers see the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -20,22 +20,67 @@ from rlhf.configs import field_docs
 
 
 @dataclass
-class ScriptArguments:
-    """What a recipe trains on: the model, the data and the reward functions."""
+class DataArguments:
+    """Where a recipe's data comes from and how its columns map to what the trainer reads."""
+
+    dataset_name: str = ""
+    """Training data: a hub id, a local directory (saved with save_to_disk, or holding data files), a
+    .jsonl/.json/.parquet/.csv file, or "package.module:function" returning a datasets.Dataset."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset, e.g. "main" for openai/gsm8k (used for the eval dataset too)."""
+    dataset_split: str = "train"
+    """Split to use when the dataset is a hub id or a directory."""
+    eval_dataset_name: str | None = None
+    """Evaluation data, in any form ``dataset_name`` accepts (None: no evaluation)."""
+    eval_dataset_split: str = "test"
+    """Split to use for the evaluation dataset."""
+    dataset_mapping: dict[str, str] = field(default_factory=dict)
+    """Columns to create, as {target: "source"} or {target: "source|transform"}; transforms: gsm8k_answer (the
+    number after ####), boxed, last_number, strip, or a module:function. E.g. {prompt: question,
+    answer: "answer|gsm8k_answer"}. Other columns are kept as they are."""
+    max_train_samples: int | None = None
+    """Use only the first N training rows (None: all)."""
+    max_eval_samples: int | None = None
+    """Use only the first N evaluation rows (None: all)."""
+
+    def load_datasets(self, **prompt_options):
+        """(train, eval or None), loaded and mapped; ``prompt_options`` go to ``prepare_dataset``."""
+        train = self._load(self.dataset_name, self.dataset_split, self.max_train_samples, "train_dataset",
+                           prompt_options)
+        return train, (self.load_eval_dataset(**prompt_options) if self.eval_dataset_name else None)
+
+    def load_eval_dataset(self, **prompt_options):
+        """The evaluation dataset, loaded and mapped."""
+        return self._load(self.eval_dataset_name, self.eval_dataset_split, self.max_eval_samples, "eval_dataset",
+                          prompt_options)
+
+    def _load(self, spec: str, split: str, max_samples: int | None, name: str, prompt_options: dict):
+        from rlhf.dataset_adapters import load_dataset_spec, prepare_dataset
+
+        return prepare_dataset(load_dataset_spec(spec, split, self.dataset_config), self.dataset_mapping,
+                               max_samples=max_samples, name=name, **prompt_options)
+
+
+@dataclass
+class ScriptArguments(DataArguments):
+    """What a recipe trains on: the model, the data, the prompt format and the reward functions."""
 
     model_name_or_path: str = ""
     """The actor: a local directory or a hub id."""
-    dataset_name: str = ""
-    """Training prompts: a .jsonl/.json/.parquet/.csv file, a directory saved with save_to_disk, a hub id,
-    or "package.module:function" returning a datasets.Dataset."""
-    dataset_split: str = "train"
-    """Split to use when the dataset is a hub id or a file."""
-    eval_dataset_name: str | None = None
-    """Evaluation prompts, in any form ``dataset_name`` accepts (None: no evaluation)."""
-    eval_dataset_split: str = "test"
-    """Split to use for the evaluation dataset."""
-    reward_funcs: list[str] = field(default_factory=list)
-    """Reward functions as "package.module:function" import paths, and reward models as directories."""
+    prompt_template: str | None = None
+    """A format string applied to every prompt after the mapping, over the row's columns, e.g.
+    "{prompt}\\nPut the final answer after ####." (None: prompts as they are)."""
+    conversational: bool = False
+    """Turn each prompt into chat messages (system_prompt, then the prompt as the user turn), so the tokenizer's
+    chat template formats it, as instruct models expect."""
+    system_prompt: str | None = None
+    """A system message put before every prompt (needs conversational: true)."""
+    chat_template: str | None = None
+    """A Jinja chat template, or a file holding one, for a tokenizer that lacks one (None: the tokenizer's own)."""
+    reward_funcs: list[str | dict] = field(default_factory=list)
+    """Reward functions as "package.module:function" import paths, reward models as directories, and (in YAML)
+    made by a factory: {factory: reward_models.rules:make_soft_overlong_penalty, kwargs: {max_new_tokens: 512,
+    buffer: 128}}."""
     use_peft: bool = False
     """Train a LoRA adapter instead of the whole actor (the reference is then the base model, for free)."""
     lora_r: int = 16
@@ -73,7 +118,12 @@ def convert(value, annotation, name: str):
     """``value`` (a YAML value, or a string or list of strings from the command line) as ``annotation``."""
     inner, optional = _unwrap_optional(annotation)
     origin = typing.get_origin(inner)
-    if isinstance(value, list) and origin is not list:
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):  # e.g. str | dict: keep a value of either type
+        arms = typing.get_args(inner)
+        if dict in arms and isinstance(value, dict):
+            return value
+        return convert(value, next(a for a in arms if a is not dict), name)
+    if isinstance(value, list) and origin not in (list, dict):
         if len(value) != 1:
             raise ConfigError(f"{name} takes one value, got {value}.")
         value = value[0]
@@ -81,9 +131,16 @@ def convert(value, annotation, name: str):
         if optional:
             return None
         raise ConfigError(f"{name} cannot be None.")
+    if origin is dict:
+        return _convert_mapping(value, inner, name)
     if origin is list:
         (item_type,) = typing.get_args(inner) or (str,)
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        items = value if isinstance(value, list) else [value]
+        if item_type is not str:  # numbers may come comma-separated: --eval_pass_k 1,8
+            items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])
+                     if part != ""]
+        elif not isinstance(value, list):
+            items = [v for v in str(value).split(",") if v]
         return [convert(v, item_type, f"{name}[{i}]") for i, v in enumerate(items)]
     if origin is typing.Literal:
         choices = typing.get_args(inner)
@@ -116,6 +173,19 @@ def convert(value, annotation, name: str):
     return value
 
 
+def _convert_mapping(value, annotation, name: str) -> dict:
+    """A YAML mapping, or ``key=value`` strings from the command line, as a dict of the annotated types."""
+    key_type, value_type = typing.get_args(annotation) or (str, str)
+    if not isinstance(value, dict):
+        items = value if isinstance(value, list) else [value]
+        pairs = [str(item).partition("=") for item in items]
+        if any(not sep or not key for key, sep, _ in pairs):
+            raise ConfigError(f"{name} takes key=value pairs on the command line (e.g. --{name} prompt=question), "
+                              f"or a mapping in YAML; got {value!r}.")
+        value = {key: v for key, _, v in pairs}
+    return {convert(k, key_type, f"{name} key"): convert(v, value_type, f"{name}[{k!r}]") for k, v in value.items()}
+
+
 def _argv_to_pairs(argv: list[str]) -> tuple[str | None, list[tuple[str, list[str]]]]:
     """Split ``--key v1 v2 --flag --k=v`` into (config path, [(key, values)])."""
     config_path, pairs, i = None, [], 0
@@ -146,8 +216,9 @@ def help_text(classes) -> str:
     return "\n".join(lines)
 
 
-def parse_args(classes: list[type], argv: list[str] | None = None) -> list:
-    """Instances of ``classes`` from ``--config`` YAML plus command-line overrides."""
+def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) -> list:
+    """Instances of ``classes`` from ``--config`` YAML plus command-line overrides. Keys in ``ignore`` that no
+    class owns are accepted and dropped (e.g. training-only fields when a script reads a training config)."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(help_text(classes))
@@ -165,6 +236,8 @@ def parse_args(classes: list[type], argv: list[str] | None = None) -> list:
     owners = {f.name: (cls, f) for cls in classes for f in dataclasses.fields(cls)}
     kwargs: dict[type, dict] = {cls: {} for cls in classes}
     for key, (value, source) in values.items():
+        if key not in owners and key in ignore:
+            continue
         if key not in owners:
             close = difflib.get_close_matches(key, owners, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -188,14 +261,14 @@ def import_object(path: str):
 
 
 def trainer_inputs(script: ScriptArguments) -> dict:
-    """The trainer arguments a recipe's ScriptArguments name: model, reward functions and datasets."""
+    """The trainer arguments a recipe's ScriptArguments name: model, tokenizer, reward functions and datasets."""
     missing = [name for name in ("model_name_or_path", "dataset_name", "reward_funcs") if not getattr(script, name)]
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set, in the --config YAML or on the command line "
                           "(--help lists every option).")
-    eval_dataset = None
-    if script.eval_dataset_name:
-        eval_dataset = load_dataset_spec(script.eval_dataset_name, script.eval_dataset_split)
+    train_dataset, eval_dataset = script.load_datasets(prompt_template=script.prompt_template,
+                                                       system_prompt=script.system_prompt,
+                                                       conversational=script.conversational)
     peft_config = None
     if script.use_peft:
         from peft import LoraConfig
@@ -207,22 +280,58 @@ def trainer_inputs(script: ScriptArguments) -> dict:
     return {
         "peft_config": peft_config,
         "model": script.model_name_or_path,
-        "reward_funcs": [path if os.path.isdir(path) else import_object(path) for path in script.reward_funcs],
-        "train_dataset": load_dataset_spec(script.dataset_name, script.dataset_split),
+        "processing_class": recipe_tokenizer(script),
+        "reward_funcs": reward_functions_from_specs(script.reward_funcs),
+        "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
     }
 
 
-def load_dataset_spec(spec: str, split: str = "train"):
-    """A datasets.Dataset from a file, a saved directory, a hub id, or ``module:function``."""
-    import datasets
+def reward_functions_from_specs(specs: list) -> list:
+    """Reward models for directories, imported functions for ``module:function`` paths, and the result of
+    ``factory(**kwargs)`` for ``{factory: module:function, kwargs: {...}}``."""
+    functions = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"factory", "kwargs"}
+            if "factory" not in spec or unknown:
+                raise ConfigError(f"reward_funcs[{i}]={spec!r}: a mapping entry has the keys 'factory' (a "
+                                  "module:function that returns a reward function) and optionally 'kwargs'.")
+            try:
+                functions.append(import_object(spec["factory"])(**(spec.get("kwargs") or {})))
+            except TypeError as error:
+                raise ConfigError(f"reward_funcs[{i}]: {spec['factory']} does not take kwargs "
+                                  f"{spec.get('kwargs')}: {error}") from None
+        else:
+            functions.append(spec if os.path.isdir(spec) else import_object(spec))
+    return functions
 
-    if ":" in spec and not os.path.exists(spec):
-        return import_object(spec)()
-    extension = os.path.splitext(spec)[1].lower()
-    formats = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    if os.path.isfile(spec) and extension in formats:
-        return datasets.load_dataset(formats[extension], data_files=spec, split="train")
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")):
-        return datasets.load_from_disk(spec)
-    return datasets.load_dataset(spec, split=split)
+
+def recipe_tokenizer(script: ScriptArguments):
+    """The model's tokenizer with ``chat_template`` set on it, or None (the trainer loads the saved one)."""
+    if not script.chat_template:
+        return None
+    from rlhf.models import load_tokenizer
+
+    template = script.chat_template
+    if os.path.isfile(template):
+        with open(template) as f:
+            template = f.read()
+    tokenizer = load_tokenizer(model_source(script.model_name_or_path))
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def model_source(path: str) -> str:
+    """Where a model's weights and tokenizer live: a checkpoint directory's ``model`` subdirectory, else ``path``."""
+    inner = os.path.join(path, "model")
+    if os.path.isfile(os.path.join(path, "trainer_state.json")) and os.path.isdir(inner):
+        return inner
+    return path
+
+
+def load_dataset_spec(spec: str, split: str = "train", config_name: str | None = None):
+    """See :func:`rlhf.dataset_adapters.load_dataset_spec`."""
+    from rlhf.dataset_adapters import load_dataset_spec as load
+
+    return load(spec, split, config_name)

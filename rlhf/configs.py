@@ -40,9 +40,26 @@ class RLConfig:
     """Name of the run in trackers (default: the basename of ``output_dir``)."""
     disable_tqdm: bool = False
     """Turn the progress bar off."""
+    write_report: bool = True
+    """At the end of training write ``output_dir/report.html``: curves of reward, eval accuracy, KL, entropy, length
+    and clip fraction, and sample completions (``python -m rlhf.report <output_dir>`` writes it on demand)."""
     eval_steps: int = 0
-    """Evaluate on ``eval_dataset`` (greedy completions, scored by the reward functions) before training and
-    every this many steps (0: never)."""
+    """Evaluate on ``eval_dataset`` (greedy completions, scored by the reward functions) before training,
+    every this many steps and at the end (0: never)."""
+    eval_num_generations: int = 0
+    """Sampled completions per eval prompt (at the training temperature / top_p / top_k), besides the greedy one;
+    with a correctness reward they give eval/pass@k (0: greedy only)."""
+    eval_pass_k: list[int] | None = None
+    """The k of the pass@k metrics, each <= eval_num_generations (None: 1 and eval_num_generations)."""
+    eval_batch_size: int = 64
+    """Completions per generate call during evaluation."""
+    eval_log_samples: int = 8
+    """Greedy eval completions written, with their rewards, to ``output_dir/samples-<step>.jsonl`` (0: none)."""
+    accuracy_reward: str | None = None
+    """Name of the reward function that says whether a completion is correct, for eval/accuracy and pass@k (None:
+    the first one marked with rlhf.rewards.correctness, e.g. the answer rules of reward_models.rules)."""
+    accuracy_threshold: float = 1.0
+    """A completion is correct when the accuracy reward is at least this."""
 
     # --- model -----------------------------------------------------------------------------
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -175,6 +192,14 @@ class RLConfig:
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
         need(self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables checkpoints).")
         need(self.eval_steps >= 0, f"eval_steps={self.eval_steps} must be >= 0 (0 disables evaluation).")
+        need(self.eval_num_generations >= 0,
+             f"eval_num_generations={self.eval_num_generations} must be >= 0 (0: greedy evaluation only).")
+        need(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1.")
+        need(self.eval_log_samples >= 0, f"eval_log_samples={self.eval_log_samples} must be >= 0.")
+        need(self.eval_pass_k is None or (self.eval_num_generations > 0 and all(
+             1 <= k <= self.eval_num_generations for k in self.eval_pass_k)),
+             f"eval_pass_k={self.eval_pass_k}: each k must be in [1, eval_num_generations={self.eval_num_generations}]; "
+             "raise eval_num_generations or drop the larger k.")
         need(self.max_nonfinite_updates >= 1, f"max_nonfinite_updates={self.max_nonfinite_updates} must be >= 1.")
         need(self.reward_timeout is None or self.reward_timeout > 0,
              f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit).")

@@ -36,6 +36,11 @@ def config_tables() -> str:
                  else "**PPOConfig and ReinforceConfig** share (`TokenRewardConfig`)")
         parts += ["", f"{title}:", "", markdown_table(cls, only=own)]
     from reward_models.trainer import RewardModelConfig
+    from rlhf.cli import PPOScriptArguments, ScriptArguments
+
+    parts += ["", "**Recipe arguments** (`ScriptArguments` of `recipes/grpo.py`, `ppo.py`, `reinforce.py`, "
+              "`evaluate.py`; `ppo.py` adds `value_model_name_or_path`):", "", markdown_table(ScriptArguments),
+              "", markdown_table(PPOScriptArguments, only=["value_model_name_or_path"])]
 
     parts += ["", "**RewardModelConfig** (`recipes/train_reward_model.py`, `reward_models.trainer`):", "",
               markdown_table(RewardModelConfig)]

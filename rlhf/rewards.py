@@ -77,6 +77,24 @@ def call_with_timeout(fn: Callable, timeout: float | None):
     return outcome["value"]
 
 
+def correctness(fn: Callable) -> Callable:
+    """Mark ``fn`` as a correctness reward (a completion is correct when it scores >= ``accuracy_threshold``,
+    1.0 by default). Evaluation then reports ``eval/accuracy`` and ``eval/pass@k`` from it. Returns ``fn``.
+
+    >>> @correctness
+    ... def right(prompts, completions, answer, **kwargs):
+    ...     return [float(c == a) for c, a in zip(completions, answer)]
+    >>> right.correctness
+    True
+    """
+    fn.correctness = True
+    return fn
+
+
+def is_correctness(fn: Callable) -> bool:
+    return getattr(fn, "correctness", False) is True
+
+
 class RewardFunction:
     """A callable reward with a name, validated on every call; ``timeout`` (seconds) bounds one call."""
 

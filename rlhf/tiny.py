@@ -15,6 +15,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -44,6 +46,13 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# arch -> (config class, model class, key/value heads for a number of attention heads): Qwen2 groups its heads.
+ROPE_DECODERS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, lambda heads: heads),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, lambda heads: max(1, heads // 2)),
+}
+
+
 def tiny_model(
     arch: str = "llama",
     vocab_size: int = len(SPECIAL_TOKENS) + len(ALPHABET),
@@ -54,21 +63,23 @@ def tiny_model(
     seed: int = 0,
     **overrides,
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM: ``llama`` (RoPE) or ``gpt2`` (absolute positions)."""
+    """A randomly initialised causal LM: ``llama`` (RoPE), ``qwen2`` (RoPE, biased q/k/v projections, as
+    Qwen2.5) or ``gpt2`` (absolute positions)."""
     torch.manual_seed(seed)
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    if arch == "llama":
-        config = LlamaConfig(
+    if arch in ROPE_DECODERS:
+        config_class, model_class, kv_heads = ROPE_DECODERS[arch]
+        config = config_class(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
+            num_key_value_heads=kv_heads(num_heads),
             max_position_embeddings=max_positions,
             **{"tie_word_embeddings": True, **ids, **overrides},
         )
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size,
@@ -80,7 +91,7 @@ def tiny_model(
         )
         model = GPT2LMHeadModel(config)
     else:
-        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
+        raise ValueError(f"arch must be 'llama', 'qwen2' or 'gpt2', got {arch!r}")
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     return model

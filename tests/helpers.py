@@ -28,7 +28,7 @@ def make_trainer(tmp_path, model=None, tokenizer=None, reward=varied_reward, alg
                  **overrides):
     """A tiny trainer: 4 prompts x 4 completions of at most 6 tokens, one micro-batch."""
     settings = dict(output_dir=str(tmp_path), max_steps=2, prompts_per_step=4, num_generations=4, max_new_tokens=6,
-                    micro_batch_size=16, learning_rate=1e-3, disable_tqdm=True, seed=0)
+                    micro_batch_size=16, learning_rate=1e-3, disable_tqdm=True, seed=0, write_report=False)
     settings.update(overrides)
     model = model if model is not None else tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=0)
     config_class, trainer_class = ALGORITHMS[algo]

@@ -75,3 +75,31 @@ def test_micro_batch_is_capped_at_the_per_process_mini_batch():
     config = GRPOConfig(prompts_per_step=32, num_generations=8, mini_batch_size=64, micro_batch_size=64)
     config.validate(num_processes=2)  # the same config on two processes: micro-batches of 32
     assert config.local_micro_batch_size(1) == 64 and config.local_micro_batch_size(2) == 32
+
+
+def test_number_lists_from_yaml_and_comma_separated_flags(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("reward_weights: [1.0, 0.0]\n")
+    _, parsed = parse_args([ScriptArguments, GRPOConfig], ["--config", str(config)])
+    assert parsed.reward_weights == [1.0, 0.0]  # a zero weight is a weight, not an empty item
+    _, parsed = parse_args([ScriptArguments, GRPOConfig], ["--reward_weights", "1,0", "--eval_pass_k", "1", "8"])
+    assert parsed.reward_weights == [1.0, 0.0] and parsed.eval_pass_k == [1, 8]
+
+
+def test_reward_functions_from_a_factory_in_yaml(tmp_path):
+    from rlhf.cli import reward_functions_from_specs
+
+    config = tmp_path / "c.yaml"
+    config.write_text("reward_funcs:\n  - reward_models.rules:numeric_answer_reward\n"
+                      "  - factory: reward_models.rules:make_soft_overlong_penalty\n"
+                      "    kwargs: {max_new_tokens: 10, buffer: 4}\n")
+    script, _ = parse_args([ScriptArguments, GRPOConfig], ["--config", str(config)])
+    exact, overlong = reward_functions_from_specs(script.reward_funcs)
+    assert exact.__name__ == "numeric_answer_reward"
+    # DAPO's soft penalty: 0 up to max_new_tokens - buffer, then linear down to -1 at max_new_tokens.
+    assert overlong(None, ["a"] * 3, completion_ids=[[0] * 6, [0] * 8, [0] * 10]) == [0.0, -0.5, -1.0]
+    with pytest.raises(ConfigError, match=r"reward_funcs\[0\].*'factory'"):
+        reward_functions_from_specs([{"function": "reward_models.rules:make_soft_overlong_penalty"}])
+    with pytest.raises(ConfigError, match=r"does not take kwargs"):
+        reward_functions_from_specs([{"factory": "reward_models.rules:make_soft_overlong_penalty",
+                                      "kwargs": {"length": 3}}])

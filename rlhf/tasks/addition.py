@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from rlhf.data import left_pad
+from rlhf.rewards import correctness
 from rlhf.rollout import SamplingParams, sample_completions
 
 
@@ -37,6 +38,7 @@ def eval_split() -> Dataset:
     return make_splits()[1]
 
 
+@correctness
 def correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 if the completion (whitespace stripped) is exactly the answer, else 0.0.
 

@@ -30,7 +30,6 @@ from rlhf.models import (
     load_tokenizer,
     resolve_dtype,
 )
-from rlhf.rewards import RewardFunction
 from rlhf.rollout import Batch, SamplingParams
 from rlhf.trainer.checkpointing import Checkpointing
 from rlhf.trainer.experience import Experience
@@ -83,6 +82,7 @@ class RLTrainer(Experience, Checkpointing):
 
         self.reward_functions = self._build_reward_functions(reward_funcs, reward_processing_classes)
         self.reward_weights = self._check_reward_weights(args.reward_weights)
+        self.accuracy_function_index()  # an unknown accuracy_reward name fails here, not at the first evaluation
         self.train_dataset = as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self._check_reward_columns(self.train_dataset)
@@ -130,46 +130,6 @@ class RLTrainer(Experience, Checkpointing):
                              optimizer, num_warmup_steps=args.warmup_steps,
                              num_training_steps=args.max_steps * args.optimizer_steps_per_step)
 
-    def _build_reward_functions(self, reward_funcs, tokenizers=None) -> list[RewardFunction]:
-        """Callables are used as they are; a path or a model object is a reward model, scored with its own
-        tokenizer (``reward_processing_classes[i]``, else the one saved with it)."""
-        from reward_models.scoring import RewardModelFunction
-
-        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not funcs:
-            raise ValueError("reward_funcs is empty; give at least one reward function or reward model.")
-        tokenizers = list(tokenizers) if tokenizers is not None else [None] * len(funcs)
-        if len(tokenizers) != len(funcs):
-            raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries for {len(funcs)} reward_funcs.")
-        args = self.args
-        built = []
-        for func, tokenizer in zip(funcs, tokenizers):
-            if isinstance(func, (str, torch.nn.Module)):
-                func = RewardModelFunction(func, tokenizer, self.accelerator.device, args.reward_model_batch_size,
-                                           normalize=args.normalize_reward_model_scores, dtype=args.dtype,
-                                           trust_remote_code=args.trust_remote_code)
-            built.append(RewardFunction(func, timeout=args.reward_timeout))
-        return built
-
-    def _check_reward_weights(self, weights) -> list[float]:
-        if weights is None:
-            return [1.0] * len(self.reward_functions)
-        if len(weights) != len(self.reward_functions):
-            raise ValueError(
-                f"reward_weights has {len(weights)} entries but there are {len(self.reward_functions)} reward "
-                f"functions ({[f.name for f in self.reward_functions]}); give one weight per function."
-            )
-        return [float(w) for w in weights]
-
-    def _check_reward_columns(self, dataset) -> None:
-        for func in self.reward_functions:
-            missing = func.required_columns() - set(dataset.column_names)
-            if missing:
-                raise ValueError(
-                    f"reward function {func.name!r} needs the dataset column(s) {sorted(missing)}, which the dataset "
-                    f"lacks (columns: {dataset.column_names}); add them or give those parameters a default."
-                )
-
     def _check_sequence_length(self, actor) -> None:
         longest = self.args.max_new_tokens + (self.args.max_prompt_length or 0)
         positions = getattr(actor.config.get_text_config(), "max_position_embeddings", None)
@@ -212,10 +172,23 @@ class RLTrainer(Experience, Checkpointing):
                 self.save_checkpoint()
             metrics_logger.advance()
         metrics_logger.close()
+        if args.write_report and self.accelerator.is_main_process:
+            self._write_report()
         # Not accelerator.end_training(): it would also destroy the process group that save_model still needs.
         for tracker in self.accelerator.trackers:
             tracker.finish()
         return records
+
+    def _write_report(self) -> None:
+        """output_dir/report.html. A failure here is logged, never raised: the run itself has succeeded, and
+        the model still has to be saved."""
+        from rlhf.report import write_report
+
+        try:
+            self.accelerator.print(f"Report: {write_report(self.args.output_dir)}")
+        except Exception as error:  # noqa: BLE001 - a broken plot must not cost the trained model
+            logger.warning("Could not write the report (%s: %s); python -m rlhf.report %s retries.",
+                           type(error).__name__, error, self.args.output_dir)
 
     def training_step(self) -> dict[str, float]:
         """One rollout batch, start to finish. Returns global metrics (identical on every process)."""

@@ -6,7 +6,10 @@ the whole rollout batch's rewards (group and batch statistics are then exact), a
 takes a process's slice back out.
 """
 
+import json
 import logging
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +24,44 @@ from rlhf.distributed import (
 )
 from rlhf.metrics import StepMetrics
 from rlhf.models import completion_logprobs
-from rlhf.rewards import combine_rewards
+from rlhf.rewards import RewardFunction, combine_rewards, is_correctness
 from rlhf.rollout import Batch, SamplingParams, sample_completions
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRollouts:
+    """Evaluation completions of every process, rows grouped by prompt."""
+
+    scores: torch.Tensor  # [N, F] float64, NaN where a function returned None
+    lengths: torch.Tensor  # [N]
+    truncated: torch.Tensor  # [N] bool
+    samples: list[dict]
+
+
+def pass_at_k(num_correct: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Unbiased pass@k per prompt from ``num_correct`` correct of ``n`` samples (Chen et al., 2021):
+    1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i), computed as the product for stability."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}.")
+    out = []
+    for c in num_correct.tolist():
+        c = int(c)
+        if n - c < k:
+            out.append(1.0)
+        else:
+            out.append(1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def write_samples(path: str, step: int, samples: list[dict], names: list[str]) -> None:
+    """One JSON line per sample: step, prompt, completion, rewards by function name, and the row's columns."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        for sample in samples:
+            rewards = {name: (None if math.isnan(v) else v) for name, v in zip(names, sample["rewards"])}
+            f.write(json.dumps({"step": step, **sample, "rewards": rewards}, default=str) + "\n")
 
 
 @dataclass
@@ -39,7 +76,48 @@ class RolloutTexts:
 
 class Experience:
     """Needs ``args``, ``accelerator``, ``model``, ``ref_model``, ``has_reference``, ``tokenizer``, ``sampler``,
-    ``reward_functions``, ``reward_weights``, ``eos_ids``, ``sampling``."""
+    ``reward_functions``, ``reward_weights``, ``eos_ids``, ``sampling`` (evaluation needs only ``args``,
+    ``accelerator``, ``model``, ``tokenizer``, ``eos_ids``, ``sampling`` and the reward functions and weights)."""
+
+    def _build_reward_functions(self, reward_funcs, tokenizers=None) -> list[RewardFunction]:
+        """Callables are used as they are; a path or a model object is a reward model, scored with its own
+        tokenizer (``reward_processing_classes[i]``, else the one saved with it)."""
+        from reward_models.scoring import RewardModelFunction
+
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("reward_funcs is empty; give at least one reward function or reward model.")
+        tokenizers = list(tokenizers) if tokenizers is not None else [None] * len(funcs)
+        if len(tokenizers) != len(funcs):
+            raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries for {len(funcs)} reward_funcs.")
+        args = self.args
+        built = []
+        for func, tokenizer in zip(funcs, tokenizers):
+            if isinstance(func, (str, torch.nn.Module)):
+                func = RewardModelFunction(func, tokenizer, self.accelerator.device, args.reward_model_batch_size,
+                                           normalize=args.normalize_reward_model_scores, dtype=args.dtype,
+                                           trust_remote_code=args.trust_remote_code)
+            built.append(RewardFunction(func, timeout=args.reward_timeout))
+        return built
+
+    def _check_reward_weights(self, weights) -> list[float]:
+        if weights is None:
+            return [1.0] * len(self.reward_functions)
+        if len(weights) != len(self.reward_functions):
+            raise ValueError(
+                f"reward_weights has {len(weights)} entries but there are {len(self.reward_functions)} reward "
+                f"functions ({[f.name for f in self.reward_functions]}); give one weight per function."
+            )
+        return [float(w) for w in weights]
+
+    def _check_reward_columns(self, dataset) -> None:
+        for func in self.reward_functions:
+            missing = func.required_columns() - set(dataset.column_names)
+            if missing:
+                raise ValueError(
+                    f"reward function {func.name!r} needs the dataset column(s) {sorted(missing)}, which the dataset "
+                    f"lacks (columns: {dataset.column_names}); add them or give those parameters a default."
+                )
 
     def check_prompts(self, dataset, name: str) -> None:
         """Before any training: chat prompts need a chat template, and no prompt may exceed
@@ -84,6 +162,12 @@ class Experience:
             return sample_completions(model, prompt_ids, prompt_mask, params, self.eos_ids, self.tokenizer.pad_token_id,
                                       synced_gpus=needs_synced_generation(self.accelerator), group_size=group_size)
 
+    def prefill_group_size(self, group: int) -> int:
+        """Rows that share one prompt prefill in ``generate``: the group, unless sharing is off or the model is
+        sharded (ZeRO-3 / FSDP generate through the wrapped model)."""
+        sharded = zero_stage(self.accelerator) == 3 or fsdp_version(self.accelerator) is not None
+        return group if self.args.share_prompt_prefix and not sharded else 1
+
     def generate_rollout(self, step: int) -> tuple[Batch, RolloutTexts]:
         """This process's prompts for ``step``, each with ``num_generations`` sampled completions
         (the completions of one prompt are contiguous rows)."""
@@ -92,10 +176,8 @@ class Experience:
         prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        sharded = zero_stage(self.accelerator) == 3 or fsdp_version(self.accelerator) is not None
-        prefill_group = group if self.args.share_prompt_prefix and not sharded else 1
         completion_ids, completion_mask, truncated = self.generate(prompt_ids, prompt_mask, self.sampling,
-                                                                   group_size=prefill_group)
+                                                                   group_size=self.prefill_group_size(group))
         completions, id_lists = self._decode(completion_ids, completion_mask, is_chat)
         repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
         texts = RolloutTexts(
@@ -220,36 +302,98 @@ class Experience:
         metrics.add("completions/truncated_frac", truncated.mean())
         metrics.add("completions/total_tokens", lengths.sum())
 
+
+    # ------------------------------------------------------------------ evaluation
+    def accuracy_function_index(self) -> int | None:
+        """Index of the reward function that judges correctness: ``accuracy_reward`` by name, else the first
+        one marked with ``rlhf.rewards.correctness``; None when there is none."""
+        names = [func.name for func in self.reward_functions]
+        if self.args.accuracy_reward is not None:
+            if self.args.accuracy_reward not in names:
+                raise ValueError(f"accuracy_reward={self.args.accuracy_reward!r} is not one of the reward functions "
+                                 f"{names}; name one of them, or set it to None.")
+            return names.index(self.args.accuracy_reward)
+        marked = [j for j, func in enumerate(self.reward_functions) if is_correctness(func.fn)]
+        return marked[0] if marked else None
+
     @torch.no_grad()
-    def evaluate(self, dataset=None, batch_size: int = 64) -> dict[str, float]:
-        """Greedy completions for every prompt of ``dataset`` (default: ``eval_dataset``), scored with the
-        reward functions. Returns eval/reward_mean and eval/reward/<name>/mean."""
+    def evaluate(self, dataset=None, step: int | None = None, output_dir: str | None = None) -> dict[str, float]:
+        """Greedy completions for every prompt of ``dataset`` (default: ``eval_dataset``), scored with the reward
+        functions, plus ``eval_num_generations`` sampled ones per prompt for pass@k.
+
+        Returns eval/reward_mean, eval/reward/<name>/mean, eval/mean_length, eval/truncated_frac, and with a
+        correctness reward eval/accuracy (greedy) and eval/pass@k (sampled, unbiased estimator). The main
+        process writes ``eval_log_samples`` greedy completions to ``<output_dir>/samples-<step>.jsonl``.
+        Sampling is seeded from (seed, step, process) in a forked RNG: the training RNG stream is untouched
+        and the same model evaluated at the same step gives the same result.
+        """
         dataset = as_dataset(dataset, "dataset") if dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
-        greedy = SamplingParams(self.args.max_new_tokens, do_sample=False)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        args = self.args
+        step = getattr(self, "step", 0) if step is None else step
+        accuracy = self.accuracy_function_index()
         self.model.eval()
-        scores = []
-        # Every process runs the same number of batches (sharded models generate in lockstep); a process
-        # whose share has run out scores its first row again and drops the result.
-        rounds = -(-len(dataset) // (batch_size * world))
-        for round_index in range(rounds):
-            start = (round_index * world + rank) * batch_size
-            rows = dataset[start:start + batch_size] if start < len(dataset) else None
-            if rows is None:
-                self.generate(*self._tokenized_prompts(dataset[:1]["prompt"])[:2], greedy)
-                continue
-            prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
-            completion_ids, mask, _ = self.generate(prompt_ids, prompt_mask, greedy)
-            completions, id_lists = self._decode(completion_ids, mask, is_chat)
-            columns = {k: v for k, v in rows.items() if k != "prompt"}
-            scores.append(torch.stack([f(rows["prompt"], completions, id_lists, columns)
-                                       for f in self.reward_functions], dim=1))
-        local = torch.cat(scores) if scores else torch.zeros(0, len(self.reward_functions), dtype=torch.float64)
-        per_function = torch.cat(gather_object([local]))
-        out = {"eval/reward_mean": combine_rewards(per_function, self.reward_weights).mean().item()}
+        greedy = self._eval_rollouts(dataset, SamplingParams(args.max_new_tokens, do_sample=False), 1)
+        scores = greedy.scores
+        out = {"eval/reward_mean": combine_rewards(scores, self.reward_weights).mean().item(),
+               "eval/mean_length": greedy.lengths.double().mean().item(),
+               "eval/truncated_frac": greedy.truncated.double().mean().item()}
         for j, func in enumerate(self.reward_functions):
-            present = per_function[:, j][~per_function[:, j].isnan()]
+            present = scores[:, j][~scores[:, j].isnan()]
             out[f"eval/reward/{func.name}/mean"] = present.mean().item() if present.numel() else float("nan")
+        if accuracy is not None:
+            out["eval/accuracy"] = (scores[:, accuracy] >= args.accuracy_threshold).double().mean().item()
+        n = args.eval_num_generations
+        if n > 0:
+            device = self.accelerator.device
+            devices = {"devices": []} if device.type == "cpu" else {"devices": [device], "device_type": device.type}
+            with torch.random.fork_rng(**devices):
+                torch.manual_seed(args.seed * 1_000_003 + step * 7_919 + self.accelerator.process_index)
+                sampled = self._eval_rollouts(dataset, self.sampling, n)
+            out["eval/sampled/reward_mean"] = combine_rewards(sampled.scores, self.reward_weights).mean().item()
+            if accuracy is not None:
+                correct = (sampled.scores[:, accuracy] >= args.accuracy_threshold).view(-1, n).sum(dim=1)
+                for k in sorted(set(args.eval_pass_k or [1, n])):
+                    out[f"eval/pass@{k}"] = pass_at_k(correct, n, k).mean().item()
+        if self.accelerator.is_main_process and args.eval_log_samples > 0:
+            write_samples(os.path.join(output_dir or args.output_dir, f"samples-{step}.jsonl"), step,
+                          greedy.samples[:args.eval_log_samples], [f.name for f in self.reward_functions])
         return out
+
+    def _eval_rollouts(self, dataset, params: SamplingParams, n: int) -> EvalRollouts:
+        """``n`` completions per prompt of ``dataset`` (greedy when ``params`` says so), scored. Prompts are dealt to
+        processes in batches; results are gathered, so every process returns the whole dataset's, grouped by
+        prompt. ``samples`` holds the main process's first batch as dicts (prompt, completion, rewards, columns)."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        prompts_per_batch = max(1, self.args.eval_batch_size // n)
+        scores, lengths, truncated, samples = [], [], [], []
+        # Every process runs the same number of batches (sharded models generate in lockstep); a process
+        # whose share has run out generates for the first prompt again and drops the result.
+        rounds = -(-len(dataset) // (prompts_per_batch * world))
+        for round_index in range(rounds):
+            start = (round_index * world + rank) * prompts_per_batch
+            if start >= len(dataset):
+                self.generate(*self._tokenized_prompts(dataset[:1]["prompt"])[:2], params)
+                continue
+            rows = dataset[start:start + prompts_per_batch]
+            prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
+            completion_ids, mask, was_truncated = self.generate(
+                prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0), params,
+                group_size=self.prefill_group_size(n))
+            completions, id_lists = self._decode(completion_ids, mask, is_chat)
+            repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731
+            prompts, columns = repeat(rows["prompt"]), {k: repeat(v) for k, v in rows.items() if k != "prompt"}
+            per_function = torch.stack([f(prompts, completions, id_lists, columns) for f in self.reward_functions], 1)
+            scores.append(per_function)
+            lengths.append(mask.sum(dim=1).cpu())
+            truncated.append(was_truncated.cpu())
+            if not samples:
+                samples = [{"prompt": p, "completion": c, "rewards": r, **{k: v[i] for k, v in columns.items()}}
+                           for i, (p, c, r) in enumerate(zip(prompts, completions, per_function.tolist()))]
+        if not scores:
+            scores = [torch.zeros(0, len(self.reward_functions), dtype=torch.float64)]
+            lengths, truncated = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]
+        local = (torch.cat(scores), torch.cat(lengths), torch.cat(truncated))
+        gathered = gather_object([local]) if world > 1 else [local]
+        return EvalRollouts(*(torch.cat([part[i] for part in gathered]) for i in range(3)), samples)

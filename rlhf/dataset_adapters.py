@@ -1,0 +1,178 @@
+"""Datasets from wherever they live, mapped to what the trainers read.
+
+A recipe names a dataset (a hub id, a local directory, a JSONL / JSON / Parquet / CSV file, or a
+``module:function`` that returns one) and declares, in a small mapping, how its columns become the
+``prompt`` column and the columns reward functions need. For GSM8K::
+
+    dataset_mapping:
+      prompt: question              # the column "question", renamed
+      answer: answer|gsm8k_answer   # the number after "####" in the column "answer"
+
+Each value is ``source_column`` or ``source_column|transform``; a transform is one of
+:data:`TRANSFORMS` or a ``module:function`` import path. Columns the mapping does not name are kept.
+Prompts can then be wrapped in a template, and turned into chat messages (with an optional system
+prompt) so the model's chat template applies.
+"""
+
+import os
+import re
+from collections.abc import Callable
+
+import datasets
+from datasets import Dataset
+
+DATA_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def gsm8k_answer(text: str) -> str:
+    """The final answer of a GSM8K solution: what follows the last ``####``, without thousands separators.
+
+    >>> gsm8k_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\\n#### 1,072")
+    '1072'
+    """
+    if "####" not in text:
+        raise ValueError("no '####' marks the final answer")
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    if not answer:
+        raise ValueError("nothing follows '####'")
+    return answer
+
+
+def boxed_answer(text: str) -> str:
+    r"""The content of the last ``\boxed{...}`` (nested braces allowed), as in MATH solutions.
+
+    >>> boxed_answer(r"so the answer is $\boxed{\frac{1}{2}}$.")
+    '\\frac{1}{2}'
+    """
+    from reward_models.rules import boxed
+
+    found = boxed(text)
+    if found is None:
+        raise ValueError(r"no \boxed{...} answer")
+    return found
+
+
+def last_number(text: str) -> str:
+    """The last number in the text, as written (thousands separators removed).
+
+    >>> last_number("She has 3 apples and buys 1,200 more.")
+    '1200'
+    """
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if not numbers:
+        raise ValueError("no number")
+    return numbers[-1].replace(",", "")
+
+
+TRANSFORMS: dict[str, Callable[[str], object]] = {
+    "gsm8k_answer": gsm8k_answer,
+    "boxed": boxed_answer,
+    "last_number": last_number,
+    "strip": str.strip,
+}
+
+
+def _transform(name: str) -> Callable:
+    if name in TRANSFORMS:
+        return TRANSFORMS[name]
+    if ":" in name:
+        from rlhf.cli import import_object
+
+        return import_object(name)
+    raise ValueError(f"unknown transform {name!r}; use one of {sorted(TRANSFORMS)} or a module:function path.")
+
+
+def parse_mapping(mapping: dict[str, str] | None) -> dict[str, tuple[str, str | None]]:
+    """``{target: "source" | "source|transform"}`` -> ``{target: (source, transform name or None)}``."""
+    parsed = {}
+    for target, spec in (mapping or {}).items():
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"dataset_mapping[{target!r}]={spec!r} must be 'column' or 'column|transform'.")
+        source, _, transform = (part.strip() for part in spec.partition("|"))
+        if transform:
+            _transform(transform)  # fail now on an unknown name, not on the first row
+        parsed[target] = (source, transform or None)
+    return parsed
+
+
+def load_dataset_spec(spec: str, split: str = "train", config_name: str | None = None) -> Dataset:
+    """A ``datasets.Dataset`` from a data file, a ``save_to_disk`` directory, a directory of data files
+    (e.g. a downloaded hub repository), a hub id, or ``module:function``."""
+    if ":" in spec and not os.path.exists(spec):
+        from rlhf.cli import import_object
+
+        return import_object(spec)()
+    extension = os.path.splitext(spec)[1].lower()
+    if os.path.isfile(spec):
+        if extension not in DATA_FILE_FORMATS:
+            raise ValueError(f"{spec}: unsupported data file type {extension!r}; use one of {sorted(DATA_FILE_FORMATS)}.")
+        return datasets.load_dataset(DATA_FILE_FORMATS[extension], data_files=spec, split="train")
+    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")):
+        loaded = datasets.load_from_disk(spec)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    # A hub id, or a local directory of data files (the hub's layout, read without the network).
+    return datasets.load_dataset(spec, config_name, split=split)
+
+
+def prepare_dataset(
+    dataset: Dataset,
+    mapping: dict[str, str] | None = None,
+    prompt_template: str | None = None,
+    system_prompt: str | None = None,
+    conversational: bool = False,
+    max_samples: int | None = None,
+    name: str = "dataset",
+    require_prompt: bool = True,
+) -> Dataset:
+    """Apply the column ``mapping``, then ``prompt_template`` (``str.format`` over the mapped row, e.g.
+    ``"{prompt}\\nGive the final answer after ####."``), then wrap each prompt as chat messages
+    (``system_prompt`` first) when ``conversational``. Keeps the first ``max_samples`` rows. Preference
+    data (``require_prompt=False``) may have no prompt column.
+
+    Errors name the field, the row and the column, and say how to fix them.
+    """
+    parsed = parse_mapping(mapping)
+    missing = sorted({source for source, _ in parsed.values()} - set(dataset.column_names))
+    if missing:
+        raise ValueError(f"dataset_mapping of {name} reads column(s) {missing}, which it lacks "
+                         f"(columns: {dataset.column_names}); fix the source names in dataset_mapping.")
+    if system_prompt is not None and not conversational:
+        raise ValueError("system_prompt needs conversational: true (a system prompt is a chat message); set it, "
+                         "or put the instruction in prompt_template.")
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"max samples of {name} = {max_samples} must be >= 1 (or None for all rows).")
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    transforms = {target: (source, _transform(t) if t else None) for target, (source, t) in parsed.items()}
+    if not transforms and prompt_template is None and not conversational:
+        return dataset
+
+    def convert(row: dict, index: int) -> dict:
+        out = dict(row)
+        for target, (source, transform) in transforms.items():
+            value = row[source]
+            if transform is not None:
+                try:
+                    value = transform(value)
+                except Exception as error:
+                    raise ValueError(f"{name} row {index}: cannot map column {source!r} to {target!r} "
+                                     f"({error}); the value is {str(value)[:120]!r}.") from None
+            out[target] = value
+        if "prompt" not in out:
+            if not require_prompt:
+                return out
+            raise ValueError(f"{name} has no 'prompt' column after dataset_mapping (columns: {sorted(out)}); "
+                             "map one, e.g. dataset_mapping: {prompt: question}.")
+        if prompt_template is not None:
+            try:
+                out["prompt"] = prompt_template.format(**out)
+            except (KeyError, IndexError) as error:
+                raise ValueError(f"prompt_template names {error} which {name} row {index} lacks "
+                                 f"(columns: {sorted(out)}).") from None
+        if conversational and isinstance(out["prompt"], str):
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+            out["prompt"] = messages + [{"role": "user", "content": out["prompt"]}]
+        return out
+
+    return dataset.map(convert, with_indices=True, load_from_cache_file=False, keep_in_memory=True,
+                       desc=f"mapping {name}")
