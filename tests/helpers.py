@@ -24,6 +24,12 @@ def varied_reward(prompts, completions, **kwargs):
     return [float(sum(map(ord, c)) % 5) for c in completions]
 
 
+def prompt_completion_reward(prompts, completions, **kwargs):
+    """Depends on the prompt and the completion: pairing a completion with the wrong prompt, or losing or
+    repeating a sample, changes the mean."""
+    return [float(sum(map(ord, p + c)) % 7) for p, c in zip(prompts, completions)]
+
+
 def make_trainer(tmp_path, model=None, tokenizer=None, reward=varied_reward, algo="grpo", trainer_kwargs=None,
                  **overrides):
     """A tiny trainer: 4 prompts x 4 completions of at most 6 tokens, one micro-batch."""

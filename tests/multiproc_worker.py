@@ -2,18 +2,21 @@
 
 Writes, from the main process, what the test compares against a one-process run: the world size, the
 completions each process sampled for one shared prompt, the whole rollout batch gathered from both
-processes, the gradient of one update, and the reduced reward metric.
+processes, the gradient of one update, the reduced reward metric, and a greedy evaluation.
 """
 
 import sys
 
 import torch
 from accelerate.utils import gather_object
-from helpers import make_trainer
+from helpers import make_trainer, prompt_completion_reward
 
 from rlhf.distributed import shutdown
 from rlhf.metrics import StepMetrics
 
+EVAL_PROMPTS = [{"prompt": f"{a}+{a + 3}="} for a in range(7)]  # 7: the processes get unequal shares
+EVAL_SETTINGS = dict(reward=prompt_completion_reward, eval_batch_size=2, accuracy_reward="prompt_completion_reward",
+                     accuracy_threshold=3.0)
 PAD = {"prompt_ids": (0, True), "prompt_mask": (0, True)}  # key: (pad value, pad on the left)
 
 
@@ -33,6 +36,7 @@ def main(out_dir: str) -> None:
     _, texts = same_prompt.generate_rollout(0)
     completions = gather_object([texts.completions])
 
+    evaluation = make_trainer(out_dir + "/eval", **EVAL_SETTINGS).evaluate(EVAL_PROMPTS, step=0)
     trainer = make_trainer(out_dir + "/grad", mini_batch_size=16, micro_batch_size=4, kl_coef=0.1)
     metrics = StepMetrics()
     batch = trainer.make_rollout_batch(0, metrics)
@@ -44,7 +48,8 @@ def main(out_dir: str) -> None:
     full = gathered(trainer, batch)
     if trainer.accelerator.is_main_process:
         torch.save({"world_size": trainer.accelerator.num_processes, "completions": completions, "batch": full,
-                    "grad": grad, "reward_mean": reduced["reward/mean"]}, out_dir + "/result.pt")
+                    "grad": grad, "reward_mean": reduced["reward/mean"],
+                    "evaluation": evaluation}, out_dir + "/result.pt")
     shutdown(trainer.accelerator)
 
 
