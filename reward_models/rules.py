@@ -32,6 +32,16 @@ def _to_number(text: str) -> float | None:
         return None
 
 
+def last_number_text(text: str) -> str | None:
+    """The last number in ``text`` as written (thousands separators included), or None.
+
+    >>> last_number_text("3 apples and 1,250.5 pears")
+    '1,250.5'
+    """
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
 def last_number(text: str) -> float | None:
     """The last number in ``text`` (thousands separators allowed), or None.
 
@@ -40,8 +50,8 @@ def last_number(text: str) -> float | None:
     >>> last_number("no digits here") is None
     True
     """
-    found = _NUMBER.findall(text)
-    return _to_number(found[-1]) if found else None
+    found = last_number_text(text)
+    return _to_number(found) if found is not None else None
 
 
 def boxed(text: str) -> str | None:

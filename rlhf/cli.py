@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from rlhf.checkpoint import STATE_FILE
 from rlhf.configs import field_docs
 
 
@@ -325,13 +326,6 @@ def recipe_tokenizer(script: ScriptArguments):
 def model_source(path: str) -> str:
     """Where a model's weights and tokenizer live: a checkpoint directory's ``model`` subdirectory, else ``path``."""
     inner = os.path.join(path, "model")
-    if os.path.isfile(os.path.join(path, "trainer_state.json")) and os.path.isdir(inner):
+    if os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isdir(inner):
         return inner
     return path
-
-
-def load_dataset_spec(spec: str, split: str = "train", config_name: str | None = None):
-    """See :func:`rlhf.dataset_adapters.load_dataset_spec`."""
-    from rlhf.dataset_adapters import load_dataset_spec as load
-
-    return load(spec, split, config_name)

@@ -15,7 +15,6 @@ prompt) so the model's chat template applies.
 """
 
 import os
-import re
 from collections.abc import Callable
 
 import datasets
@@ -58,10 +57,12 @@ def last_number(text: str) -> str:
     >>> last_number("She has 3 apples and buys 1,200 more.")
     '1200'
     """
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    if not numbers:
+    from reward_models.rules import last_number_text
+
+    found = last_number_text(text)
+    if found is None:
         raise ValueError("no number")
-    return numbers[-1].replace(",", "")
+    return found.replace(",", "")
 
 
 TRANSFORMS: dict[str, Callable[[str], object]] = {

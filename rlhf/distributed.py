@@ -32,9 +32,14 @@ def fsdp_version(accelerator: Accelerator) -> int | None:
     return getattr(plugin, "fsdp_version", 1) if plugin is not None else None
 
 
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the parameters (DeepSpeed ZeRO-3 or FSDP)."""
+    return zero_stage(accelerator) == 3 or fsdp_version(accelerator) is not None
+
+
 def needs_synced_generation(accelerator: Accelerator) -> bool:
     """Whether generation must keep every process stepping until all are done."""
-    return accelerator.num_processes > 1 and (zero_stage(accelerator) == 3 or fsdp_version(accelerator) is not None)
+    return accelerator.num_processes > 1 and shards_parameters(accelerator)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """PNG curves from metrics.jsonl (matplotlib, headless)."""
 
-import json
+from rlhf.metrics import read_metrics
 
 
 def plot_metrics(metrics_path: str, png_path: str, panels: list[tuple[str, str]], title: str = "") -> str:
@@ -10,8 +10,7 @@ def plot_metrics(metrics_path: str, png_path: str, panels: list[tuple[str, str]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_metrics(metrics_path)
     panels = [(key, label) for key, label in panels if any(key in r for r in records)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):

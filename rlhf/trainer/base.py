@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from rlhf.configs import RLConfig
 from rlhf.core import aggregate_loss, kl_penalty, masked_mean, policy_loss
 from rlhf.data import PromptSampler, as_dataset
-from rlhf.distributed import fsdp_version, make_accelerator, zero_stage
+from rlhf.distributed import make_accelerator
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
 from rlhf.models import (
     apply_lora,
@@ -397,8 +397,7 @@ class RLTrainer(Experience, Checkpointing):
         args, accelerator = self.args, self.accelerator
         group = args.num_generations
         local_mini = args.effective_mini_batch_size // accelerator.num_processes
-        sharded = zero_stage(accelerator) == 3 or fsdp_version(accelerator) is not None
-        if (not args.share_prompt_prefix or group == 1 or args.gradient_checkpointing or sharded
+        if (self.prefill_group_size(group) == 1 or group == 1 or args.gradient_checkpointing
                 or local_mini % group or args.local_micro_batch_size(accelerator.num_processes) % group
                 or self.inference_batch_size % group):
             return 1

@@ -17,10 +17,9 @@ from accelerate.utils import gather_object
 
 from rlhf.data import as_dataset, left_pad, render_prompts, tokenize_prompts
 from rlhf.distributed import (
-    fsdp_version,
     model_for_generation,
     needs_synced_generation,
-    zero_stage,
+    shards_parameters,
 )
 from rlhf.metrics import StepMetrics
 from rlhf.models import completion_logprobs
@@ -165,38 +164,45 @@ class Experience:
     def prefill_group_size(self, group: int) -> int:
         """Rows that share one prompt prefill in ``generate``: the group, unless sharing is off or the model is
         sharded (ZeRO-3 / FSDP generate through the wrapped model)."""
-        sharded = zero_stage(self.accelerator) == 3 or fsdp_version(self.accelerator) is not None
-        return group if self.args.share_prompt_prefix and not sharded else 1
+        return group if self.args.share_prompt_prefix and not shards_parameters(self.accelerator) else 1
 
-    def generate_rollout(self, step: int) -> tuple[Batch, RolloutTexts]:
-        """This process's prompts for ``step``, each with ``num_generations`` sampled completions
-        (the completions of one prompt are contiguous rows)."""
-        group = self.args.num_generations
-        rows = self.train_dataset[self.sampler.indices(step)]
+    def complete(self, rows: dict, params: SamplingParams, n: int) -> tuple[Batch, RolloutTexts]:
+        """``n`` completions for each prompt of ``rows`` (a dataset slice), the completions of one prompt in
+        contiguous rows: the tensors, and the texts reward functions see."""
         prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
-        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        completion_ids, completion_mask, truncated = self.generate(prompt_ids, prompt_mask, self.sampling,
-                                                                   group_size=self.prefill_group_size(group))
+        prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
+        completion_ids, completion_mask, truncated = self.generate(prompt_ids, prompt_mask, params,
+                                                                   group_size=self.prefill_group_size(n))
         completions, id_lists = self._decode(completion_ids, completion_mask, is_chat)
-        repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
+        repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731
         texts = RolloutTexts(
             prompts=repeat(rows["prompt"]), completions=completions, completion_ids=id_lists,
             columns={k: repeat(v) for k, v in rows.items() if k != "prompt"},
         )
-        loss_mask = completion_mask.clone()
-        if self.args.mask_truncated_completions:
-            loss_mask[truncated] = 0
         batch = Batch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, loss_mask=loss_mask, truncated=truncated)
+                      completion_mask=completion_mask, truncated=truncated)
         return batch, texts
+
+    def generate_rollout(self, step: int) -> tuple[Batch, RolloutTexts]:
+        """This process's prompts for ``step``, each with ``num_generations`` sampled completions
+        (the completions of one prompt are contiguous rows)."""
+        batch, texts = self.complete(self.train_dataset[self.sampler.indices(step)], self.sampling,
+                                     self.args.num_generations)
+        loss_mask = batch["completion_mask"].clone()
+        if self.args.mask_truncated_completions:
+            loss_mask[batch["truncated"]] = 0
+        batch["loss_mask"] = loss_mask
+        return batch, texts
+
+    def reward_table(self, texts: RolloutTexts) -> torch.Tensor:
+        """Every reward function's values for ``texts``: [N, F] float64, NaN where a function returned None."""
+        return torch.stack([func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
+                            for func in self.reward_functions], dim=1)
 
     def score_rollout(self, batch: Batch, texts: RolloutTexts, metrics: StepMetrics) -> torch.Tensor:
         """Total rewards of the *whole* rollout batch (all processes, in process order), [B_global]."""
-        per_function = torch.stack([
-            func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
-            for func in self.reward_functions
-        ], dim=1)  # [B_local, F], NaN where a function returned None
+        per_function = self.reward_table(texts)  # [B_local, F]
         per_function = self.accelerator.gather(per_function.to(self.accelerator.device)).cpu()
         for j, func in enumerate(self.reward_functions):
             if getattr(func.fn, "normalize", False):  # a reward model's scores, whitened over the rollout batch
@@ -376,21 +382,14 @@ class Experience:
             if start >= len(dataset):
                 self.generate(*self._tokenized_prompts(dataset[:1]["prompt"])[:2], params)
                 continue
-            rows = dataset[start:start + prompts_per_batch]
-            prompt_ids, prompt_mask, is_chat = self._tokenized_prompts(rows["prompt"])
-            completion_ids, mask, was_truncated = self.generate(
-                prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0), params,
-                group_size=self.prefill_group_size(n))
-            completions, id_lists = self._decode(completion_ids, mask, is_chat)
-            repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731
-            prompts, columns = repeat(rows["prompt"]), {k: repeat(v) for k, v in rows.items() if k != "prompt"}
-            per_function = torch.stack([f(prompts, completions, id_lists, columns) for f in self.reward_functions], 1)
+            batch, texts = self.complete(dataset[start:start + prompts_per_batch], params, n)
+            per_function = self.reward_table(texts)
             scores.append(per_function)
-            lengths.append(mask.sum(dim=1).cpu())
-            truncated.append(was_truncated.cpu())
+            lengths.append(batch["completion_mask"].sum(dim=1).cpu())
+            truncated.append(batch["truncated"].cpu())
             if not samples:
-                samples = [{"prompt": p, "completion": c, "rewards": r, **{k: v[i] for k, v in columns.items()}}
-                           for i, (p, c, r) in enumerate(zip(prompts, completions, per_function.tolist()))]
+                samples = [{"prompt": p, "completion": c, "rewards": r, **{k: v[i] for k, v in texts.columns.items()}}
+                           for i, (p, c, r) in enumerate(zip(texts.prompts, texts.completions, per_function.tolist()))]
         if not scores:
             scores = [torch.zeros(0, len(self.reward_functions), dtype=torch.float64)]
             lengths, truncated = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]
