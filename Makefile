@@ -67,7 +67,7 @@ demo: $(STAMP)
 
 LAUNCH := $(PY) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 rlhf-demo: $(STAMP)
-	$(PY) -m reward_models.synthetic outputs/rlhf_chain
+	$(PY) -m rlhf.extras.synthetic outputs/rlhf_chain
 	$(LAUNCH) recipes/train_reward_model.py --config recipes/configs/reward_model_synthetic.yaml
 	$(LAUNCH) recipes/ppo.py --config recipes/configs/ppo_synthetic_rm.yaml
 
@@ -76,7 +76,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py --device $(DEVICE)
 
 docs: $(STAMP)
-	$(PY) -m rlhf.docs --write README.md
+	$(PY) -m rlhf.extras.docs --write README.md
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info

@@ -46,7 +46,7 @@ def build_model(directory: str, arch: dict) -> int:
     parameter count that matmuls touch (the tied embedding counts once, as the output projection)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.tiny import BOS_ID, EOS_ID, PAD_ID, char_tokenizer
+    from rlhf.extras.tiny import BOS_ID, EOS_ID, PAD_ID, char_tokenizer
 
     tokenizer = char_tokenizer()
     vocab = arch["vocab"] or len(tokenizer)

@@ -24,14 +24,14 @@ from rlhf import (
     ReinforceTrainer,
 )
 from rlhf.cli import PPOScriptArguments, parse_args
-from rlhf.plot import plot_metrics
-from rlhf.tasks.addition import (
+from rlhf.extras.plot import plot_metrics
+from rlhf.extras.addition import (
     correctness_reward,
     greedy_accuracy,
     make_splits,
     warm_start,
 )
-from rlhf.tiny import char_tokenizer, tiny_model
+from rlhf.extras.tiny import char_tokenizer, tiny_model
 
 ALGORITHMS = {
     "grpo": (GRPOConfig, GRPOTrainer),

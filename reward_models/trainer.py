@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from reward_models.modeling import LastTokenScorer, encode, load_reward_model
+from rlhf.reward_model import LastTokenScorer, encode, load_reward_model
 from rlhf.checkpoint import save_pretrained_model, staged_directory
-from rlhf.cli import DataArguments
+from rlhf.dataset_adapters import DataArguments
 from rlhf.data import PromptSampler
 from rlhf.distributed import make_accelerator
 from rlhf.metrics import MetricsLogger, StepMetrics

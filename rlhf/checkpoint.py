@@ -163,3 +163,11 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def model_source(path: str) -> str:
+    """Where a model's weights and tokenizer live: a checkpoint directory's ``model`` subdirectory, else ``path``."""
+    inner = os.path.join(path, "model")
+    if os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isdir(inner):
+        return inner
+    return path

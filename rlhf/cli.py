@@ -7,7 +7,6 @@ the field's annotation.
 
 import dataclasses
 import difflib
-import importlib
 import os
 import sys
 import types
@@ -16,50 +15,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from rlhf.checkpoint import STATE_FILE
+from rlhf.checkpoint import model_source
 from rlhf.configs import field_docs
-
-
-@dataclass
-class DataArguments:
-    """Where a recipe's data comes from and how its columns map to what the trainer reads."""
-
-    dataset_name: str = ""
-    """Training data: a hub id, a local directory (saved with save_to_disk, or holding data files), a
-    .jsonl/.json/.parquet/.csv file, or "package.module:function" returning a datasets.Dataset."""
-    dataset_config: str | None = None
-    """Configuration name of a hub dataset, e.g. "main" for openai/gsm8k (used for the eval dataset too)."""
-    dataset_split: str = "train"
-    """Split to use when the dataset is a hub id or a directory."""
-    eval_dataset_name: str | None = None
-    """Evaluation data, in any form ``dataset_name`` accepts (None: no evaluation)."""
-    eval_dataset_split: str = "test"
-    """Split to use for the evaluation dataset."""
-    dataset_mapping: dict[str, str] = field(default_factory=dict)
-    """Columns to create, as {target: "source"} or {target: "source|transform"}; transforms: gsm8k_answer (the
-    number after ####), boxed, last_number, strip, or a module:function. E.g. {prompt: question,
-    answer: "answer|gsm8k_answer"}. Other columns are kept as they are."""
-    max_train_samples: int | None = None
-    """Use only the first N training rows (None: all)."""
-    max_eval_samples: int | None = None
-    """Use only the first N evaluation rows (None: all)."""
-
-    def load_datasets(self, **prompt_options):
-        """(train, eval or None), loaded and mapped; ``prompt_options`` go to ``prepare_dataset``."""
-        train = self._load(self.dataset_name, self.dataset_split, self.max_train_samples, "train_dataset",
-                           prompt_options)
-        return train, (self.load_eval_dataset(**prompt_options) if self.eval_dataset_name else None)
-
-    def load_eval_dataset(self, **prompt_options):
-        """The evaluation dataset, loaded and mapped."""
-        return self._load(self.eval_dataset_name, self.eval_dataset_split, self.max_eval_samples, "eval_dataset",
-                          prompt_options)
-
-    def _load(self, spec: str, split: str, max_samples: int | None, name: str, prompt_options: dict):
-        from rlhf.dataset_adapters import load_dataset_spec, prepare_dataset
-
-        return prepare_dataset(load_dataset_spec(spec, split, self.dataset_config), self.dataset_mapping,
-                               max_samples=max_samples, name=name, **prompt_options)
+from rlhf.dataset_adapters import DataArguments
+from rlhf.imports import import_object
 
 
 @dataclass
@@ -248,19 +207,6 @@ def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) ->
     return [cls(**kwargs[cls]) for cls in classes]
 
 
-def import_object(path: str):
-    """``package.module:attribute`` -> the attribute. The current directory is importable too."""
-    module_name, sep, attribute = path.partition(":")
-    if not sep or not attribute:
-        raise ValueError(f"{path!r} is not an import path; write it as package.module:function.")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import {path!r}: {error}") from error
-
-
 def trainer_inputs(script: ScriptArguments) -> dict:
     """The trainer arguments a recipe's ScriptArguments name: model, tokenizer, reward functions and datasets."""
     missing = [name for name in ("model_name_or_path", "dataset_name", "reward_funcs") if not getattr(script, name)]
@@ -321,11 +267,3 @@ def recipe_tokenizer(script: ScriptArguments):
     tokenizer = load_tokenizer(model_source(script.model_name_or_path))
     tokenizer.chat_template = template
     return tokenizer
-
-
-def model_source(path: str) -> str:
-    """Where a model's weights and tokenizer live: a checkpoint directory's ``model`` subdirectory, else ``path``."""
-    inner = os.path.join(path, "model")
-    if os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isdir(inner):
-        return inner
-    return path

@@ -8,11 +8,16 @@ these steps; each makes ``num_epochs * rollout_batch / mini_batch_size`` optimiz
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.core import LOSS_AGG_MODES
+from rlhf.core import KLEstimator, LossAgg, RewardScale
+
+KLPlacement = Literal["reward", "loss"]
 
 
 @dataclass
@@ -117,6 +122,8 @@ class RLConfig:
     """Whiten each reward model's scores over the rollout batch (all processes) before they are weighted."""
     mask_truncated_completions: bool = False
     """Leave completions that hit ``max_new_tokens`` without an EOS out of the loss (DAPO)."""
+    filter_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal (zero advantage) out of the loss and its token count (DAPO)."""
 
     # --- loss ------------------------------------------------------------------------------
     clip_eps_low: float = 0.2
@@ -127,11 +134,16 @@ class RLConfig:
     """Dual-clip constant c > 1: caps the loss of a negative-advantage token at -c * A (None: off)."""
     kl_coef: float = 0.0
     """Weight of the KL penalty to the frozen reference model (0: no reference model is loaded)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: KLEstimator = "k3"
     """KL estimator: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d with d = logp - logp_ref."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
-        "token-mean"
-    )
+    kl_in: KLPlacement | None = "loss"
+    """Where the KL penalty goes: added to the loss (GRPO), or subtracted from each token's reward before the
+    advantages (PPO, REINFORCE; InstructGPT); None: no KL term (see rlhf/trainer/kl.py)."""
+    kl_target: float | None = None
+    """Adapt kl_coef towards this KL per sequence (Ziegler et al. 2019), a proportional controller (None: fixed kl_coef)."""
+    kl_horizon: int = 10000
+    """Horizon, in samples, of the adaptive KL controller."""
+    loss_agg: LossAgg = "token-mean"
     """How per-token losses are reduced: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus (the loss subtracts entropy_coef * entropy)."""
@@ -153,6 +165,8 @@ class RLConfig:
     """AdamW epsilon."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping; the norm is still logged)."""
+    target_kl: float | None = None
+    """Stop the step's remaining mini-batches once one ends with an approximate KL to the rollout policy above this."""
 
     # --- guards ----------------------------------------------------------------------------
     max_nonfinite_updates: int = 3
@@ -180,53 +194,50 @@ class RLConfig:
         return self.num_epochs * (self.rollout_batch_size // self.effective_mini_batch_size)
 
     def validate(self, num_processes: int = 1) -> None:
-        """Check every field and the batch geometry; raise ValueError naming the field and the fix."""
-        errors = []
+        """Check every field and the batch geometry; raise ValueError naming the field and the fix.
+
+        First every field against its annotation (type, finiteness, the legal values of a Literal), then
+        ranges, then how the batch divides."""
+        errors = field_type_errors(self)
+        if errors:  # ranges cannot be checked on values of the wrong type
+            raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(errors))
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 errors.append(message)
 
         for name in ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "num_epochs",
-                     "max_new_tokens", "logging_steps"):
+                     "max_new_tokens", "logging_steps", "eval_batch_size", "max_nonfinite_updates", "kl_horizon"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
-        need(self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables checkpoints).")
-        need(self.eval_steps >= 0, f"eval_steps={self.eval_steps} must be >= 0 (0 disables evaluation).")
-        need(self.eval_num_generations >= 0,
-             f"eval_num_generations={self.eval_num_generations} must be >= 0 (0: greedy evaluation only).")
-        need(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1.")
-        need(self.eval_log_samples >= 0, f"eval_log_samples={self.eval_log_samples} must be >= 0.")
+        for name in ("save_steps", "eval_steps", "eval_num_generations", "eval_log_samples", "warmup_steps",
+                     "top_k", "kl_coef", "learning_rate", "weight_decay", "clip_eps_high", "entropy_coef"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
         need(self.eval_pass_k is None or (self.eval_num_generations > 0 and all(
              1 <= k <= self.eval_num_generations for k in self.eval_pass_k)),
              f"eval_pass_k={self.eval_pass_k}: each k must be in [1, eval_num_generations={self.eval_num_generations}]; "
              "raise eval_num_generations or drop the larger k.")
-        need(self.max_nonfinite_updates >= 1, f"max_nonfinite_updates={self.max_nonfinite_updates} must be >= 1.")
         need(self.reward_timeout is None or self.reward_timeout > 0,
              f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit).")
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
         need(0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}].")
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
-        need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it).")
         need(0 <= self.clip_eps_low < 1, f"clip_eps_low={self.clip_eps_low} must be in [0, 1).")
-        need(self.clip_eps_high >= 0, f"clip_eps_high={self.clip_eps_high} must be >= 0.")
         need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be > 1 (or None).")
-        need(self.kl_coef >= 0, f"kl_coef={self.kl_coef} must be >= 0.")
-        need(self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator={self.kl_estimator!r} must be k1, k2 or k3.")
-        need(self.loss_agg in LOSS_AGG_MODES, f"loss_agg={self.loss_agg!r} must be one of {LOSS_AGG_MODES}.")
-        need(self.learning_rate >= 0, f"learning_rate={self.learning_rate} must be >= 0.")
-        need(self.lr_scheduler_type in ("constant", "linear", "cosine"),
-             f"lr_scheduler_type={self.lr_scheduler_type!r} must be constant, linear or cosine.")
+        need(not (self.kl_in is None and self.kl_coef > 0),
+             f"kl_coef={self.kl_coef} with kl_in=None: set kl_coef=0 for no KL term, or kl_in to reward or loss.")
+        need(self.target_kl is None or self.target_kl > 0, f"target_kl={self.target_kl} must be > 0 (or None).")
+        need(self.kl_target is None or (self.kl_target > 0 and self.kl_coef > 0),
+             f"kl_target={self.kl_target} needs kl_target > 0 and an initial kl_coef > 0 (kl_coef={self.kl_coef}).")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must be in [0, 1).")
+        need(self.adam_epsilon > 0, f"adam_epsilon={self.adam_epsilon} must be > 0.")
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max_grad_norm={self.max_grad_norm} must be > 0 (or None to disable clipping).")
-        need(self.inference_batch_size is None or self.inference_batch_size >= 1,
-             f"inference_batch_size={self.inference_batch_size} must be >= 1 (or None).")
-        need(self.max_prompt_length is None or self.max_prompt_length >= 1,
-             f"max_prompt_length={self.max_prompt_length} must be >= 1 (or None).")
-        need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"dtype={self.dtype!r} must be auto, float32, bfloat16 or float16.")
-        need(self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
-             f"reward_weights={self.reward_weights} must be a list of numbers.")
+        for name in ("max_prompt_length", "mini_batch_size", "save_total_limit", "inference_batch_size"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1,
+                 f"{name}={getattr(self, name)} must be >= 1 (or None).")
+        need(self.reward_model_batch_size >= 1, f"reward_model_batch_size={self.reward_model_batch_size} must be >= 1.")
 
         # Batch geometry: rollout -> mini-batches -> per-process micro-batches.
         if not errors:
@@ -267,15 +278,13 @@ class GRPOConfig(RLConfig):
     ``filter_zero_std_groups=True``.
     """
 
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: RewardScale = "group"
     """Divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
-    filter_zero_std_groups: bool = False
-    """Leave groups whose rewards are all equal (zero advantage) out of the loss and its token count (DAPO)."""
-
     def _validate_algorithm(self) -> list[str]:
         errors = []
-        if self.scale_rewards not in ("group", "batch", "none"):
-            errors.append(f"scale_rewards={self.scale_rewards!r} must be group, batch or none.")
+        if self.kl_in == "reward" and self.kl_coef > 0:
+            errors.append("kl_in='reward': GRPO's advantage is one number per sequence, so its KL term sits in the "
+                          "loss (kl_in='loss'); for a KL-shaped token reward use REINFORCE or PPO.")
         if self.num_generations < 2:
             errors.append(
                 f"num_generations={self.num_generations}: GRPO compares completions of the same prompt, "
@@ -292,14 +301,11 @@ class TokenRewardConfig(RLConfig):
 
     kl_coef: float = 0.05
     """KL penalty weight (the initial one when ``kl_target`` is set); 0: no reference model is loaded."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: KLEstimator = "k1"
     """KL estimator: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d with d = logp - logp_ref."""
-    kl_in: Literal["reward", "loss"] = "reward"
-    """Where the KL penalty goes: subtracted from each token's reward (InstructGPT), or added to the loss (GRPO)."""
-    kl_target: float | None = None
-    """Adapt kl_coef towards this KL per sequence (Ziegler et al. 2019), a proportional controller (None: fixed kl_coef)."""
-    kl_horizon: int = 10000
-    """Horizon, in samples, of the adaptive KL controller."""
+    kl_in: KLPlacement | None = "reward"
+    """Where the KL penalty goes: subtracted from each token's reward (InstructGPT), or added to the loss (GRPO);
+    None: no KL term."""
     gamma: float = 1.0
     """Discount of future token rewards."""
 
@@ -307,13 +313,6 @@ class TokenRewardConfig(RLConfig):
         errors = []
         if not 0 <= self.gamma <= 1:
             errors.append(f"gamma={self.gamma} must be in [0, 1].")
-        if self.kl_in not in ("reward", "loss"):
-            errors.append(f"kl_in={self.kl_in!r} must be reward or loss.")
-        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_coef <= 0):
-            errors.append(f"kl_target={self.kl_target} needs kl_target > 0 and an initial kl_coef > 0 "
-                          f"(kl_coef={self.kl_coef}).")
-        if self.kl_horizon < 1:
-            errors.append(f"kl_horizon={self.kl_horizon} must be >= 1.")
         return errors
 
 
@@ -338,9 +337,6 @@ class PPOConfig(TokenRewardConfig):
     """Peak learning rate of the critic's AdamW (None: ``learning_rate``)."""
     critic_warmup_steps: int = 0
     """Steps at the start during which only the critic trains (the actor stays frozen)."""
-    target_kl: float | None = None
-    """Stop the step's remaining epochs once a mini-batch's approximate KL to the rollout policy exceeds this."""
-
     def _validate_algorithm(self) -> list[str]:
         errors = super()._validate_algorithm()
         if not 0 <= self.gae_lambda <= 1:
@@ -353,8 +349,6 @@ class PPOConfig(TokenRewardConfig):
             errors.append(f"critic_learning_rate={self.critic_learning_rate} must be >= 0.")
         if self.critic_warmup_steps < 0:
             errors.append(f"critic_warmup_steps={self.critic_warmup_steps} must be >= 0.")
-        if self.target_kl is not None and self.target_kl <= 0:
-            errors.append(f"target_kl={self.target_kl} must be > 0 (or None).")
         return errors
 
 
@@ -371,12 +365,50 @@ class ReinforceConfig(TokenRewardConfig):
 
     def _validate_algorithm(self) -> list[str]:
         errors = super()._validate_algorithm()
-        if self.baseline not in ("none", "mean", "rloo", "reinforce++"):
-            errors.append(f"baseline={self.baseline!r} must be none, mean, rloo or reinforce++.")
         if self.baseline == "rloo" and self.num_generations < 2:
             errors.append(f"num_generations={self.num_generations}: the rloo baseline leaves one completion out of "
                           "its prompt's group, so it needs at least 2 per prompt.")
         return errors
+
+
+def _check_value(value, annotation, name: str) -> str | None:
+    """Why ``value`` does not fit ``annotation`` (None when it does): types, finite numbers, Literal choices."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(annotation)
+        if value is None and type(None) in arms:
+            return None
+        reasons = [_check_value(value, arm, name) for arm in arms if arm is not type(None)]
+        return None if any(r is None for r in reasons) else reasons[0]
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return None if value in choices else f"{name}={value!r} must be one of {list(choices)}."
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return f"{name}={value!r} must be a list."
+        (item,) = typing.get_args(annotation) or (object,)
+        return next((r for i, v in enumerate(value) if (r := _check_value(v, item, f"{name}[{i}]"))), None)
+    if origin is dict:
+        return None if isinstance(value, dict) else f"{name}={value!r} must be a mapping."
+    if annotation is bool:
+        return None if isinstance(value, bool) else f"{name}={value!r} must be true or false."
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{name}={value!r} must be an integer (got {type(value).__name__})."
+    if annotation is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{name}={value!r} must be a number (got {type(value).__name__})."
+        return None if math.isfinite(value) else f"{name}={value} must be finite."
+    if annotation is str:
+        return None if isinstance(value, str) else f"{name}={value!r} must be a string."
+    return None
+
+
+def field_type_errors(config) -> list[str]:
+    """Every field of a config dataclass checked against its annotation."""
+    hints = typing.get_type_hints(type(config))
+    return [error for f in dataclasses.fields(config)
+            if (error := _check_value(getattr(config, f.name), hints[f.name], f.name)) is not None]
 
 
 def _type_name(annotation) -> str:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
-from rlhf.models import _cache_argument, predicting_outputs
+from rlhf.checkpoint import load_model_weights
+from rlhf.forward import cache_argument, predicting_outputs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 # Heads of sequence-classification reward models that can start the value head.
@@ -46,7 +47,7 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache: bool = False,
                 cache=None) -> "ValueOutput":
         """Values [B, L] (fp32) at every position, and the backbone's KV cache when ``use_cache``."""
-        kwargs = {_cache_argument(self.backbone): cache} if cache is not None else {}
+        kwargs = {cache_argument(self.backbone): cache} if cache is not None else {}
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=use_cache, **kwargs)
         new_cache = getattr(outputs, "cache", None) if hasattr(outputs, "cache") else outputs.past_key_values
@@ -90,6 +91,11 @@ class ValueModel(nn.Module):
         if head is not None:
             _load_head(critic, head)
         return critic
+
+    def load_weights(self, path: str) -> None:
+        """Load what ``save_pretrained`` wrote in ``path`` into this critic (backbone and head)."""
+        load_model_weights(self.backbone, path)
+        self.value_head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD_FILE)))
 
     def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
         """Backbone via ``save_pretrained`` (safetensors) and the head in ``value_head.safetensors``."""

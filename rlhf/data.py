@@ -130,3 +130,27 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None,
+                  truncate: bool = False) -> None:
+    """Before any training: chat prompts need a chat template, and no prompt may exceed ``max_prompt_length``
+    (unless ``truncate``, which keeps each prompt's end, with a warning)."""
+    render_prompts(dataset[:1]["prompt"], tokenizer)  # raises on chat prompts without a template
+    if max_prompt_length is None:
+        return
+    too_long = []
+    for start in range(0, len(dataset), 1024):
+        texts, is_chat = render_prompts(dataset[start:start + 1024]["prompt"], tokenizer)
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]]
+        too_long += [(start + i, n) for i, n in enumerate(lengths) if n > max_prompt_length]
+    if not too_long:
+        return
+    examples = ", ".join(f"#{i} ({n} tokens)" for i, n in too_long[:5])
+    if not truncate:
+        raise ValueError(
+            f"{len(too_long)} prompt(s) of {name} are longer than max_prompt_length={max_prompt_length}: {examples}. "
+            "Raise max_prompt_length, filter those prompts out, or set truncate_prompts=True to keep their last tokens."
+        )
+    logger.warning("%d prompt(s) of %s are longer than max_prompt_length=%d (%s); their beginnings will be cut.",
+                   len(too_long), name, max_prompt_length, examples)

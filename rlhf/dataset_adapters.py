@@ -16,9 +16,12 @@ prompt) so the model's chat template applies.
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import datasets
 from datasets import Dataset
+
+from rlhf.imports import import_object
 
 DATA_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -43,7 +46,7 @@ def boxed_answer(text: str) -> str:
     >>> boxed_answer(r"so the answer is $\boxed{\frac{1}{2}}$.")
     '\\frac{1}{2}'
     """
-    from reward_models.rules import boxed
+    from rlhf.answers import boxed
 
     found = boxed(text)
     if found is None:
@@ -57,7 +60,7 @@ def last_number(text: str) -> str:
     >>> last_number("She has 3 apples and buys 1,200 more.")
     '1200'
     """
-    from reward_models.rules import last_number_text
+    from rlhf.answers import last_number_text
 
     found = last_number_text(text)
     if found is None:
@@ -77,8 +80,6 @@ def _transform(name: str) -> Callable:
     if name in TRANSFORMS:
         return TRANSFORMS[name]
     if ":" in name:
-        from rlhf.cli import import_object
-
         return import_object(name)
     raise ValueError(f"unknown transform {name!r}; use one of {sorted(TRANSFORMS)} or a module:function path.")
 
@@ -100,8 +101,6 @@ def load_dataset_spec(spec: str, split: str = "train", config_name: str | None =
     """A ``datasets.Dataset`` from a data file, a ``save_to_disk`` directory, a directory of data files
     (e.g. a downloaded hub repository), a hub id, or ``module:function``."""
     if ":" in spec and not os.path.exists(spec):
-        from rlhf.cli import import_object
-
         return import_object(spec)()
     extension = os.path.splitext(spec)[1].lower()
     if os.path.isfile(spec):
@@ -177,3 +176,43 @@ def prepare_dataset(
 
     return dataset.map(convert, with_indices=True, load_from_cache_file=False, keep_in_memory=True,
                        desc=f"mapping {name}")
+
+
+@dataclass
+class DataArguments:
+    """Where a recipe's data comes from and how its columns map to what the trainer reads."""
+
+    dataset_name: str = ""
+    """Training data: a hub id, a local directory (saved with save_to_disk, or holding data files), a
+    .jsonl/.json/.parquet/.csv file, or "package.module:function" returning a datasets.Dataset."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset, e.g. "main" for openai/gsm8k (used for the eval dataset too)."""
+    dataset_split: str = "train"
+    """Split to use when the dataset is a hub id or a directory."""
+    eval_dataset_name: str | None = None
+    """Evaluation data, in any form ``dataset_name`` accepts (None: no evaluation)."""
+    eval_dataset_split: str = "test"
+    """Split to use for the evaluation dataset."""
+    dataset_mapping: dict[str, str] = field(default_factory=dict)
+    """Columns to create, as {target: "source"} or {target: "source|transform"}; transforms: gsm8k_answer (the
+    number after ####), boxed, last_number, strip, or a module:function. E.g. {prompt: question,
+    answer: "answer|gsm8k_answer"}. Other columns are kept as they are."""
+    max_train_samples: int | None = None
+    """Use only the first N training rows (None: all)."""
+    max_eval_samples: int | None = None
+    """Use only the first N evaluation rows (None: all)."""
+
+    def load_datasets(self, **prompt_options):
+        """(train, eval or None), loaded and mapped; ``prompt_options`` go to ``prepare_dataset``."""
+        train = self._load(self.dataset_name, self.dataset_split, self.max_train_samples, "train_dataset",
+                           prompt_options)
+        return train, (self.load_eval_dataset(**prompt_options) if self.eval_dataset_name else None)
+
+    def load_eval_dataset(self, **prompt_options):
+        """The evaluation dataset, loaded and mapped."""
+        return self._load(self.eval_dataset_name, self.eval_dataset_split, self.max_eval_samples, "eval_dataset",
+                          prompt_options)
+
+    def _load(self, spec: str, split: str, max_samples: int | None, name: str, prompt_options: dict):
+        return prepare_dataset(load_dataset_spec(spec, split, self.dataset_config), self.dataset_mapping,
+                               max_samples=max_samples, name=name, **prompt_options)

@@ -11,6 +11,7 @@ names the function and the sample.
 """
 
 import inspect
+import logging
 import math
 import numbers
 import threading
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class RewardError(ValueError):
@@ -191,3 +194,100 @@ def combine_rewards(per_function: torch.Tensor, weights: Sequence[float]) -> tor
     """
     weight = torch.tensor(list(weights), dtype=per_function.dtype)
     return torch.nansum(per_function * weight, dim=1)
+
+
+def build_reward_functions(reward_funcs, tokenizers=None, *, device=None, batch_size: int = 32,
+                           normalize: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+                           timeout: float | None = None) -> list[RewardFunction]:
+    """Callables are used as they are; a path or a model object is a reward model, scored with its own
+    tokenizer (``tokenizers[i]``, else the one saved with it)."""
+    from rlhf.reward_model import RewardModelFunction
+
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty; give at least one reward function or reward model.")
+    tokenizers = list(tokenizers) if tokenizers is not None else [None] * len(funcs)
+    if len(tokenizers) != len(funcs):
+        raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries for {len(funcs)} reward_funcs.")
+    built = []
+    for func, tokenizer in zip(funcs, tokenizers):
+        if isinstance(func, (str, torch.nn.Module)):
+            func = RewardModelFunction(func, tokenizer, device, batch_size, normalize=normalize, dtype=dtype,
+                                       trust_remote_code=trust_remote_code)
+        built.append(RewardFunction(func, timeout=timeout))
+    return built
+
+
+def check_reward_weights(weights, functions: list[RewardFunction]) -> list[float]:
+    """One weight per function (None: all 1.0)."""
+    if weights is None:
+        return [1.0] * len(functions)
+    if len(weights) != len(functions):
+        raise ValueError(
+            f"reward_weights has {len(weights)} entries but there are {len(functions)} reward "
+            f"functions ({[f.name for f in functions]}); give one weight per function."
+        )
+    return [float(w) for w in weights]
+
+
+def check_reward_columns(functions: list[RewardFunction], dataset) -> None:
+    """Every column a reward function needs is in ``dataset``."""
+    for func in functions:
+        missing = func.required_columns() - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"reward function {func.name!r} needs the dataset column(s) {sorted(missing)}, which the dataset "
+                f"lacks (columns: {dataset.column_names}); add them or give those parameters a default."
+            )
+
+
+def correctness_index(functions: list[RewardFunction], name: str | None) -> int | None:
+    """Index of the reward function that judges correctness: ``name`` if given, else the first one marked with
+    ``correctness``; None when there is none."""
+    names = [func.name for func in functions]
+    if name is not None:
+        if name not in names:
+            raise ValueError(f"accuracy_reward={name!r} is not one of the reward functions {names}; name one of "
+                             "them, or set it to None.")
+        return names.index(name)
+    marked = [j for j, func in enumerate(functions) if is_correctness(func.fn)]
+    return marked[0] if marked else None
+
+
+def reward_table(functions: list[RewardFunction], texts) -> torch.Tensor:
+    """Every reward function's values for ``texts`` (a ``RolloutTexts``): [N, F] float64, NaN where a function
+    returned None."""
+    return torch.stack([func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
+                        for func in functions], dim=1)
+
+
+def score_rollout(functions: list[RewardFunction], weights: list[float], texts, accelerator, group_size: int,
+                  metrics) -> torch.Tensor:
+    """Total rewards of the *whole* rollout batch (all processes, in process order), [B_global] float64.
+
+    Each process scores its own completions; the table is gathered so that group and batch statistics
+    are exact everywhere. Reward-model scores marked ``normalize`` are whitened over the whole batch."""
+    per_function = reward_table(functions, texts)  # [B_local, F]
+    per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()
+    for j, func in enumerate(functions):
+        if getattr(func.fn, "normalize", False):
+            scores = per_function[:, j]
+            present = scores[~scores.isnan()]
+            if present.numel() > 1:
+                per_function[:, j] = (scores - present.mean()) / (present.std() + 1e-8)
+    rewards = combine_rewards(per_function, weights)
+    metrics.add("reward/mean", rewards.mean())
+    metrics.add("reward/std", rewards.std() if rewards.numel() > 1 else 0.0)
+    for j, func in enumerate(functions):
+        values = per_function[:, j]
+        present = values[~values.isnan()]
+        if present.numel():
+            metrics.add(f"reward/{func.name}/mean", present.mean())
+            metrics.add(f"reward/{func.name}/std", present.std() if present.numel() > 1 else 0.0)
+        metrics.add(f"reward/{func.name}/none_frac", values.isnan().double().mean())
+    all_none = per_function.isnan().all(dim=1)
+    if all_none.any():
+        logger.warning("%d completions got None from every reward function; their reward is 0.", int(all_none.sum()))
+    grouped = rewards.view(-1, group_size)
+    metrics.add("reward/zero_std_group_frac", (grouped.std(dim=1) == 0).double().mean() if group_size > 1 else 1.0)
+    return rewards

@@ -1,22 +1,110 @@
-"""Sampling completions and turning them into masks.
+"""Sampling completions: the ``Rollout`` record a step works on, and ``generate_rollout``, the one
+function that turns prompts into it.
 
 The completion mask keeps every token up to and including the first EOS (any id of the model's
 EOS list) and nothing after it. It is computed from positions, never by comparing ids with the
-pad id, so it stays right when the pad token is the EOS token.
+pad id, so it stays right when the pad token is the EOS token (pitfalls 2 and 3 in tests/README.md).
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from rlhf.models import (
-    _accepts_logits_to_keep,
-    _cache_argument,
-    _groups_share_prompts,
-    position_ids_from_mask,
-)
+from rlhf.data import left_pad, render_prompts, tokenize_prompts
+from rlhf.distributed import model_for_generation, needs_synced_generation
+from rlhf.forward import cache_argument, groups_share_prompts, run_shared_prompts
+
+
+@dataclass
+class Rollout:
+    """One step's experience on this process. Rows: B completions, the ``num_generations`` completions of one
+    prompt in contiguous rows. Prompts are left-padded to P columns, completions right-padded to T.
+
+    The sampler fills the first six fields; the no-grad passes and the advantage estimator fill the rest,
+    once per rollout batch and before any update."""
+
+    prompt_ids: torch.Tensor  # [B, P] long
+    prompt_mask: torch.Tensor  # [B, P] 1 on prompt tokens
+    completion_ids: torch.Tensor  # [B, T] long
+    completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
+    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: completion_mask minus rows left out
+    old_logprobs: torch.Tensor | None = None  # [B, T] the sampling policy's, when the update needs them
+    ref_logprobs: torch.Tensor | None = None  # [B, T] the reference's, when there is a KL term
+    old_values: torch.Tensor | None = None  # [B, T] the critic's, before any update (PPO)
+    advantages: torch.Tensor | None = None  # [B] per sequence, or [B, T] per token
+    returns: torch.Tensor | None = None  # [B, T] value targets (PPO)
+
+    @property
+    def size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def rows(self, index) -> "Rollout":
+        """The rows ``index`` (a slice, or a tensor of row indices) of every field."""
+        return Rollout(**{name: value[index] for name, value in self.tensors().items()})
+
+    def trimmed(self) -> "Rollout":
+        """Drop prompt columns that are padding in every row (left) and completion columns past every row's
+        end (right): a micro-batch only pays for its own longest sequence."""
+        keep_prompt = self.prompt_mask.any(dim=0).nonzero()
+        first = int(keep_prompt[0]) if keep_prompt.numel() else self.prompt_mask.shape[1]
+        keep_completion = self.completion_mask.any(dim=0).nonzero()
+        last = int(keep_completion[-1]) + 1 if keep_completion.numel() else 0
+        out = {}
+        for name, value in self.tensors().items():
+            if name.startswith("prompt_"):
+                out[name] = value[:, first:]
+            elif value.dim() == 2:
+                out[name] = value[:, :last]
+            else:
+                out[name] = value
+        return Rollout(**out)
+
+
+@dataclass
+class RolloutTexts:
+    """What reward functions see, one entry per completion (prompts repeated G times)."""
+
+    prompts: list
+    completions: list
+    completion_ids: list[list[int]]
+    columns: dict[str, list]
+
+
+@dataclass
+class Policy:
+    """The actor as generation uses it: the model as Accelerate prepared it, its tokenizer and EOS ids, and
+    how prompts are cut to length."""
+
+    model: nn.Module
+    accelerator: object
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: list[int]
+    max_prompt_length: int | None = None
+    truncate_prompts: bool = False
+    prefill_group: bool = True  # prefill each group's prompt once (off under ZeRO-3 / FSDP)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+    min_new_tokens: int = 0
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,16 +117,6 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     positions = torch.arange(width, device=completion_ids.device)
     mask = positions.unsqueeze(0) <= first_eos.unsqueeze(1)
     return mask.long(), ~has_eos
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    min_new_tokens: int = 0
 
 
 def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -98,14 +176,9 @@ def sample_completions(
     was_training = model.training
     model.eval()
     kwargs = {}
-    if prompt_ids.shape[1] > 1 and _groups_share_prompts(prompt_ids, prompt_mask, group_size):
-        unique_ids, unique_mask = prompt_ids[::group_size, :-1], prompt_mask[::group_size, :-1]
-        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-        prefill = model(input_ids=unique_ids, attention_mask=unique_mask, use_cache=True,
-                        position_ids=position_ids_from_mask(unique_mask), **keep)
-        cache = prefill.cache if getattr(prefill, "cache", None) is not None else prefill.past_key_values
-        cache.batch_repeat_interleave(group_size)
-        kwargs[_cache_argument(model)] = cache
+    if prompt_ids.shape[1] > 1 and groups_share_prompts(prompt_ids, prompt_mask, group_size):
+        _, cache = run_shared_prompts(model, prompt_ids[:, :-1], prompt_mask[:, :-1], group_size)
+        kwargs[cache_argument(model)] = cache
     with _only_our_generation_config(model):
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                                    synced_gpus=synced_gpus, **kwargs)
@@ -115,33 +188,47 @@ def sample_completions(
     return completion_ids, mask, truncated
 
 
-class Batch(dict):
-    """Named tensors sharing a first (row) dimension; slicing picks rows from all of them.
+def encode_prompts(policy: Policy, prompts: list) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Left-padded prompt ids and mask on the policy's device, and whether the prompts were chat messages."""
+    texts, is_chat = render_prompts(prompts, policy.tokenizer)
+    ids = tokenize_prompts(texts, policy.tokenizer, is_chat, policy.max_prompt_length, policy.truncate_prompts)
+    prompt_ids, prompt_mask = left_pad(ids, policy.tokenizer.pad_token_id)
+    device = policy.accelerator.device
+    return prompt_ids.to(device), prompt_mask.to(device), is_chat
 
-    Naming convention: ``prompt_*`` 2-D tensors are left-padded prompt columns, every other 2-D
-    tensor is per completion token ([B, T]), 1-D tensors are per sequence.
-    """
 
-    def rows(self, index) -> "Batch":
-        return Batch({key: value[index] for key, value in self.items()})
+def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, is_chat: bool):
+    """(completion texts, or assistant messages for chat prompts; the token ids of each, up to its end)."""
+    lengths = mask.sum(dim=1).tolist()
+    id_lists = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
+    texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if is_chat else texts
+    return completions, id_lists
 
-    @property
-    def size(self) -> int:
-        return next(iter(self.values())).shape[0]
 
-    def trimmed(self) -> "Batch":
-        """Drop prompt columns that are padding in every row (left) and completion columns past every
-        row's end (right): a micro-batch only pays for its own longest sequence."""
-        keep_prompt = self["prompt_mask"].any(dim=0).nonzero()
-        first = int(keep_prompt[0]) if keep_prompt.numel() else self["prompt_mask"].shape[1]
-        keep_completion = self["completion_mask"].any(dim=0).nonzero()
-        last = int(keep_completion[-1]) + 1 if keep_completion.numel() else 0
-        out = Batch()
-        for key, value in self.items():
-            if key.startswith("prompt_") and value.dim() == 2:
-                out[key] = value[:, first:]
-            elif value.dim() == 2:
-                out[key] = value[:, :last]
-            else:
-                out[key] = value
-        return out
+def generate(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
+             group_size: int = 1):
+    """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast."""
+    accelerator = policy.accelerator
+    with model_for_generation(accelerator, policy.model) as model, accelerator.autocast():
+        return sample_completions(model, prompt_ids, prompt_mask, params, policy.eos_ids,
+                                  policy.tokenizer.pad_token_id, synced_gpus=needs_synced_generation(accelerator),
+                                  group_size=group_size if policy.prefill_group else 1)
+
+
+def generate_rollout(policy: Policy, rows: dict, params: SamplingParams, num_generations: int,
+                     ) -> tuple[Rollout, RolloutTexts]:
+    """``num_generations`` completions for each prompt of ``rows`` (a dataset slice), the completions of one
+    prompt in contiguous rows: the tensors, and the texts reward functions see."""
+    n = num_generations
+    prompt_ids, prompt_mask, is_chat = encode_prompts(policy, rows["prompt"])
+    prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
+    completion_ids, mask, truncated = generate(policy, prompt_ids, prompt_mask, params, group_size=n)
+    completions, id_lists = decode_completions(policy.tokenizer, completion_ids, mask, is_chat)
+    repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731
+    texts = RolloutTexts(prompts=repeat(rows["prompt"]), completions=completions, completion_ids=id_lists,
+                         columns={k: repeat(v) for k, v in rows.items() if k != "prompt"})
+    rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                      completion_mask=mask, truncated=truncated, loss_mask=mask.clone())
+    return rollout, texts

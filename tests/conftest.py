@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rlhf.tiny import char_tokenizer, tiny_model  # noqa: E402
+from rlhf.extras.tiny import char_tokenizer, tiny_model  # noqa: E402
 
 
 @pytest.fixture

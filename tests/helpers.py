@@ -10,8 +10,10 @@ from rlhf import (
     ReinforceConfig,
     ReinforceTrainer,
 )
+from rlhf.distributed import shards_parameters
 from rlhf.metrics import StepMetrics
-from rlhf.tiny import EOS_ID, char_tokenizer, tiny_model
+from rlhf.trainer.update import accumulate_gradients, plan_step
+from rlhf.extras.tiny import EOS_ID, char_tokenizer, tiny_model
 
 ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer),
               "reinforce": (ReinforceConfig, ReinforceTrainer)}
@@ -46,10 +48,19 @@ def flat_grad(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).clone()
 
 
+def accumulate(trainer, batch, metrics=None):
+    """One mini-batch's forward and backward passes, as the trainer's update runs them (the plan is re-derived
+    from ``trainer.args``, so a test may change micro_batch_size in between)."""
+    plan = plan_step(trainer.args, trainer.accelerator.num_processes, shards_parameters(trainer.accelerator))
+    for model in trainer.trained_models:
+        model.model.train()
+    accumulate_gradients(trainer.actor, trainer.critic_model, batch, trainer.args, plan, trainer.kl,
+                         trainer.accelerator, metrics if metrics is not None else StepMetrics())
+
+
 def gradient(trainer, batch, metrics=None):
-    trainer.model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.accumulate_gradients(batch, metrics if metrics is not None else StepMetrics())
+    accumulate(trainer, batch, metrics)
     return flat_grad(trainer.model)
 
 
@@ -66,15 +77,15 @@ def policy_gradient_reference(model, batch):
     """The plain policy gradient -sum_i sum_t A_it grad log p_it / N, scoring each sequence alone without
     padding (full log-softmax). Advantages are [B] (per sequence) or [B, T] (per token)."""
     model.zero_grad(set_to_none=True)
-    lengths = independent_lengths(batch["completion_ids"])
+    lengths = independent_lengths(batch.completion_ids)
     num_tokens = sum(lengths)
     loss = 0.0
     for i, n in enumerate(lengths):
-        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
-        completion = batch["completion_ids"][i, :n]
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+        completion = batch.completion_ids[i, :n]
         logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1]
         logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-        advantages = batch["advantages"][i] if batch["advantages"].dim() == 1 else batch["advantages"][i, :n]
+        advantages = batch.advantages[i] if batch.advantages.dim() == 1 else batch.advantages[i, :n]
         loss = loss - (advantages * logprobs).sum() / num_tokens
     loss.backward()
     return flat_grad(model), lengths

@@ -9,10 +9,11 @@ import sys
 
 import torch
 from accelerate.utils import gather_object
-from helpers import make_trainer, prompt_completion_reward
+from helpers import accumulate, make_trainer, prompt_completion_reward
 
 from rlhf.distributed import shutdown
 from rlhf.metrics import StepMetrics
+from rlhf.rollout import generate_rollout
 
 EVAL_PROMPTS = [{"prompt": f"{a}+{a + 3}="} for a in range(7)]  # 7: the processes get unequal shares
 EVAL_SETTINGS = dict(reward=prompt_completion_reward, eval_batch_size=2, accuracy_reward="prompt_completion_reward",
@@ -22,7 +23,7 @@ PAD = {"prompt_ids": (0, True), "prompt_mask": (0, True)}  # key: (pad value, pa
 
 def gathered(trainer, batch):
     out = {}
-    for key, value in batch.items():
+    for key, value in batch.tensors().items():
         if value.dim() == 2:
             pad, first = PAD.get(key, (0, False))
             value = trainer.accelerator.pad_across_processes(value, dim=1, pad_index=pad, pad_first=first)
@@ -33,17 +34,17 @@ def gathered(trainer, batch):
 def main(out_dir: str) -> None:
     same_prompt = make_trainer(out_dir + "/same", mini_batch_size=16, micro_batch_size=4)
     same_prompt.train_dataset = same_prompt.train_dataset.map(lambda row: {"prompt": "5+5=", "answer": "10"})
-    _, texts = same_prompt.generate_rollout(0)
+    _, texts = generate_rollout(same_prompt.policy, same_prompt.train_dataset[same_prompt.sampler.indices(0)],
+                                same_prompt.sampling, same_prompt.args.num_generations)
     completions = gather_object([texts.completions])
 
     evaluation = make_trainer(out_dir + "/eval", **EVAL_SETTINGS).evaluate(EVAL_PROMPTS, step=0)
     trainer = make_trainer(out_dir + "/grad", mini_batch_size=16, micro_batch_size=4, kl_coef=0.1)
     metrics = StepMetrics()
-    batch = trainer.make_rollout_batch(0, metrics)
+    batch, _ = trainer.make_rollout(0, metrics)
     reduced = metrics.reduce(trainer.accelerator)
-    trainer.model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.accumulate_gradients(batch, StepMetrics())
+    accumulate(trainer, batch)
     grad = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()])
     full = gathered(trainer, batch)
     if trainer.accelerator.is_main_process:

@@ -2,7 +2,7 @@
 
 import time
 
-from rlhf.tasks.addition import digit_match_reward
+from rlhf.extras.addition import digit_match_reward
 
 
 def slow_digit_reward(prompts, completions, answer, **kwargs):

@@ -31,7 +31,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     first.train()
     assert latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
     # A fresh trainer with a different initial model: everything must come from the checkpoint.
-    from rlhf.tiny import tiny_model
+    from rlhf.extras.tiny import tiny_model
 
     resumed = make_trainer(tmp_path / "resumed", model=tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2,
                                                                   seed=99), resume_from_checkpoint="latest", **common)

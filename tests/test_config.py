@@ -6,7 +6,7 @@ import pytest
 
 from rlhf import GRPOConfig
 from rlhf.cli import ConfigError, ScriptArguments, parse_args
-from rlhf.docs import render
+from rlhf.extras.docs import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

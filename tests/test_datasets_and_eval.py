@@ -19,9 +19,9 @@ from rlhf.dataset_adapters import (
     prepare_dataset,
 )
 from rlhf.evaluation import PolicyEvaluator
-from rlhf.rewards import correctness
-from rlhf.tiny import EOS_ID, char_tokenizer, tiny_model
-from rlhf.trainer.experience import pass_at_k
+from rlhf.rewards import build_reward_functions, correctness
+from rlhf.extras.tiny import EOS_ID, char_tokenizer, tiny_model
+from rlhf.evaluation import pass_at_k
 
 GSM8K_MAPPING = {"prompt": "question", "answer": "answer|gsm8k_answer"}
 
@@ -169,7 +169,7 @@ def test_accuracy_uses_the_marked_correctness_reward_and_rejects_unknown_names(t
 
     trainer = make_trainer(tmp_path, reward=half, trainer_kwargs={})
     assert "eval/accuracy" not in trainer.evaluate(EVAL_PROMPTS)
-    trainer.reward_functions = trainer._build_reward_functions([half, always_right])
+    trainer.reward_functions = build_reward_functions([half, always_right])
     trainer.reward_weights = [1.0, 1.0]
     assert trainer.evaluate(EVAL_PROMPTS)["eval/accuracy"] == 1.0
     with pytest.raises(ValueError, match=r"accuracy_reward='exact' is not one of the reward functions \['digit_share'\]"):

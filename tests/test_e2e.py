@@ -7,7 +7,7 @@ import sys
 
 from transformers import AutoModelForCausalLM
 
-from rlhf.tiny import save_tiny
+from rlhf.extras.tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def test_grpo_recipe_learns_through_accelerate_launch(tmp_path):
     model_dir = save_tiny(str(tmp_path / "tiny"), hidden_size=64, num_layers=2, max_positions=64)
     out = tmp_path / "run"
     launch("grpo.py", "--config", os.path.join(ROOT, "recipes", "configs", "demo_grpo.yaml"),
-           "--model_name_or_path", model_dir, "--reward_funcs", "rlhf.tasks.addition:digit_match_reward",
+           "--model_name_or_path", model_dir, "--reward_funcs", "rlhf.extras.addition:digit_match_reward",
            "--eval_dataset_name", "none", "--output_dir", str(out), "--max_steps", "30", "--prompts_per_step", "8",
            "--num_generations", "8", "--mini_batch_size", "none", "--micro_batch_size", "32", "--max_new_tokens", "4",
            "--learning_rate", "3e-3", "--logging_steps", "1", "--disable_tqdm", "true")
@@ -66,7 +66,7 @@ def test_ppo_and_reinforce_recipes_run_through_accelerate_launch(tmp_path):
 
 
 def test_rlhf_chain_reward_model_then_ppo_through_accelerate_launch(tmp_path):
-    from reward_models.synthetic import prepare
+    from rlhf.extras.synthetic import prepare
 
     paths = prepare(str(tmp_path / "chain"), warm_start_steps=5)
     rm_out = tmp_path / "rm"
@@ -80,7 +80,7 @@ def test_rlhf_chain_reward_model_then_ppo_through_accelerate_launch(tmp_path):
     ppo_out = tmp_path / "ppo"
     launch("ppo.py", "--config", os.path.join(ROOT, "recipes", "configs", "ppo_synthetic_rm.yaml"),
            "--model_name_or_path", paths["policy"], "--reward_funcs", reward_model,
-           "reward_models.synthetic:gold_reward", "--value_model_name_or_path", reward_model,
+           "rlhf.extras.synthetic:gold_reward", "--value_model_name_or_path", reward_model,
            "--output_dir", str(ppo_out), "--max_steps", "2", "--eval_steps", "2", "--prompts_per_step", "4",
            "--mini_batch_size", "8", "--micro_batch_size", "8", "--max_new_tokens", "16", "--disable_tqdm", "true")
     records = [json.loads(line) for line in (ppo_out / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from rlhf.tiny import save_tiny
+from rlhf.extras.tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

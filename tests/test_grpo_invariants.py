@@ -1,4 +1,4 @@
-"""GRPO trainer invariants (PITFALLS 2, 5, 6, 7, 8, 10): each checked against an independent path."""
+"""GRPO trainer invariants (pitfalls 2, 5, 6, 7, 8 and 10 in tests/README.md): each checked against an independent path."""
 
 import pytest
 import torch
@@ -10,10 +10,11 @@ from helpers import (
     relative_error,
 )
 
+import rlhf.trainer.trainer as trainer_module
 from rlhf.core import policy_loss
 from rlhf.metrics import StepMetrics
-from rlhf.models import completion_logprobs
-from rlhf.tiny import char_tokenizer, tiny_model
+from rlhf.forward import completion_logprobs
+from rlhf.extras.tiny import char_tokenizer, tiny_model
 
 
 def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
@@ -22,8 +23,8 @@ def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
     tokenizer = char_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     trainer = make_trainer(tmp_path, tokenizer=tokenizer)
-    batch = trainer.make_rollout_batch(0)
-    assert "old_logprobs" not in batch  # one epoch, one mini-batch: exactly on-policy
+    batch, _ = trainer.make_rollout(0)
+    assert batch.old_logprobs is None  # one epoch, one mini-batch: exactly on-policy
     metrics = StepMetrics()
     grad = gradient(trainer, batch, metrics)
     stats = metrics.reduce()
@@ -31,7 +32,7 @@ def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
     assert stats["clip/low_frac"] == 0.0 and stats["clip/high_frac"] == 0.0
 
     reference, lengths = policy_gradient_reference(trainer.model, batch)
-    assert any(n < batch["completion_ids"].shape[1] for n in lengths)  # some rows end with an EOS
+    assert any(n < batch.completion_ids.shape[1] for n in lengths)  # some rows end with an EOS
     assert relative_error(grad, reference) < 1e-5
 
 
@@ -42,7 +43,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, loss_agg):
     the whole mini-batch give the same gradient."""
     trainer = make_trainer(tmp_path, loss_agg=loss_agg, num_epochs=2, kl_coef=0.1, entropy_coef=0.01,
                            clip_eps_low=0.05, clip_eps_high=0.05)
-    batch = trainer.make_rollout_batch(0)
+    batch, _ = trainer.make_rollout(0)
     with torch.no_grad():  # move the policy away from the one that sampled
         for p in trainer.model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -60,29 +61,29 @@ def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, loss_agg):
 def test_naive_per_micro_batch_normalisation_differs(tmp_path):
     """Negative control for the test above: token-mean per micro-batch, averaged, is a different gradient."""
     trainer = make_trainer(tmp_path)
-    batch = trainer.make_rollout_batch(0)
+    batch, _ = trainer.make_rollout(0)
     whole = gradient(trainer, batch)
     model = trainer.model
     model.zero_grad(set_to_none=True)
     micro_batches = [batch.rows(slice(i, i + 2)).trimmed() for i in range(0, batch.size, 2)]
     for micro in micro_batches:
-        logprobs, _ = completion_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["completion_ids"],
-                                          micro["completion_mask"])
-        loss, _ = policy_loss(logprobs, logprobs.detach(), micro["advantages"], micro["loss_mask"], 0.2, 0.2)
+        logprobs, _ = completion_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                          micro.completion_mask)
+        loss, _ = policy_loss(logprobs, logprobs.detach(), micro.advantages, micro.loss_mask, 0.2, 0.2)
         (loss / len(micro_batches)).backward()
     assert relative_error(flat_grad(model), whole) > 1e-2
 
 
-def test_old_logprobs_are_computed_once_before_any_update(tmp_path):
+def test_old_logprobs_are_computed_once_before_any_update(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, num_epochs=3, mini_batch_size=8, micro_batch_size=4)
     calls = []
-    original = trainer._logprobs_no_grad
+    original = trainer_module.rollout_logprobs
 
-    def spy(model, batch):
+    def spy(*args, **kwargs):
         calls.append(trainer.optimizer.state_dict()["state"] != {})  # has any optimizer step happened yet?
-        return original(model, batch)
+        return original(*args, **kwargs)
 
-    trainer._logprobs_no_grad = spy
+    monkeypatch.setattr(trainer_module, "rollout_logprobs", spy)
     metrics = trainer.training_step()
     assert calls == [False]  # one pass, before the first update
     assert metrics["policy/ratio_mean"] != 1.0  # later mini-batches do see the updated policy
@@ -90,12 +91,12 @@ def test_old_logprobs_are_computed_once_before_any_update(tmp_path):
 
 def test_old_logprobs_match_the_policy_that_sampled(tmp_path):
     trainer = make_trainer(tmp_path, num_epochs=2)
-    batch = trainer.make_rollout_batch(0)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(0)
+    mask = batch.completion_mask.bool()
     with torch.no_grad():
-        fresh, _ = completion_logprobs(trainer.model, batch["prompt_ids"], batch["prompt_mask"],
-                                       batch["completion_ids"], batch["completion_mask"])
-    assert (batch["old_logprobs"] - fresh)[mask].abs().max() < 1e-5
+        fresh, _ = completion_logprobs(trainer.model, batch.prompt_ids, batch.prompt_mask,
+                                       batch.completion_ids, batch.completion_mask)
+    assert (batch.old_logprobs - fresh)[mask].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -128,8 +129,8 @@ def test_dropout_in_the_config_does_not_break_the_first_ratio(tmp_path):
                                     lambda prompts, completions, **kw: [None] * len(completions)])
 def test_equal_or_missing_rewards_give_zero_finite_advantages(tmp_path, reward):
     trainer = make_trainer(tmp_path, reward=reward)
-    batch = trainer.make_rollout_batch(0)
-    assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
+    batch, _ = trainer.make_rollout(0)
+    assert torch.equal(batch.advantages, torch.zeros_like(batch.advantages))
     metrics = trainer.training_step()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["reward/zero_std_group_frac"] == 1.0
@@ -137,10 +138,10 @@ def test_equal_or_missing_rewards_give_zero_finite_advantages(tmp_path, reward):
 
 def test_truncated_completions_can_be_left_out_of_the_loss(tmp_path):
     trainer = make_trainer(tmp_path, mask_truncated_completions=True, max_new_tokens=3)
-    batch = trainer.make_rollout_batch(0)
-    assert batch["truncated"].any()
-    assert batch["loss_mask"][batch["truncated"]].sum() == 0
-    assert torch.equal(batch["loss_mask"][~batch["truncated"]], batch["completion_mask"][~batch["truncated"]])
+    batch, _ = trainer.make_rollout(0)
+    assert batch.truncated.any()
+    assert batch.loss_mask[batch.truncated].sum() == 0
+    assert torch.equal(batch.loss_mask[~batch.truncated], batch.completion_mask[~batch.truncated])
 
 
 def test_zero_std_groups_can_be_filtered(tmp_path):
@@ -148,5 +149,5 @@ def test_zero_std_groups_can_be_filtered(tmp_path):
         return [0.0 if i < 4 else float(len(c)) + i % 2 for i, c in enumerate(completions)]
 
     trainer = make_trainer(tmp_path, reward=first_group_equal, filter_zero_std_groups=True)
-    batch = trainer.make_rollout_batch(0)
-    assert batch["loss_mask"][:4].sum() == 0 and batch["loss_mask"][4:].sum() > 0
+    batch, _ = trainer.make_rollout(0)
+    assert batch.loss_mask[:4].sum() == 0 and batch.loss_mask[4:].sum() > 0

@@ -4,13 +4,12 @@ checkpointing still gives the adapter gradients, and saved adapters reproduce th
 import copy
 
 import torch
-from helpers import make_trainer
+from helpers import accumulate, make_trainer
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
-from rlhf.metrics import StepMetrics
-from rlhf.models import completion_logprobs
-from rlhf.tiny import tiny_model
+from rlhf.forward import completion_logprobs
+from rlhf.extras.tiny import tiny_model
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.1,
                   task_type="CAUSAL_LM")
@@ -26,8 +25,8 @@ def lora_trainer(tmp_path, **overrides):
 
 def score(model, batch):
     with torch.no_grad():
-        return completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                                   batch["completion_mask"])[0]
+        return completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.completion_mask)[0]
 
 
 def test_only_adapter_weights_train_and_the_reference_is_the_base(tmp_path):
@@ -37,11 +36,11 @@ def test_only_adapter_weights_train_and_the_reference_is_the_base(tmp_path):
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
-    batch = trainer.make_rollout_batch(2)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(2)
+    mask = batch.completion_mask.bool()
     # ref_logprobs came from the adapter-disabled actor: they equal the untouched base model's.
-    assert (batch["ref_logprobs"] - score(pristine, batch))[mask].abs().max() < 1e-5
-    assert (score(trainer.model, batch) - batch["ref_logprobs"])[mask].abs().max() > 1e-3  # the adapter matters
+    assert (batch.ref_logprobs - score(pristine, batch))[mask].abs().max() < 1e-5
+    assert (score(trainer.model, batch) - batch.ref_logprobs)[mask].abs().max() > 1e-3  # the adapter matters
     metrics = trainer.training_step()
     assert metrics["kl"] > 0
 
@@ -52,9 +51,8 @@ def test_gradient_checkpointing_gives_adapter_gradients(tmp_path):
     grads = {}
     for checkpointing in (False, True):
         trainer, _ = lora_trainer(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
-        batch = trainer.make_rollout_batch(0)
-        trainer.model.train()
-        trainer.accumulate_gradients(batch, StepMetrics())
+        batch, _ = trainer.make_rollout(0)
+        accumulate(trainer, batch)
         grads[checkpointing] = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
         assert all("lora_" in n for n in grads[checkpointing])
         assert all(g.abs().sum() > 0 for n, g in grads[checkpointing].items() if "lora_B" in n)
@@ -67,8 +65,8 @@ def test_gradient_checkpointing_gives_adapter_gradients(tmp_path):
 def test_saved_adapter_and_merged_model_reproduce_the_trained_log_probs(tmp_path):
     trainer, pristine = lora_trainer(tmp_path, max_steps=2)
     trainer.train()
-    batch = trainer.make_rollout_batch(2)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(2)
+    mask = batch.completion_mask.bool()
     trained = score(trainer.unwrapped_model.eval(), batch)
     adapter = PeftModel.from_pretrained(pristine, trainer.save_model(str(tmp_path / "adapter"))).eval()
     assert torch.equal(score(adapter, batch)[mask], trained[mask])
@@ -101,8 +99,8 @@ def test_ppo_with_a_lora_actor_trains_a_lora_critic(tmp_path):
 def test_reference_in_lower_precision(tmp_path):
     trainer = make_trainer(tmp_path, kl_coef=0.1, ref_model_dtype="bfloat16", offload_reference=True)
     assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16
-    batch = trainer.make_rollout_batch(0)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(0)
+    mask = batch.completion_mask.bool()
     exact = score(trainer.model, batch)
-    assert batch["ref_logprobs"].dtype == torch.float32
-    assert 0 < (batch["ref_logprobs"] - exact)[mask].abs().max() < 0.1  # bf16 rounding, nothing worse
+    assert batch.ref_logprobs.dtype == torch.float32
+    assert 0 < (batch.ref_logprobs - exact)[mask].abs().max() < 0.1  # bf16 rounding, nothing worse

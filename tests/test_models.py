@@ -4,13 +4,9 @@ import pytest
 import torch
 
 from rlhf.data import left_pad
-from rlhf.models import (
-    completion_logprobs,
-    disable_dropout,
-    eos_token_ids,
-    position_ids_from_mask,
-)
-from rlhf.tiny import EOS_ID, tiny_model
+from rlhf.forward import completion_logprobs, position_ids_from_mask
+from rlhf.models import disable_dropout, eos_token_ids
+from rlhf.extras.tiny import EOS_ID, tiny_model
 
 
 def _reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0):

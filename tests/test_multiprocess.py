@@ -10,7 +10,7 @@ import torch
 from helpers import gradient, make_trainer, relative_error, varied_reward
 from multiproc_worker import EVAL_PROMPTS, EVAL_SETTINGS
 
-from rlhf.rollout import Batch
+from rlhf.rollout import Rollout
 
 
 def free_port() -> str:
@@ -37,18 +37,18 @@ def test_two_processes_match_one(tmp_path):
     first, second = out["completions"]
     assert len(first) == len(second) == 8 and first != second
 
-    batch = Batch(out["batch"])
+    batch = Rollout(**out["batch"])
     # Rewards and group advantages were computed over both processes: the reduced metric is the mean over
     # all 16 completions, and each group of 4 (kept on one process) has advantages summing to 0.
     # Greedy evaluation with the prompts dealt to two processes (4 and 3) equals the one-process evaluation.
     single = make_trainer(tmp_path / "eval", **EVAL_SETTINGS).evaluate(EVAL_PROMPTS, step=0)
     assert out["evaluation"] == single and 0 < single["eval/accuracy"] < 1
     trainer = make_trainer(tmp_path / "single", mini_batch_size=16, micro_batch_size=4, kl_coef=0.1)
-    lengths = batch["completion_mask"].sum(dim=1).tolist()
-    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch["completion_ids"].tolist(), lengths)],
+    lengths = batch.completion_mask.sum(dim=1).tolist()
+    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch.completion_ids.tolist(), lengths)],
                                            skip_special_tokens=True)
     assert abs(out["reward_mean"] - sum(varied_reward(None, texts)) / 16) < 1e-9
-    assert batch["advantages"].view(4, 4).sum(dim=1).abs().max() < 1e-5
+    assert batch.advantages.view(4, 4).sum(dim=1).abs().max() < 1e-5
 
     # One update's gradient: two processes with global loss normalisation == one process on the same batch.
     assert relative_error(out["grad"], gradient(trainer, batch)) < 1e-5
@@ -57,7 +57,7 @@ def test_two_processes_match_one(tmp_path):
 def test_the_grpo_recipe_trains_and_saves_on_two_processes(tmp_path):
     """The whole recipe on two processes: training, metrics from the main process only, then save_model
     (a collective after training)."""
-    from rlhf.tiny import save_tiny
+    from rlhf.extras.tiny import save_tiny
 
     model_dir = save_tiny(str(tmp_path / "tiny"), hidden_size=32, num_layers=2, max_positions=64)
     out = tmp_path / "run"

@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from rlhf import ValueModel
 from rlhf.critic import completion_values
 from rlhf.metrics import StepMetrics
-from rlhf.tiny import PAD_ID
-from rlhf.trainer.token_rewards import AdaptiveKLController
+from rlhf.extras.tiny import PAD_ID
+from rlhf.trainer.kl import AdaptiveKLController
 
 
 def exact_reward(prompts, completions, **kwargs):
@@ -26,8 +26,8 @@ def test_first_pass_ratio_is_one_value_clip_inactive_and_gradient_is_reinforce(t
     exactly 1, no value is clipped, and the actor's gradient is the plain policy gradient with the GAE
     advantages."""
     trainer = make_trainer(tmp_path, algo="ppo", kl_coef=0.05)
-    batch = trainer.make_rollout_batch(0)
-    assert "old_logprobs" in batch and "old_values" in batch
+    batch, _ = trainer.make_rollout(0)
+    assert batch.old_logprobs is not None and batch.old_values is not None
     metrics = StepMetrics()
     gradient(trainer, batch, metrics)
     stats = metrics.reduce()
@@ -42,36 +42,36 @@ def test_returns_are_the_sequence_reward_when_gamma_and_lambda_are_one(tmp_path)
     """No KL, gamma = lambda = 1: every valid token's return is the sequence reward (independent of the
     values), and whitened advantages have mean 0 and std 1 over the valid tokens."""
     trainer = make_trainer(tmp_path, algo="ppo", kl_coef=0.0, gamma=1.0, gae_lambda=1.0, reward=exact_reward)
-    batch = trainer.make_rollout_batch(0)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(0)
+    mask = batch.completion_mask.bool()
     lengths = mask.sum(dim=1)
-    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch["completion_ids"].tolist(), lengths.tolist())],
+    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch.completion_ids.tolist(), lengths.tolist())],
                                            skip_special_tokens=True)
     rewards = torch.tensor(exact_reward(None, texts)).unsqueeze(1).expand_as(mask)
-    torch.testing.assert_close(batch["returns"][mask], rewards[mask].to(batch["returns"].dtype))
-    advantages = batch["advantages"][mask].double()
+    torch.testing.assert_close(batch.returns[mask], rewards[mask].to(batch.returns.dtype))
+    advantages = batch.advantages[mask].double()
     assert abs(advantages.mean().item()) < 1e-6 and abs(advantages.std().item() - 1) < 1e-4
-    assert (batch["advantages"][~mask] == 0).all()
+    assert (batch.advantages[~mask] == 0).all()
 
 
 def test_returns_are_computed_before_whitening(tmp_path):
     trainer = make_trainer(tmp_path, algo="ppo", kl_coef=0.05, gamma=0.9, gae_lambda=0.8)
-    batch = trainer.make_rollout_batch(0)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(0)
+    mask = batch.completion_mask.bool()
     # returns - values is GAE's raw advantage; whitening it must give the stored advantages.
-    raw = (batch["returns"] - batch["old_values"])[mask].double()
-    torch.testing.assert_close(batch["advantages"][mask].double(), (raw - raw.mean()) / raw.std(), atol=1e-5, rtol=0)
+    raw = (batch.returns - batch.old_values)[mask].double()
+    torch.testing.assert_close(batch.advantages[mask].double(), (raw - raw.mean()) / raw.std(), atol=1e-5, rtol=0)
 
 
 def test_critic_starts_near_zero_and_round_trips_exactly(tmp_path):
     trainer = make_trainer(tmp_path, algo="ppo")
-    batch = trainer.make_rollout_batch(0)
-    mask = batch["completion_mask"].bool()
-    assert batch["old_values"][mask].abs().mean() < 0.5
+    batch, _ = trainer.make_rollout(0)
+    mask = batch.completion_mask.bool()
+    assert batch.old_values[mask].abs().mean() < 0.5
     trainer.training_step()  # change the critic from its initial state
     path = trainer.save_critic(str(tmp_path / "critic"))
     reloaded = ValueModel.from_pretrained(path).eval()
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     with torch.no_grad():
         assert torch.equal(completion_values(reloaded, *args), completion_values(trainer.unwrapped_critic.eval(), *args))
 
@@ -150,13 +150,13 @@ def test_kl_in_the_loss_leaves_the_rewards_alone(tmp_path):
     logged from the loss (0 on the first pass, when the policy is the reference)."""
     trainer = make_trainer(tmp_path, algo="ppo", kl_coef=0.5, kl_in="loss", kl_estimator="k3", gamma=1.0,
                            gae_lambda=1.0, reward=exact_reward)
-    batch = trainer.make_rollout_batch(0)
-    mask = batch["completion_mask"].bool()
+    batch, _ = trainer.make_rollout(0)
+    mask = batch.completion_mask.bool()
     lengths = mask.sum(dim=1).tolist()
-    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch["completion_ids"].tolist(), lengths)],
+    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch.completion_ids.tolist(), lengths)],
                                            skip_special_tokens=True)
     rewards = torch.tensor(exact_reward(None, texts)).unsqueeze(1).expand_as(mask)
-    torch.testing.assert_close(batch["returns"][mask], rewards[mask].to(batch["returns"].dtype))
+    torch.testing.assert_close(batch.returns[mask], rewards[mask].to(batch.returns.dtype))
     metrics = StepMetrics()
     gradient(trainer, batch, metrics)
     assert metrics.reduce()["kl"] == 0.0

@@ -9,7 +9,7 @@ import os
 import pytest
 from datasets import Dataset
 
-from rlhf.tiny import save_tiny
+from rlhf.extras.tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "recipes", "configs")

@@ -18,8 +18,8 @@ def length_reward(prompts, completions, **kwargs):
 
 
 def sequence_rewards(trainer, batch):
-    lengths = batch["completion_mask"].sum(dim=1).tolist()
-    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch["completion_ids"].tolist(), lengths)],
+    lengths = batch.completion_mask.sum(dim=1).tolist()
+    texts = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch.completion_ids.tolist(), lengths)],
                                            skip_special_tokens=True)
     return torch.tensor(length_reward(None, texts), dtype=torch.float64), lengths
 
@@ -34,7 +34,7 @@ def test_baselines_match_their_formulas(tmp_path, baseline):
     gamma, group = 0.9, 4
     trainer = make_trainer(tmp_path, algo="reinforce", baseline=baseline, gamma=gamma, kl_coef=0.0,
                            reward=length_reward)
-    batch = trainer.make_rollout_batch(0)
+    batch, _ = trainer.make_rollout(0)
     rewards, lengths = sequence_rewards(trainer, batch)
     for i, n in enumerate(lengths):
         if baseline == "none":
@@ -46,22 +46,23 @@ def test_baselines_match_their_formulas(tmp_path, baseline):
             others = [rewards[j] for j in range(g * group, (g + 1) * group) if j != i]
             r = rewards[i] - sum(others) / len(others)
         expected = torch.tensor(discounted(float(r), n, gamma), dtype=torch.float32)
-        torch.testing.assert_close(batch["advantages"][i, :n], expected, atol=1e-6, rtol=1e-6)
-        assert (batch["advantages"][i, n:] == 0).all()
+        torch.testing.assert_close(batch.advantages[i, :n], expected, atol=1e-6, rtol=1e-6)
+        assert (batch.advantages[i, n:] == 0).all()
 
 
 def test_reinforce_plus_plus_whitens_kl_shaped_returns(tmp_path):
     gamma, beta = 0.95, 0.1
     trainer = make_trainer(tmp_path, algo="reinforce", baseline="reinforce++", gamma=gamma, kl_coef=beta,
                            reward=length_reward, num_epochs=2)
-    batch = trainer.make_rollout_batch(0)
+    batch, _ = trainer.make_rollout(0)
     with torch.no_grad():  # make the policy differ from the reference so that the KL terms are not zero
-        batch["old_logprobs"] = batch["old_logprobs"] + 0.3 * torch.randn_like(batch["old_logprobs"])
-        trainer.compute_advantages(batch, sequence_rewards(trainer, batch)[0], StepMetrics())
+        batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs)
+        batch.advantages, _ = trainer.algorithm.advantages(sequence_rewards(trainer, batch)[0], batch, trainer.kl,
+                                                           trainer.reduce, StepMetrics())
     rewards, lengths = sequence_rewards(trainer, batch)
     returns = []
     for i, n in enumerate(lengths):
-        kl = (batch["old_logprobs"][i, :n] - batch["ref_logprobs"][i, :n]).double()  # k1
+        kl = (batch.old_logprobs[i, :n] - batch.ref_logprobs[i, :n]).double()  # k1
         token_rewards = -beta * kl
         token_rewards[n - 1] += rewards[i]
         running, row = 0.0, []
@@ -71,13 +72,13 @@ def test_reinforce_plus_plus_whitens_kl_shaped_returns(tmp_path):
         returns.extend(reversed(row))
     returns = torch.stack(returns)
     expected = (returns - returns.mean()) / returns.std()
-    mask = batch["completion_mask"].bool()
-    torch.testing.assert_close(batch["advantages"][mask].double(), expected, atol=1e-5, rtol=0)
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(batch.advantages[mask].double(), expected, atol=1e-5, rtol=0)
 
 
 def test_one_epoch_is_the_plain_policy_gradient(tmp_path):
     trainer = make_trainer(tmp_path, algo="reinforce", baseline="rloo", kl_coef=0.05, gamma=0.9)
-    batch = trainer.make_rollout_batch(0)
+    batch, _ = trainer.make_rollout(0)
     metrics = StepMetrics()
     grad = gradient(trainer, batch, metrics)
     stats = metrics.reduce()
@@ -100,5 +101,5 @@ def test_rloo_needs_two_generations(tmp_path):
 
 def test_flat_grad_helper_sees_every_trained_parameter(tmp_path):
     trainer = make_trainer(tmp_path, algo="reinforce")
-    gradient(trainer, trainer.make_rollout_batch(0))
+    gradient(trainer, trainer.make_rollout(0)[0])
     assert flat_grad(trainer.model).numel() == sum(p.numel() for p in trainer.model.parameters())

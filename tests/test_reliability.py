@@ -11,8 +11,8 @@ from helpers import PROMPTS, make_trainer, varied_reward
 from rlhf import GRPOConfig, GRPOTrainer
 from rlhf.checkpoint import latest_checkpoint
 from rlhf.rewards import RewardError
-from rlhf.tiny import char_tokenizer, tiny_model
-from rlhf.trainer.base import NonFiniteError
+from rlhf.extras.tiny import char_tokenizer, tiny_model
+from rlhf.trainer import NonFiniteError
 
 
 def build(tmp_path, dataset=PROMPTS, rewards=(varied_reward,), tokenizer=None, **overrides):
@@ -110,14 +110,15 @@ def test_checkpoint_state_loads_without_pickle(tmp_path):
 
 def poison_advantages(trainer, steps: set[int]):
     """Make the advantages NaN at the given steps (a numerical failure after validation)."""
-    original = trainer.compute_advantages
+    original = trainer.algorithm.advantages
 
-    def compute(batch, rewards, metrics):
-        original(batch, rewards, metrics)
+    def compute(rewards, batch, *args):
+        advantages, returns = original(rewards, batch, *args)
         if trainer.step in steps:
-            batch["advantages"] = torch.full_like(batch["advantages"], float("nan"))
+            advantages = torch.full_like(advantages, float("nan"))
+        return advantages, returns
 
-    trainer.compute_advantages = compute
+    trainer.algorithm.advantages = compute
 
 
 def test_a_nonfinite_update_is_skipped_and_counted(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.tiny import save_tiny
+from rlhf.extras.tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -19,7 +19,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def command(recipe, model_dir, output_dir, *extra):
     return [sys.executable, os.path.join(ROOT, "recipes", f"{recipe}.py"), "--model_name_or_path", model_dir,
-            "--dataset_name", "rlhf.tasks.addition:train_split", "--reward_funcs", "recipe_rewards:slow_digit_reward",
+            "--dataset_name", "rlhf.extras.addition:train_split", "--reward_funcs", "recipe_rewards:slow_digit_reward",
             "--output_dir", output_dir, "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "2",
             "--prompts_per_step", "4", "--num_generations", "4", "--mini_batch_size", "8", "--micro_batch_size", "4",
             "--num_epochs", "2", "--max_new_tokens", "4", "--max_prompt_length", "16", "--learning_rate", "1e-3",

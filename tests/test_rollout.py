@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from rlhf.data import left_pad
-from rlhf.models import completion_logprobs
+from rlhf.forward import completion_logprobs
 from rlhf.rollout import (
-    Batch,
+    Rollout,
     SamplingParams,
     completion_mask,
     generation_config,
     sample_completions,
 )
-from rlhf.tiny import EOS_ID, PAD_ID, tiny_model
+from rlhf.extras.tiny import EOS_ID, PAD_ID, tiny_model
 
 A, B = 20, 21  # two ordinary tokens
 
@@ -107,14 +107,16 @@ def test_left_padded_generation_matches_unpadded():
 
 
 def test_batch_trimming_drops_only_all_padding_columns():
-    batch = Batch(prompt_ids=torch.tensor([[0, 0, 5], [0, 6, 7]]), prompt_mask=torch.tensor([[0, 0, 1], [0, 1, 1]]),
-                  completion_ids=torch.tensor([[8, 2, 0, 0], [9, 9, 2, 0]]),
-                  completion_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]), advantages=torch.tensor([1.0, 2.0]))
+    completion_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    batch = Rollout(prompt_ids=torch.tensor([[0, 0, 5], [0, 6, 7]]), prompt_mask=torch.tensor([[0, 0, 1], [0, 1, 1]]),
+                    completion_ids=torch.tensor([[8, 2, 0, 0], [9, 9, 2, 0]]), completion_mask=completion_mask,
+                    truncated=torch.tensor([False, False]), loss_mask=completion_mask.clone(),
+                    advantages=torch.tensor([1.0, 2.0]))
     trimmed = batch.trimmed()
-    assert trimmed["prompt_ids"].tolist() == [[0, 5], [6, 7]]
-    assert trimmed["completion_ids"].tolist() == [[8, 2, 0], [9, 9, 2]]
-    assert trimmed["advantages"].tolist() == [1.0, 2.0]
-    assert batch.rows(torch.tensor([1]))["completion_mask"].tolist() == [[1, 1, 1, 0]]
+    assert trimmed.prompt_ids.tolist() == [[0, 5], [6, 7]]
+    assert trimmed.completion_ids.tolist() == [[8, 2, 0], [9, 9, 2]]
+    assert trimmed.advantages.tolist() == [1.0, 2.0]
+    assert batch.rows(torch.tensor([1])).completion_mask.tolist() == [[1, 1, 1, 0]]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -9,6 +9,8 @@ token counts. Group ``g`` holds rows ``g*G .. g*G+G-1``.
 """
 
 from rlhf.core.advantages import (
+    REWARD_SCALES,
+    RewardScale,
     discounted_returns,
     gae,
     grpo_advantages,
@@ -21,7 +23,10 @@ from rlhf.core.logprobs import (
     token_logprobs_and_entropy,
 )
 from rlhf.core.losses import (
+    KL_ESTIMATORS,
     LOSS_AGG_MODES,
+    KLEstimator,
+    LossAgg,
     aggregate_loss,
     kl_penalty,
     policy_loss,
@@ -30,7 +35,12 @@ from rlhf.core.losses import (
 from rlhf.core.masked import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "REWARD_SCALES",
+    "KLEstimator",
+    "LossAgg",
+    "RewardScale",
     "aggregate_loss",
     "discounted_returns",
     "entropy_from_logits",

@@ -1,14 +1,17 @@
 """Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), reward-to-go, GAE."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+
+RewardScale = Literal["group", "batch", "none"]
+REWARD_SCALES = get_args(RewardScale)
 
 
 def grpo_advantages(
     rewards: torch.Tensor,
     group_size: int,
-    scale: Literal["group", "batch", "none"] = "group",
+    scale: RewardScale = "group",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Group-relative advantages, one per completion. ``rewards``: [B], B divisible by ``group_size``.
@@ -32,7 +35,7 @@ def grpo_advantages(
     elif scale == "batch":
         std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
     else:
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+        raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
     return (centred / (std + eps)).reshape(-1)
 
 

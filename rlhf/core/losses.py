@@ -1,13 +1,16 @@
 """Loss aggregation, KL estimators, the clipped policy loss and the clipped value loss."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from rlhf.core.masked import masked_mean, masked_sum
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# The legal values, written once: configs annotate their fields with these types and validate against them.
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGG_MODES = get_args(LossAgg)
+KLEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS = get_args(KLEstimator)
 
 
 def aggregate_loss(
@@ -48,7 +51,7 @@ def aggregate_loss(
 
 
 def kl_penalty(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k2", "k3"]
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator
 ) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman, 2020).
 
@@ -65,7 +68,7 @@ def kl_penalty(
         return 0.5 * d.square()
     if estimator == "k3":
         return torch.expm1(-d.clamp(-20.0, 20.0)) + d
-    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
 def policy_loss(

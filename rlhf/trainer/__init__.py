@@ -1,6 +1,8 @@
-from rlhf.trainer.base import RLTrainer
-from rlhf.trainer.grpo import GRPOTrainer
-from rlhf.trainer.ppo import PPOTrainer
-from rlhf.trainer.reinforce import ReinforceTrainer
+"""The trainer loop (``trainer.py``), what each algorithm adds (``algorithms.py``), where the KL enters
+(``kl.py``), the update and its losses (``update.py``), the no-grad passes (``scoring.py``) and
+checkpoints (``checkpointing.py``)."""
 
-__all__ = ["GRPOTrainer", "PPOTrainer", "RLTrainer", "ReinforceTrainer"]
+from rlhf.trainer.trainer import GRPOTrainer, PPOTrainer, ReinforceTrainer, RLTrainer
+from rlhf.trainer.update import NonFiniteError
+
+__all__ = ["GRPOTrainer", "NonFiniteError", "PPOTrainer", "RLTrainer", "ReinforceTrainer"]

@@ -27,7 +27,7 @@ def rand(seed, shape=MASK.shape):
 
 
 def ref_aggregate(loss, mask, mode):
-    """DESIGN.md's formulas by loop. B counts rows with at least one valid token (rlhf.core docstring)."""
+    """The formulas of aggregate_loss's docstring, by loop. B counts rows with at least one valid token (rlhf.core docstring)."""
     rows = [[loss[i, t].item() for t in range(loss.shape[1]) if mask[i, t]] for i in range(loss.shape[0])]
     rows = [r for r in rows if r]
     n_tokens = sum(len(r) for r in rows)
@@ -46,7 +46,7 @@ def ref_aggregate(loss, mask, mode):
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_aggregate_matches_formula(mode):
-    """Each mode equals its DESIGN.md formula on ragged rows (one-token row, empty row)."""
+    """Each mode equals its formula (aggregate_loss's docstring) on ragged rows (one-token row, empty row)."""
     loss = rand(0)
     assert aggregate_loss(loss, MASK, mode).item() == pytest.approx(ref_aggregate(loss, MASK, mode), rel=1e-12)
 
@@ -147,7 +147,7 @@ def test_kl_hand_case():
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
 def test_k3_exactly_zero_for_identical_policies(dtype):
-    """Policy == reference gives k3 == 0 exactly, not ~1e-8 (PITFALLS #7)."""
+    """Policy == reference gives k3 == 0 exactly, not ~1e-8 (pitfall 7)."""
     logprobs = (-rand(9).abs() * 5).to(dtype)
     k3 = kl_penalty(logprobs, logprobs.clone(), "k3")
     assert torch.equal(k3, torch.zeros_like(k3))
@@ -214,7 +214,7 @@ def test_policy_loss_per_token_formula(el, eh, c):
 
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 def test_policy_loss_aggregation(agg):
-    """On a ragged mask the scalar is the reference per-token loss aggregated by DESIGN.md's formula."""
+    """On a ragged mask the scalar is the reference per-token loss aggregated by its formula."""
     logprobs, old, adv = policy_batch(13)
     per_token = torch.tensor(
         [[ref_token_loss(logprobs[i, t].item(), old[i, t].item(), adv[i, t].item(), 0.2, 0.28, 3.0) for t in range(T)]
@@ -241,7 +241,7 @@ def test_policy_loss_at_ratio_one():
 
 
 def test_policy_loss_at_ratio_one_is_exact_in_fp32():
-    """On CPU fp32 the first-pass ratio is exactly 1 (PITFALLS #5), so each token's loss is exactly -A."""
+    """On CPU fp32 the first-pass ratio is exactly 1 (pitfall 5), so each token's loss is exactly -A."""
     logprobs, _, adv = policy_batch(15)
     logprobs, adv = logprobs.float(), adv.float()
     for i in range(MASK.shape[0]):

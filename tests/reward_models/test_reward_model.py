@@ -11,12 +11,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from reward_models import synthetic
-from reward_models.modeling import encode, sequence_scores
+from rlhf.extras import synthetic
+from rlhf.reward_model import encode, sequence_scores
 from reward_models.trainer import RewardModelConfig, RewardModelTrainer
 from rlhf import GRPOConfig, GRPOTrainer
 from rlhf.metrics import StepMetrics
-from rlhf.tiny import char_tokenizer, save_tiny, tiny_model
+from rlhf.rewards import score_rollout
+from rlhf.rollout import generate_rollout
+from rlhf.extras.tiny import char_tokenizer, save_tiny, tiny_model
 
 
 def test_training_reaches_90_percent_on_held_out_pairs(tmp_path):
@@ -80,6 +82,14 @@ def word_reward_model(tmp_path):
     return str(tmp_path / "word_rm"), model.eval(), tokenizer
 
 
+def rollout_rewards(trainer):
+    """The first step's completions and their rewards, as the trainer computes them."""
+    n = trainer.args.num_generations
+    _, texts = generate_rollout(trainer.policy, trainer.train_dataset[trainer.sampler.indices(0)], trainer.sampling, n)
+    return score_rollout(trainer.reward_functions, trainer.reward_weights, texts, trainer.accelerator, n,
+                         StepMetrics()), texts
+
+
 @pytest.mark.parametrize("given_as", ["path", "object"])
 def test_trainer_scores_equal_a_direct_forward_with_the_reward_models_own_tokenizer(tmp_path, given_as):
     path, model, tokenizer = word_reward_model(tmp_path)
@@ -89,8 +99,7 @@ def test_trainer_scores_equal_a_direct_forward_with_the_reward_models_own_tokeni
                           num_generations=2, max_new_tokens=12, micro_batch_size=8, disable_tqdm=True),
                           train_dataset=synthetic.prompts(8), processing_class=char_tokenizer(),
                           reward_processing_classes=[tokenizer if given_as == "object" else None])
-    batch, texts = trainer.generate_rollout(0)
-    rewards = trainer.score_rollout(batch, texts, StepMetrics())
+    rewards, texts = rollout_rewards(trainer)
     with torch.no_grad():  # each decoded text alone, through the model's own forward and pooling
         direct = [model(input_ids=torch.tensor([tokenizer(p + c)["input_ids"]])).logits[0, 0].item()
                   for p, c in zip(texts.prompts, texts.completions)]
@@ -119,6 +128,5 @@ def test_scores_can_be_normalised_over_the_rollout_batch(tmp_path):
                                           max_new_tokens=12, micro_batch_size=16, disable_tqdm=True,
                                           normalize_reward_model_scores=True),
                           train_dataset=synthetic.prompts(8), processing_class=char_tokenizer())
-    batch, texts = trainer.generate_rollout(0)
-    rewards = trainer.score_rollout(batch, texts, StepMetrics())
+    rewards, texts = rollout_rewards(trainer)
     assert abs(rewards.mean().item()) < 1e-6 and abs(rewards.std().item() - 1) < 1e-4

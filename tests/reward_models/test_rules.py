@@ -4,7 +4,9 @@ import doctest
 
 import pytest
 
-from reward_models import rules, synthetic
+from reward_models import rules
+from rlhf import answers
+from rlhf.extras import synthetic
 from reward_models.rules import (
     boxed_answer_reward,
     exact_answer_reward,
@@ -17,7 +19,7 @@ from reward_models.rules import (
 )
 
 
-@pytest.mark.parametrize("module", [rules, synthetic])
+@pytest.mark.parametrize("module", [rules, answers, synthetic])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -1,9 +1,12 @@
-"""Reward models: loading, turning (prompt, completion) into the model's own input, and scoring.
+"""Reward models as rewards: loading, turning (prompt, completion) into the model's own input, scoring,
+and ``RewardModelFunction``, what trainers call when an entry of ``reward_funcs`` is a reward model.
 
 A reward model is an ``AutoModelForSequenceClassification`` with one label. Its score for a sequence
 is the head's output at the last attended token, read from the attention mask: never from comparing
 ids with the pad id, which would skip a final EOS when the pad token is the EOS token.
 """
+
+import os
 
 import torch
 from torch import nn
@@ -14,7 +17,8 @@ from transformers import (
 )
 
 from rlhf.data import is_conversational
-from rlhf.models import position_ids_from_mask, resolve_dtype
+from rlhf.forward import position_ids_from_mask
+from rlhf.models import resolve_dtype
 
 _HEAD_NAMES = ("score", "classifier")
 
@@ -97,3 +101,33 @@ class LastTokenScorer(nn.Module):
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The reward of each right-padded row (see ``LastTokenScorer``). [B], fp32."""
     return LastTokenScorer(model)(input_ids, attention_mask)
+
+
+class RewardModelFunction:
+    """Callable with the standard reward signature; ``normalize`` asks the trainer to whiten its
+    scores over the rollout batch (all processes)."""
+
+    def __init__(self, model, tokenizer=None, device=None, batch_size: int = 32, max_length: int | None = None,
+                 normalize: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
+        source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+        self.model, self.tokenizer = load_reward_model(model, tokenizer, dtype, trust_remote_code)
+        self.model.requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.normalize = normalize
+        self.__name__ = f"reward_model:{os.path.basename(os.path.normpath(source))}"
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        scores = []
+        for start in range(0, len(completions), self.batch_size):
+            inputs = encode(self.tokenizer, prompts[start:start + self.batch_size],
+                            completions[start:start + self.batch_size], self.max_length, self.device)
+            scores += sequence_scores(self.model, **inputs).tolist()
+        return scores

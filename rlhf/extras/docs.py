@@ -1,7 +1,7 @@
 """The README's config tables, generated from the dataclasses so that they cannot drift.
 
-    python -m rlhf.docs --write README.md    # regenerate (make docs)
-    python -m rlhf.docs --check README.md    # exit 1 if the README is stale (a test does this)
+    python -m rlhf.extras.docs --write README.md    # regenerate (make docs)
+    python -m rlhf.extras.docs --check README.md    # exit 1 if the README is stale (a test does this)
 """
 
 import argparse

@@ -3,7 +3,7 @@
 with different gold scores become (chosen, rejected) preferences, so a reward model has something to
 learn and the gold score tells whether RL against that reward model really improved the replies.
 
-    python -m reward_models.synthetic outputs/rlhf_chain     # write data and tiny models (see prepare)
+    python -m rlhf.extras.synthetic outputs/rlhf_chain     # write data and tiny models (see prepare)
 """
 
 import argparse
@@ -84,8 +84,8 @@ def prepare(directory: str, warm_start_steps: int = 150, seed: int = 0) -> dict[
     architecture after a short supervised pass on random replies, so that it writes words and stops)."""
     import torch
 
-    from rlhf.tasks.addition import warm_start
-    from rlhf.tiny import char_tokenizer, tiny_model
+    from rlhf.extras.addition import warm_start
+    from rlhf.extras.tiny import char_tokenizer, tiny_model
 
     paths = {"base": os.path.join(directory, "base"), "policy": os.path.join(directory, "policy")}
     tokenizer = char_tokenizer()

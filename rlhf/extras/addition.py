@@ -29,7 +29,7 @@ def make_splits(digits: int = 2, num_eval: int = 500, seed: int = 0) -> tuple[Da
 
 
 def train_split() -> Dataset:
-    """The default training prompts (for recipes: ``dataset_name: rlhf.tasks.addition:train_split``)."""
+    """The default training prompts (for recipes: ``dataset_name: rlhf.extras.addition:train_split``)."""
     return make_splits()[0]
 
 

@@ -1,0 +1,125 @@
+"""What each algorithm adds to the shared step: its advantage estimator and whether it has a critic.
+
+Every estimator has one signature: ``advantages(rewards, rollout, kl, reduce, metrics) -> (advantages,
+returns)`` with ``rewards`` the sequence rewards of the *whole* rollout batch ([B_global], all processes,
+in process order), ``kl`` the run's ``KLPenalty`` (token-level estimators let it shape their token
+rewards), and ``reduce`` this process's view of the batch (``BatchReduce``). The loss terms are shared
+(``rlhf.trainer.update``); the critic's value loss is added when ``has_critic``.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
+from rlhf.core import (
+    discounted_returns,
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    rloo_advantages,
+    token_level_rewards,
+)
+
+
+class BatchReduce:
+    """This process's rows of batch-wide tensors, and statistics over every process's rows."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        several = accelerator.num_processes > 1
+        self.all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if several else None
+
+    def local_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a tensor gathered over processes in process order."""
+        per_process = values.shape[0] // self.accelerator.num_processes
+        start = self.accelerator.process_index * per_process
+        return values[start:start + per_process].to(self.accelerator.device)
+
+
+def log_token_advantages(advantages: torch.Tensor, mask: torch.Tensor, reduce: BatchReduce, metrics) -> None:
+    metrics.add("advantages/mean", masked_mean(advantages, mask, all_reduce=reduce.all_reduce))
+    metrics.add("advantages/std", masked_var(advantages.double(), mask, all_reduce=reduce.all_reduce).sqrt())
+
+
+@dataclass
+class GRPO:
+    """Group Relative Policy Optimization (Shao et al. 2024): each completion's advantage is its reward relative
+    to the other completions of its prompt, one value for all its tokens. No critic."""
+
+    group_size: int
+    scale: str
+    has_critic: ClassVar[bool] = False
+
+    def advantages(self, rewards, rollout, kl, reduce, metrics):
+        advantages = grpo_advantages(rewards, self.group_size, self.scale)  # [B_global]
+        metrics.add("advantages/mean", advantages.mean())
+        metrics.add("advantages/std", advantages.std() if advantages.numel() > 1 else 0.0)
+        return reduce.local_rows(advantages).float(), None
+
+
+@dataclass
+class Reinforce:
+    """REINFORCE (Williams 1992) with a baseline: the advantage of token t is its discounted reward-to-go, from
+    the sequence reward on the last token (minus the KL per token with ``kl_in="reward"``).
+
+    none: the reward as it is; mean: minus the batch mean; rloo: minus the mean of the prompt's other
+    completions (Ahmadian et al. 2024); reinforce++: reward-to-go whitened over every valid token of the
+    batch (Hu 2025)."""
+
+    baseline: str
+    gamma: float
+    group_size: int
+    has_critic: ClassVar[bool] = False
+
+    def advantages(self, rewards, rollout, kl, reduce, metrics):
+        if self.baseline == "mean":
+            rewards = rewards - rewards.mean()
+        elif self.baseline == "rloo":
+            rewards = rloo_advantages(rewards, self.group_size)
+        mask = rollout.completion_mask
+        token_rewards = kl.in_reward(token_level_rewards(reduce.local_rows(rewards).float(), mask), rollout, metrics)
+        returns = discounted_returns(token_rewards, mask, self.gamma)
+        if self.baseline == "reinforce++":
+            returns = masked_whiten(returns, mask, all_reduce=reduce.all_reduce)
+        log_token_advantages(returns, mask, reduce, metrics)
+        return returns, None
+
+
+@dataclass
+class PPO:
+    """PPO with a critic (Schulman et al. 2017; Ouyang et al. 2022): GAE over the completion tokens with the
+    critic's values of the rollout; returns = advantages + values, taken before the advantages are whitened."""
+
+    gamma: float
+    lam: float
+    whiten: bool
+    has_critic: ClassVar[bool] = True
+
+    def advantages(self, rewards, rollout, kl, reduce, metrics):
+        mask, values = rollout.completion_mask, rollout.old_values
+        token_rewards = kl.in_reward(token_level_rewards(reduce.local_rows(rewards).float(), mask), rollout, metrics)
+        advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
+        metrics.add("critic/returns_mean", masked_mean(returns, mask, all_reduce=reduce.all_reduce))
+        metrics.add("critic/values_mean", masked_mean(values, mask, all_reduce=reduce.all_reduce))
+        residual = masked_var(returns - values, mask, all_reduce=reduce.all_reduce)
+        spread = masked_var(returns, mask, all_reduce=reduce.all_reduce)
+        metrics.add("critic/explained_variance", 1 - residual.double() / spread.double().clamp(min=1e-12))
+        if self.whiten:
+            advantages = masked_whiten(advantages, mask, all_reduce=reduce.all_reduce)
+        log_token_advantages(advantages, mask, reduce, metrics)
+        return advantages, returns
+
+
+def algorithm_for(args: RLConfig):
+    """The estimator a config asks for."""
+    if isinstance(args, GRPOConfig):
+        return GRPO(args.num_generations, args.scale_rewards)
+    if isinstance(args, PPOConfig):
+        return PPO(args.gamma, args.gae_lambda, args.whiten_advantages)
+    if isinstance(args, ReinforceConfig):
+        return Reinforce(args.baseline, args.gamma, args.num_generations)
+    raise TypeError(f"no algorithm for {type(args).__name__}")
