@@ -76,6 +76,10 @@ class RLConfig:
     share_prompt_prefix: bool = True
     """Run each prompt once for its num_generations completions in the scoring and training passes (its KV
     cache is shared): the same results, less compute. Off automatically under FSDP, ZeRO-3 and gradient checkpointing."""
+    chunked_lm_head: bool = True
+    """Compute log-probs and entropies from the final hidden states through the LM head in token x vocabulary tiles,
+    forward and backward, never building the [batch, tokens, vocab] logits (see rlhf/core/lm_head.py). Models whose
+    head is not a plain linear layer keep the full logits whatever this says."""
     inference_batch_size: int | None = None
     """Completions per forward of the no-grad passes (reference, old log-probs, values); None: 2 x micro_batch_size (no activations are kept)."""
     ref_model_dtype: Literal["float32", "bfloat16", "float16"] | None = None

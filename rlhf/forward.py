@@ -12,12 +12,23 @@ same way. Everything about it lives here: ``groups_share_prompts`` decides wheth
 ``run_shared_prompts`` runs and repeats.
 """
 
+import functools
 import inspect
+import logging
+import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from rlhf.core import token_logprobs, token_logprobs_and_entropy
+from rlhf.core.lm_head import linear_token_logprobs
+
+logger = logging.getLogger(__name__)
+
+# Config fields of models whose logits are not the plain head applied to the last hidden state.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                         "lm_head_multiplier")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -74,6 +85,80 @@ def run_shared_prompts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
     return outputs, cache
 
 
+@dataclass
+class TokenScores:
+    """What a forward with ``score_tokens`` returns: per-position log-probs and entropies ([B, L], 0 where not
+    scored) and the backbone's KV cache."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    cache: object = None
+
+
+def _scoring_forward(self, *args, score_tokens=None, score_temperature=1.0, score_entropy_grad=False, **kwargs):
+    """The model's own forward, or, with ``score_tokens`` ([B, L], the token each position predicts; negative:
+    not scored), the log-probs and entropies of those tokens from the backbone's last hidden state through the
+    chunked LM head: no [B, L, V] logits, forward or backward. Runs inside the model's forward, so wrappers
+    that gather parameters for it (DDP, FSDP) see one forward as usual."""
+    if score_tokens is None:
+        return type(self).forward(self, *args, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
+    hidden = outputs.last_hidden_state  # [B, L, H]
+    head = self.get_output_embeddings()
+    scored = score_tokens >= 0
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    logprobs, entropy = linear_token_logprobs(hidden[scored], head.weight, head.bias, score_tokens[scored],
+                                              score_temperature, entropy_grad=score_entropy_grad,
+                                              compute_dtype=compute_dtype)
+    full = torch.zeros(score_tokens.shape, dtype=logprobs.dtype, device=logprobs.device)
+    cache = outputs.cache if getattr(outputs, "cache", None) is not None else None
+    return TokenScores(full.masked_scatter(scored, logprobs), full.masked_scatter(scored, entropy), cache)
+
+
+def enable_token_scoring(model: nn.Module) -> bool:
+    """Let ``model(..., score_tokens=...)`` return ``TokenScores`` computed with the chunked LM head
+    (``rlhf.core.lm_head``); calls without it run the model's own forward unchanged (generation included).
+
+    Only for a plain linear head on the backbone's last hidden state, checked on the model's own weights: a
+    head with logit soft-capping or scaling, a LoRA adapter on the head, or a forward whose logits differ
+    from head(last hidden state) keeps the full-logits path (returns False and says why in the log). Call it
+    on the bare causal LM, before PEFT and Accelerate wrap it; copies (the reference) keep it."""
+    if getattr(model, "_rlhf_scores_tokens", False):
+        return True
+    config = model.config.get_text_config()
+    reason = None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if type(head) is not nn.Linear or backbone is None or backbone is model:
+        reason = f"its output layer is {type(head).__name__}, not a plain nn.Linear on a backbone"
+    elif any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING):
+        reason = "it post-processes its logits (soft-capping or scaling)"
+    else:
+        ids = torch.arange(1, 5, device=head.weight.device).clamp(max=config.vocab_size - 1).unsqueeze(0)
+        training = model.training
+        model.eval()  # dropout would make the two passes differ
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            direct = head(backbone(input_ids=ids).last_hidden_state)
+        model.train(training)
+        if not torch.allclose(logits.float(), direct.float(), atol=1e-4, rtol=1e-4):
+            reason = "its logits differ from the head applied to its last hidden state"
+    if reason is not None:
+        logger.info("Scoring %s through its full logits: %s.", type(model).__name__, reason)
+        return False
+    forward = functools.wraps(type(model).forward)(_scoring_forward)  # keeps the signature generate() reads
+    model.forward = types.MethodType(forward, model)
+    model._rlhf_scores_tokens = True
+    return True
+
+
+def scores_tokens(model: nn.Module) -> bool:
+    """Whether ``enable_token_scoring`` was applied to the causal LM inside ``model``'s wrappers."""
+    return getattr(causal_lm(model), "_rlhf_scores_tokens", False)
+
+
 def predicting_outputs(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask, read,
                        group_size: int = 1, prefix_model: nn.Module | None = None) -> torch.Tensor:
     """``read(model outputs)`` at the T positions that predict the completion's tokens: the last prompt
@@ -117,9 +202,14 @@ def completion_logprobs(
     """log p(completion token | prefix) at ``temperature``, and optionally the entropy, both [B, T].
 
     The one computation behind every ratio and KL: actor, old policy and reference all go through it, so
-    positions, masks and temperature are handled the same way (pitfall 4). The entropy is a metric,
-    without gradient, unless ``entropy_grad``.
+    positions, masks and temperature are handled the same way (pitfall 4). A model prepared with
+    ``enable_token_scoring`` never builds the [B, T, V] logits (forward or backward); others score their
+    logits in row chunks. The entropy is a metric, without gradient, unless ``entropy_grad``.
     """
+    if scores_tokens(model):
+        logprobs, entropy = _scored_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                             temperature, entropy_grad, group_size, prefix_model)
+        return logprobs, (entropy if with_entropy else None)
     logits = predicting_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                 lambda outputs: outputs.logits, group_size, prefix_model)  # [B, T, V]
     if temperature != 1.0:
@@ -127,3 +217,31 @@ def completion_logprobs(
     if not with_entropy:
         return token_logprobs(logits, completion_ids), None
     return token_logprobs_and_entropy(logits, completion_ids, entropy_grad=entropy_grad)
+
+
+def _scored_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, entropy_grad,
+                     group_size, prefix_model):
+    """``completion_logprobs`` through the chunked LM head (``enable_token_scoring``). [B, T] each."""
+    scoring = {"score_temperature": temperature, "score_entropy_grad": entropy_grad}
+    width, num_completion = prompt_ids.shape[1], completion_ids.shape[1]
+    if not groups_share_prompts(prompt_ids, prompt_mask, group_size):
+        targets = torch.full((prompt_ids.shape[0], width + num_completion), -1, dtype=completion_ids.dtype,
+                             device=completion_ids.device)
+        targets[:, width - 1: width + num_completion - 1] = completion_ids  # position t predicts token t + 1
+        out = model(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False,
+                    score_tokens=targets, **scoring)
+        window = slice(width - 1, width + num_completion - 1)
+        return out.logprobs[:, window], out.entropy[:, window]
+    # Shared prompts: the prompt pass gives the first completion token's logits for each group (small: one
+    # position per group); the completion pass scores the rest through the chunked head.
+    head, cache = run_shared_prompts(prefix_model if prefix_model is not None else model, prompt_ids, prompt_mask,
+                                     group_size)
+    first_logits = head.logits[:, -1:].repeat_interleave(group_size, dim=0) / temperature  # [B, 1, V]
+    first, first_entropy = token_logprobs_and_entropy(first_logits, completion_ids[:, :1], entropy_grad=entropy_grad)
+    if num_completion == 1:
+        return first, first_entropy
+    attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+    rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask)[:, width:], use_cache=True,
+                 score_tokens=completion_ids[:, 1:], **{cache_argument(model): cache}, **scoring)
+    return torch.cat([first, rest.logprobs], dim=1), torch.cat([first_entropy, rest.entropy], dim=1)

@@ -22,6 +22,7 @@ from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, as_dataset, check_prompts
 from rlhf.distributed import make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
+from rlhf.forward import enable_token_scoring
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
 from rlhf.models import (
     apply_lora,
@@ -73,6 +74,8 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code)
         actor = load_causal_lm(model, args.dtype, args.trust_remote_code)
         eos_ids = eos_token_ids(actor, self.tokenizer)
+        if args.chunked_lm_head:
+            enable_token_scoring(actor)  # log-probs without [B, T, V] logits; the reference copy inherits it
         critic = None
         if self.algorithm.has_critic:
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
