@@ -23,7 +23,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo rlhf-demo bench docs clean
+.PHONY: help install test test-slow test-gpu demo rlhf-demo bench bench-gpu gpu-wheels docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
@@ -32,7 +32,8 @@ help:
 	@echo "make test-slow  the slow tests too;  make test-gpu: GPU tests (needs CUDA)"
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
-	@echo "make bench      our GRPO step against TRL's on the same model and data (DEVICE=cuda for the GPU case)"
+	@echo "make bench      our GRPO step against TRL's: speed, and memory at a real vocabulary (DEVICE=cuda: GPU case)"
+	@echo "make bench-gpu  the whole GPU run (bench/gpu.sh); make gpu-wheels first where there is no registry"
 	@echo "make docs       regenerate the config tables in README.md"
 
 install: $(STAMP)
@@ -74,6 +75,16 @@ rlhf-demo: $(STAMP)
 DEVICE ?= cpu
 bench: $(STAMP)
 	$(PY) bench/run.py --device $(DEVICE)
+
+# The GPU run (bench/gpu.sh) on a machine without a registry: download what it lacks as wheels first, here.
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill multiprocess xxhash
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
+bench-gpu:
+	bash bench/gpu.sh
 
 docs: $(STAMP)
 	$(PY) -m rlhf.extras.docs --write README.md

@@ -2,14 +2,18 @@
 sampling settings and optimizer; completions have a fixed length (EOS suppressed), so both generate
 the same number of tokens. PPO is timed too (TRL has no PPO trainer: absolute numbers and phases).
 
-    make bench                     # CPU case: Llama-style hidden 256, 4 layers, 16 prompts x 4 x 64 tokens, fp32
+    make bench                     # both CPU cases below, each against TRL (about 8 minutes on 2 cores)
+    python bench/run.py --case cpu     # speed: Llama-style hidden 256, 4 layers, 16 prompts x 4 x 64 tokens, fp32
+    python bench/run.py --case memory  # memory at a real vocabulary: Qwen2.5's 151,936 tokens, hidden 128,
+                                       # 2 layers, 32 prompts x 8 x 128 tokens, fp32: peak RSS per phase
     make bench DEVICE=cuda         # GPU case: Qwen2.5-0.5B's shape (random init), bf16, 32 x 8 x 256 tokens
     python bench/run.py --smoke    # the GPU case's settings at a tiny size, two steps, on the CPU (a test runs it)
 
 Prints a table (median seconds per step after warm-up, per phase for ours, tokens/s, peak memory,
 ours/TRL) with each phase against its floor (its FLOPs at the measured matmul rate; on a GPU,
-generation against the time to read the weights and KV cache once per decode step), and writes the
-numbers with the machine, the torch version and the exact settings to bench/results/.
+generation against the time to read the weights and KV cache once per decode step; in the memory
+case, each phase's peak RSS against the memory that phase cannot do without), and writes the numbers
+with the machine, the torch version and the exact settings to bench/results/.
 """
 
 import argparse
@@ -34,10 +38,17 @@ SHAPES = {
     "cuda": dict(arch=dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
                            vocab=151936), prompts=32, generations=8, new_tokens=256, prompt_length=128, micro_batch=32,
                  dtype="bfloat16", steps=8, warmup=2),
+    # Memory at a real vocabulary: the [batch, tokens, vocab] logits would be 256 x 128 x 151,936 x 4 B = 20 GB.
+    "memory": dict(arch=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=4,
+                             vocab=151936), prompts=32, generations=8, new_tokens=128, prompt_length=40, micro_batch=32,
+                   dtype="float32", steps=1, warmup=0, memory=True),  # peak memory needs one step
     # The GPU case's code path (large vocabulary, bf16, grouped KV heads) at a size a CPU test can afford.
     "smoke": dict(arch=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                             vocab=151936), prompts=4, generations=2, new_tokens=8, prompt_length=24, micro_batch=8,
                   dtype="bfloat16", steps=2, warmup=1),
+    "memory_smoke": dict(arch=dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
+                                   vocab=151936), prompts=4, generations=2, new_tokens=8, prompt_length=24,
+                         micro_batch=8, dtype="float32", steps=2, warmup=1, memory=True),
 }
 
 
@@ -115,6 +126,48 @@ def floors(shape: dict, params: int, rate: float, bandwidth: float | None) -> di
     return out
 
 
+def memory_floors(shape: dict, params: int, baseline_mb: float) -> dict:
+    """Peak RSS (MB) each phase cannot do without, above the process's RSS after its imports (``baseline_mb``):
+    - generate: the weights, the KV cache of the whole batch at full length, and one [rows, vocab] fp32 logits
+      tensor per decode step (sampling needs the last position's distribution);
+    - update: weights, gradients and AdamW's two moments (4 x the weights), the activations a micro-batch keeps for
+      its backward (about 12 hidden + 3 intermediate fp32 values per token per layer, an estimate), and the chunked
+      head's workspace (two tiles).
+    """
+    from rlhf.core import lm_head
+
+    arch = shape["arch"]
+    mb = 2**20
+    rows, length = shape["prompts"] * shape["generations"], shape["prompt_length"] + shape["new_tokens"]
+    weights = params * 4 / mb
+    kv = rows * length * arch["num_layers"] * 2 * arch["hidden_size"] * arch["num_kv_heads"] / arch["num_heads"] * 4 / mb
+    logits = rows * arch["vocab"] * 4 / mb
+    activations = (shape["micro_batch"] * length * arch["num_layers"]
+                   * (12 * arch["hidden_size"] + 3 * arch["intermediate_size"]) * 4 / mb)
+    workspace = 2 * lm_head.TOKEN_CHUNK * lm_head.VOCAB_CHUNK * 4 / mb
+    return {"generate": baseline_mb + weights + kv + logits,
+            "update": baseline_mb + 4 * weights + activations + workspace,
+            "parts_mb": {"weights": weights, "kv_cache": kv, "decode_logits": logits, "activations": activations,
+                         "head_workspace": workspace}}
+
+
+def memory_table(results: dict, floor: dict) -> str:
+    ours, trl = results["ours_grpo"], results.get("trl_grpo")
+    rows = ["| run | peak RSS (MB) | RSS after imports (MB) |", "|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['peak_memory_mb']:.0f} | {r['baseline_rss_mb']:.0f} |")
+    if trl:
+        rows.append(f"| **ours/TRL** | **{ours['peak_memory_mb'] / trl['peak_memory_mb']:.2f}** | |")
+    rows += ["", "| our GRPO phase | peak RSS (MB) | floor (MB) | x floor |", "|---|---|---|---|"]
+    for phase, peak in ours["phase_peak_rss_mb"].items():
+        bound = floor.get(phase)
+        rows.append(f"| {phase} | {peak:.0f} | {bound:.0f} | {peak / bound:.2f} |" if bound else
+                    f"| {phase} | {peak:.0f} | | |")
+    rows.append("")
+    rows.append("floor parts (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in floor["parts_mb"].items()))
+    return "\n".join(rows)
+
+
 def run_worker(which: str, spec: dict) -> dict:
     command = [sys.executable, os.path.join(HERE, "workers.py"), which, json.dumps(spec)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -147,47 +200,71 @@ def table(results: dict, floor: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--smoke", action="store_true", help="the GPU case's settings at a tiny size, two steps, on the CPU")
-    parser.add_argument("--no-trl", action="store_true", help="time only our trainers")
-    parser.add_argument("--no-ppo", action="store_true", help="skip the PPO timing")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = parser.parse_args()
-    case = "smoke" if args.smoke else args.device
+def run_case(case: str, device: str, with_trl: bool, with_ppo: bool, out: str) -> str:
     shape = SHAPES[case]
-    device = "cpu" if args.smoke else args.device
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         params = build_model(model_dir, shape["arch"])
         rate = matmul_rate(device, torch.bfloat16 if shape["dtype"] == "bfloat16" else torch.float32)
         floor = floors(shape, params, rate, memory_bandwidth(device))
         spec = {"model_dir": model_dir, "shape": shape, "steps": shape["steps"], "warmup": shape["warmup"],
-                "device": device}
+                "device": device, "memory": shape.get("memory", False)}
         results = {}
         runs = [("ours_grpo", "ours", "grpo")]
-        if not args.no_trl:
+        if with_trl:
             runs.append(("trl_grpo", "trl", "grpo"))
-        if not args.no_ppo:
+        if with_ppo and not shape.get("memory"):
             runs.append(("ours_ppo", "ours", "ppo"))
         for name, which, algo in runs:
-            print(f"running {name} ...", flush=True)
+            print(f"[{case}] running {name} ...", flush=True)
             results[name] = run_worker(which, {**spec, "algo": algo, "output_dir": os.path.join(tmp, name)})
-    report = table(results, floor)
+    if shape.get("memory"):
+        floor = memory_floors(shape, params, results["ours_grpo"]["baseline_rss_mb"])
+        report = memory_table(results, floor)
+    else:
+        report = table(results, floor)
     print(report)
     record = {
         "case": case, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
+                    "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
         "torch": torch.__version__, "shape": shape, "matched_settings": MATCHED, "matmul_flops_per_s": rate,
-        "parameters": params, "floors_s": floor, "results": results,
+        "parameters": params, "floors": floor, "results": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{case}-{record['date'].replace(':', '')}.json")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{case}-{record['date'].replace(':', '')}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     print(f"\nwritten: {path}")
+    return path
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--case", choices=["all", "cpu", "memory"], default="all",
+                        help="on the CPU: the speed case, the real-vocabulary memory case, or both")
+    parser.add_argument("--smoke", action="store_true", help="the GPU case's settings at a tiny size, two steps, on the CPU")
+    parser.add_argument("--no-trl", action="store_true", help="time only our trainers")
+    parser.add_argument("--no-ppo", action="store_true", help="skip the PPO timing")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    if args.smoke:
+        cases, device = ["smoke", "memory_smoke"], "cpu"
+    elif args.device == "cuda":
+        cases, device = ["cuda"], "cuda"
+    else:
+        cases, device = (["cpu", "memory"] if args.case == "all" else [args.case]), "cpu"
+    for case in cases:  # the memory smoke checks our memory path only: TRL's runs in the smoke case already
+        run_case(case, device, not args.no_trl and case != "memory_smoke", not args.no_ppo, args.out)
 
 
 MATCHED = ("same weights and tokenizer; same prompts; temperature 1, top_p 1, top_k off; completions of exactly "

@@ -5,9 +5,12 @@ Prints one JSON line: seconds per step, per phase for ours, and peak memory.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
+import threading
 import time
 
 import torch
@@ -35,6 +38,57 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Samples this process's RSS every ``interval`` seconds in a thread; ``phase(name)`` labels the samples, and
+    ``peaks`` holds the highest RSS seen during each label (a short spike between two samples can be missed;
+    ``resource``'s ru_maxrss, the whole run's peak, cannot)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.label, self.peaks = interval, "setup", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            now = rss_mb()
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0.0), now)
+            time.sleep(self.interval)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        previous, self.label = self.label, name
+        try:
+            yield
+        finally:
+            self.peaks[name] = max(self.peaks.get(name, 0.0), rss_mb())
+            self.label = previous
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+def labelled_timer(sampler: RssSampler):
+    """A PhaseTimer that also labels the RSS samples with the phase it times."""
+    from rlhf.metrics import PhaseTimer
+
+    class LabelledTimer(PhaseTimer):
+        @contextlib.contextmanager
+        def __call__(self, phase: str):
+            with sampler.phase(phase), super().__call__(phase):
+                yield
+
+    return LabelledTimer()
+
+
 def summary(step_seconds: list[float], warmup: int, tokens_per_step: int, device: str, extra: dict) -> dict:
     measured = step_seconds[warmup:]
     median = statistics.median(measured)
@@ -44,6 +98,7 @@ def summary(step_seconds: list[float], warmup: int, tokens_per_step: int, device
 
 def run_ours(spec: dict) -> dict:
     from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+    from rlhf.metrics import PhaseTimer
 
     algo = spec["algo"]
     config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer)}[algo]
@@ -55,11 +110,15 @@ def run_ours(spec: dict) -> dict:
         mini_batch_size=shape["prompts"] * shape["generations"], micro_batch_size=shape["micro_batch"],
         max_prompt_length=None, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, max_grad_norm=1.0,
         loss_agg="token-mean", dtype=shape["dtype"], disable_tqdm=True, **extra)
+    baseline = rss_mb()  # interpreter, torch, transformers and rlhf imported; no model yet
+    sampler = RssSampler() if spec.get("memory") else None
     trainer = trainer_class(spec["model_dir"], [length_reward], args=args, train_dataset=prompts(64, shape["prompt_length"]))
+    timer = labelled_timer(sampler) if sampler is not None else PhaseTimer()
     steps, phases = [], []
     for _ in range(spec["steps"]):
+        timer.seconds.clear()
         start = time.perf_counter()
-        metrics = trainer.training_step()
+        metrics = trainer.training_step(timer)
         if spec["device"] == "cuda":
             torch.cuda.synchronize()
         steps.append(time.perf_counter() - start)
@@ -68,13 +127,17 @@ def run_ours(spec: dict) -> dict:
     warmup = spec["warmup"]
     per_phase = {name: statistics.median(p[name] for p in phases[warmup:]) for name in phases[-1]}
     tokens = shape["prompts"] * shape["generations"] * shape["new_tokens"]
-    return summary(steps, warmup, tokens, spec["device"], {"phases": per_phase})
+    extra = {"phases": per_phase, "baseline_rss_mb": baseline}
+    if sampler is not None:
+        extra["phase_peak_rss_mb"] = sampler.stop()
+    return summary(steps, warmup, tokens, spec["device"], extra)
 
 
 def run_trl(spec: dict) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    baseline = rss_mb()  # interpreter, torch, transformers and trl imported; no model yet
     shape = spec["shape"]
     completions = shape["prompts"] * shape["generations"]
     times = []
@@ -109,7 +172,8 @@ def run_trl(spec: dict) -> dict:
                           processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
     steps = [b - a for a, b in zip(times, times[1:])]
-    return summary(steps, spec["warmup"], completions * shape["new_tokens"], spec["device"], {})
+    return summary(steps, spec["warmup"], completions * shape["new_tokens"], spec["device"],
+                   {"baseline_rss_mb": baseline})
 
 
 def main() -> None:

@@ -22,6 +22,25 @@ def make_accelerator(**kwargs) -> Accelerator:
     return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
 
 
+def fill_deepspeed_config(config: dict, micro_batch: int, accumulation_steps: int,
+                          max_grad_norm: float | None) -> dict:
+    """Fill the DeepSpeed config values that Accelerate takes from a dataloader (the trainer has none): the
+    per-process micro-batch, the micro-batches per optimizer step, and gradient clipping from ``max_grad_norm``.
+    A value the user set must agree with the trainer's geometry, else DeepSpeed would step at other boundaries."""
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation_steps,
+              "gradient_clipping": max_grad_norm if max_grad_norm is not None else 0.0}
+    for key, value in wanted.items():
+        current = config.get(key, "auto")
+        if current == "auto":
+            config[key] = value
+        elif key != "gradient_clipping" and current != value:
+            raise ValueError(f"The DeepSpeed config sets {key}={current}, but the trainer's batch geometry needs "
+                             f"{value} (from micro_batch_size / mini_batch_size and the number of processes); "
+                             f'set it to "auto" or to {value}.')
+    config.pop("train_batch_size", None)  # Accelerate derives it from the two above
+    return config
+
+
 def zero_stage(accelerator: Accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return plugin.zero_stage if plugin is not None else 0

@@ -118,8 +118,8 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     accelerator = policy.accelerator
     accuracy = correctness_index(reward_functions, args.accuracy_reward)
     policy.model.eval()
-    greedy = eval_rollouts(policy, dataset, reward_functions, SamplingParams(args.max_new_tokens, do_sample=False), 1,
-                           args.eval_batch_size)
+    greedy_params = SamplingParams(args.max_new_tokens, do_sample=False, static_kv_cache=args.static_kv_cache)
+    greedy = eval_rollouts(policy, dataset, reward_functions, greedy_params, 1, args.eval_batch_size)
     scores = greedy.scores
     out = {"eval/reward_mean": combine_rewards(scores, reward_weights).mean().item(),
            "eval/mean_length": greedy.lengths.double().mean().item(),
@@ -150,7 +150,7 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
 def sampling_params(args: RLConfig) -> SamplingParams:
     """The training sampling settings of a config."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                          min_new_tokens=args.min_new_tokens)
+                          min_new_tokens=args.min_new_tokens, static_kv_cache=args.static_kv_cache)
 
 
 def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = False,

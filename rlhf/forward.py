@@ -109,12 +109,36 @@ def _scoring_forward(self, *args, score_tokens=None, score_temperature=1.0, scor
     scored = score_tokens >= 0
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    logprobs, entropy = linear_token_logprobs(hidden[scored], head.weight, head.bias, score_tokens[scored],
-                                              score_temperature, entropy_grad=score_entropy_grad,
-                                              compute_dtype=compute_dtype)
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: the weight is whole only inside the head's own forward
+        logprobs, entropy = _scores_through_head(head, hidden[scored], score_tokens[scored], score_temperature,
+                                                 score_entropy_grad)
+    else:
+        logprobs, entropy = linear_token_logprobs(hidden[scored], head.weight, head.bias, score_tokens[scored],
+                                                  score_temperature, entropy_grad=score_entropy_grad,
+                                                  compute_dtype=compute_dtype)
     full = torch.zeros(score_tokens.shape, dtype=logprobs.dtype, device=logprobs.device)
     cache = outputs.cache if getattr(outputs, "cache", None) is not None else None
     return TokenScores(full.masked_scatter(scored, logprobs), full.masked_scatter(scored, entropy), cache)
+
+
+def _scores_through_head(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                         entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked scores by calling the head module on a few tokens at a time, each call under activation
+    checkpointing: a partitioned weight (ZeRO-3) is gathered by the head's own hooks in the forward and again in
+    the backward's recompute, and one chunk's [tokens, vocab] logits live at a time, never all of them."""
+    from torch.utils.checkpoint import checkpoint
+
+    from rlhf.core import lm_head
+
+    vocab = head.out_features
+    rows = max(1, lm_head.TOKEN_CHUNK * lm_head.VOCAB_CHUNK // vocab)
+
+    def score(h, y):
+        return token_logprobs_and_entropy(head(h).float() / temperature, y, entropy_grad=entropy_grad)
+
+    pieces = [checkpoint(score, hidden[start:start + rows], tokens[start:start + rows], use_reentrant=False)
+              for start in range(0, hidden.shape[0], rows)]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def enable_token_scoring(model: nn.Module) -> bool:

@@ -105,6 +105,7 @@ class SamplingParams:
     top_k: int = 0
     do_sample: bool = True
     min_new_tokens: int = 0
+    static_kv_cache: bool = False
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +141,7 @@ def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -
         eos_token_id=list(eos_ids),
         pad_token_id=pad_id,
         use_cache=True,
+        cache_implementation="static" if params.static_kv_cache else None,
     )
 
 
@@ -176,7 +178,8 @@ def sample_completions(
     was_training = model.training
     model.eval()
     kwargs = {}
-    if prompt_ids.shape[1] > 1 and groups_share_prompts(prompt_ids, prompt_mask, group_size):
+    shared = not params.static_kv_cache  # a static cache is generate's own: no prefilled cache can be passed in
+    if shared and prompt_ids.shape[1] > 1 and groups_share_prompts(prompt_ids, prompt_mask, group_size):
         _, cache = run_shared_prompts(model, prompt_ids[:, :-1], prompt_mask[:, :-1], group_size)
         kwargs[cache_argument(model)] = cache
     with _only_our_generation_config(model):

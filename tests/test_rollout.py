@@ -129,3 +129,19 @@ def test_prefilling_each_prompt_once_per_group_changes_no_completion(arch):
     shared = sample_completions(model, ids, mask, greedy, [EOS_ID], PAD_ID, group_size=3)
     for a, b in zip(plain, shared):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_static_kv_cache_generates_the_same_completions(do_sample):
+    """The fast decode path (a static cache, compiled on GPUs) samples exactly what the dynamic cache does, from
+    the same RNG state, left padding included."""
+    model = tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=6).eval()
+    ids, mask = left_pad([[1, 10, 11, 12, 13, 14, 15], [1, 16], [1, 17, 18, 19]], PAD_ID)
+    outputs = []
+    for static in (False, True):
+        torch.manual_seed(3)
+        params = SamplingParams(max_new_tokens=8, do_sample=do_sample, static_kv_cache=static)
+        outputs.append(sample_completions(model, ids, mask, params, [EOS_ID], PAD_ID))
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+    assert generation_config(SamplingParams(4, static_kv_cache=True), [EOS_ID], PAD_ID).cache_implementation == "static"

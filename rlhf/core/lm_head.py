@@ -7,7 +7,8 @@ is computed, reduced and dropped; the forward keeps the log-normaliser and the m
 backward recomputes each tile to form its gradient. Peak extra memory is one tile (``token_chunk`` x
 ``vocab_chunk`` floats) plus the fp32 gradient of the head's weight.
 
-With x = (h W^T + b) / temperature, p = softmax(x) and E = sum(p * x):
+With x = (h W^T + b) / temperature (computed as (h / T) W^T + b / T: no pass over the logits for T),
+p = softmax(x) and E = sum(p * x):
     log p(y) = x_y - logsumexp(x),   H = logsumexp(x) - E,
     d log p(y) / dx = onehot(y) - p,   dH / dx = -p * (x - E).
 """
@@ -15,7 +16,7 @@ With x = (h W^T + b) / temperature, p = softmax(x) and E = sum(p * x):
 import torch
 
 TOKEN_CHUNK = 1024
-VOCAB_CHUNK = 16384
+VOCAB_CHUNK = 8192  # a tile: 8M fp32 values, 32 MiB; the forward and the backward each hold two
 
 
 def _reduced(dtype: torch.dtype) -> torch.dtype:
@@ -23,12 +24,11 @@ def _reduced(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tile(hidden, weight, bias, v0, v1, compute_dtype, temperature):
-    """Logits of one tile, [n, v1 - v0], in fp32 (fp64 for fp64)."""
+def _tile(hidden, weight, bias, v0, v1, compute_dtype):
+    """Logits of one tile, [n, v1 - v0], in fp32 (fp64 for fp64). The temperature is already in ``hidden`` and
+    ``bias`` (x / T = (h / T) W^T + b / T): no pass over the tile for it."""
     logits = (hidden.to(compute_dtype) @ weight[v0:v1].to(compute_dtype).T).to(_reduced(compute_dtype))
-    if bias is not None:
-        logits = logits + bias[v0:v1].to(logits.dtype)
-    return logits / temperature
+    return logits.add_(bias[v0:v1]) if bias is not None else logits
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -36,28 +36,35 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tokens, temperature, compute_dtype, token_chunk, vocab_chunk,
                 entropy_grad):
         n, vocab = hidden.shape[0], weight.shape[0]
-        logprobs = torch.empty(n, dtype=_reduced(compute_dtype), device=hidden.device)
+        acc = _reduced(compute_dtype)
+        scaled = hidden.to(acc) / temperature  # [n, H]: the temperature folded into the hidden states
+        scaled_bias = bias.to(acc) / temperature if bias is not None else None
+        logprobs = torch.empty(n, dtype=acc, device=hidden.device)
         normaliser = torch.empty_like(logprobs)  # logsumexp(x)
         mean_logit = torch.empty_like(logprobs)  # E = sum(p * x)
         with torch.autocast(hidden.device.type, enabled=False):
             for r0 in range(0, n, token_chunk):
-                h, y = hidden[r0:r0 + token_chunk], tokens[r0:r0 + token_chunk]
-                peak = torch.full((h.shape[0],), float("-inf"), dtype=logprobs.dtype, device=h.device)
+                h, y = scaled[r0:r0 + token_chunk], tokens[r0:r0 + token_chunk]
+                peak = torch.full((h.shape[0],), float("-inf"), dtype=acc, device=h.device)
                 total = torch.zeros_like(peak)  # sum exp(x - peak)
                 weighted = torch.zeros_like(peak)  # sum exp(x - peak) * x
                 target = torch.zeros_like(peak)
                 for v0 in range(0, vocab, vocab_chunk):
                     v1 = min(v0 + vocab_chunk, vocab)
-                    x = _tile(h, weight, bias, v0, v1, compute_dtype, temperature)
-                    new_peak = torch.maximum(peak, x.max(dim=-1).values)
-                    rescale = torch.exp(peak - new_peak)
-                    e = torch.exp(x - new_peak.unsqueeze(1))
-                    total = total * rescale + e.sum(dim=-1)
-                    weighted = weighted * rescale + (e * x).sum(dim=-1)
-                    peak = new_peak
+                    x = _tile(h, weight, scaled_bias, v0, v1, compute_dtype)
                     inside = (y >= v0) & (y < v1)
                     picked = x.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
                     target = torch.where(inside, picked, target)
+                    new_peak = torch.maximum(peak, x.amax(dim=-1))
+                    rescale = torch.exp(peak - new_peak)
+                    shifted = x.sub_(new_peak.unsqueeze(1))  # x - peak, in place
+                    e = torch.exp(shifted)
+                    # sum e * x = sum e * (x - peak) + peak * sum e; einsum makes no [n, v] product
+                    tile_total = e.sum(dim=-1)
+                    tile_weighted = torch.einsum("ij,ij->i", e, shifted) + new_peak * tile_total
+                    total = total * rescale + tile_total
+                    weighted = weighted * rescale + tile_weighted
+                    peak = new_peak
                 lse = peak + torch.log(total)
                 normaliser[r0:r0 + token_chunk] = lse
                 mean_logit[r0:r0 + token_chunk] = weighted / total
@@ -76,38 +83,41 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _reduced(compute_dtype)
-        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+        scaled = hidden.to(acc) / temperature
+        scaled_bias = bias.to(acc) / temperature if bias is not None else None
+        # Gradients with respect to the scaled inputs (h / T, W, b / T); the 1 / T is applied once at the end.
+        grad_scaled = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
         with torch.autocast(hidden.device.type, enabled=False):
             for r0 in range(0, n, token_chunk):
                 rows = slice(r0, r0 + token_chunk)
-                h, y = hidden[rows], tokens[rows]
+                h, y = scaled[rows], tokens[rows]
                 lse, mean = normaliser[rows].unsqueeze(1), mean_logit[rows].unsqueeze(1)
                 g_lp = grad_logprobs[rows].to(acc).unsqueeze(1) if grad_logprobs is not None else None
                 g_h = grad_entropy[rows].to(acc).unsqueeze(1) if grad_entropy is not None else None
                 for v0 in range(0, vocab, vocab_chunk):
                     v1 = min(v0 + vocab_chunk, vocab)
-                    x = _tile(h, weight, bias, v0, v1, compute_dtype, temperature)
-                    p = torch.exp(x - lse)
-                    grad_x = torch.zeros_like(x)
+                    x = _tile(h, weight, scaled_bias, v0, v1, compute_dtype)
+                    grad_x = (x - lse).exp_()  # p; becomes the gradient in place: two tile-sized buffers in all
+                    entropy_term = x.sub_(mean).mul_(grad_x).mul_(-g_h) if g_h is not None else None
                     if g_lp is not None:
-                        inside = ((y >= v0) & (y < v1)).unsqueeze(1)
-                        onehot = torch.zeros_like(x).scatter_(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1),
-                                                              inside.to(acc))
-                        grad_x = grad_x + g_lp * (onehot - p)
-                    if g_h is not None:
-                        grad_x = grad_x - g_h * p * (x - mean)
-                    grad_x = grad_x / temperature
+                        grad_x.mul_(-g_lp)  # -p * g
+                        inside = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+                        grad_x[inside, y[inside] - v0] += g_lp[inside, 0]  # + onehot(y) * g
+                    else:
+                        grad_x.zero_()
+                    if entropy_term is not None:
+                        grad_x.add_(entropy_term)
                     if need_hidden:
-                        grad_hidden[rows] += grad_x @ weight[v0:v1].to(acc)
+                        grad_scaled[rows] += grad_x @ weight[v0:v1].to(acc)
                     if need_weight:
-                        grad_weight[v0:v1] += grad_x.T @ h.to(acc)
+                        grad_weight[v0:v1] += grad_x.T @ h
                     if need_bias:
                         grad_bias[v0:v1] += grad_x.sum(dim=0)
-        return (grad_hidden.to(hidden.dtype) if need_hidden else None,
+        return (grad_scaled.div_(temperature).to(hidden.dtype) if need_hidden else None,
                 grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None, None, None)
+                grad_bias.div_(temperature).to(bias.dtype) if need_bias else None, None, None, None, None, None, None)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,

@@ -20,7 +20,7 @@ from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
 from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, as_dataset, check_prompts
-from rlhf.distributed import make_accelerator, shards_parameters
+from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.forward import enable_token_scoring
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
@@ -68,6 +68,9 @@ class RLTrainer:
         self.plan = plan_step(args, accelerator.num_processes, shards_parameters(accelerator))
         # Micro-batches per mini-batch on each process; set before prepare() so DeepSpeed sees it too.
         accelerator.gradient_accumulation_steps = self.plan.mini_batch // self.plan.micro_batch
+        if accelerator.state.deepspeed_plugin is not None:
+            fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, self.plan.micro_batch,
+                                  accelerator.gradient_accumulation_steps, args.max_grad_norm)
         set_seed(args.seed, device_specific=True)  # every process draws different samples from the same prompts
 
         # --- models: the actor, PPO's critic (from the plain actor, before LoRA), the reference
@@ -79,9 +82,13 @@ class RLTrainer:
         critic = None
         if self.algorithm.has_critic:
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
-                raise ValueError("PPO trains two models (actor and critic), which one Accelerate DeepSpeed engine "
-                                 "does not support; use DDP or FSDP for PPO (recipes/accelerate/multi_gpu.yaml, "
-                                 "fsdp.yaml), or GRPO / REINFORCE under DeepSpeed.")
+                # Accelerate wraps each prepared model in its own DeepSpeed engine but sends every backward() to the
+                # first engine only (Accelerator.deepspeed_engine_wrapped), and refuses to prepare two models at once:
+                # the critic's gradients would be neither reduced across processes nor stepped.
+                raise ValueError("PPO trains two models (actor and critic); under DeepSpeed, Accelerate routes backward "
+                                 "through one engine only, so the critic would never be reduced or stepped. Use FSDP "
+                                 "(recipes/accelerate/fsdp.yaml) or DDP (multi_gpu.yaml) for PPO; GRPO and REINFORCE "
+                                 "run under DeepSpeed.")
             critic = build_critic(value_model, actor, resolve_dtype(args.dtype), args.trust_remote_code)
         if peft_config is not None:
             actor = apply_lora(actor, peft_config, args.gradient_checkpointing)
@@ -173,10 +180,11 @@ class RLTrainer:
         log_rollout(rollout, accelerator, metrics)
         return rollout, texts
 
-    def training_step(self) -> dict[str, float]:
-        """One rollout batch, start to finish. Returns global metrics (identical on every process)."""
+    def training_step(self, timer: PhaseTimer | None = None) -> dict[str, float]:
+        """One rollout batch, start to finish. Returns global metrics (identical on every process); ``timer`` (e.g.
+        a profiler's) times the phases."""
         args = self.args
-        timer, metrics = PhaseTimer(), StepMetrics()
+        timer, metrics = timer if timer is not None else PhaseTimer(), StepMetrics()
         start = time.perf_counter()
         rollout, texts = self.make_rollout(self.step, metrics, timer)
         warming_up = self.critic is not None and self.step < args.critic_warmup_steps  # PPO: the critic alone first
