@@ -48,6 +48,10 @@ class RLConfig:
     write_report: bool = True
     """At the end of training write ``output_dir/report.html``: curves of reward, eval accuracy, KL, entropy, length
     and clip fraction, and sample completions (``python -m rlhf.report <output_dir>`` writes it on demand)."""
+    health_monitor: bool = True
+    """Watch the run for the failures users keep hitting (the learning signal drying up, entropy collapse, identical
+    rewards, updates too large, exploding gradients, truncation, over-optimisation, non-finite updates) and explain
+    each once, with likely causes and what to try, on the console, in metrics.jsonl and in the report (rlhf/monitor.py)."""
     eval_steps: int = 0
     """Evaluate on ``eval_dataset`` (greedy completions, scored by the reward functions) before training,
     every this many steps and at the end (0: never)."""

@@ -115,6 +115,12 @@ class MetricsLogger:
                     self._bar.set_postfix(shown, refresh=False)
         return record
 
+    def write_event(self, record: dict) -> None:
+        """Append a non-metric record (e.g. a health alarm) to metrics.jsonl (main process only)."""
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)

@@ -258,6 +258,19 @@ def _samples_html(path: str | None) -> str:
             f"<table><tr><th>prompt</th><th>completion</th><th>rewards</th></tr>{rows}</table>")
 
 
+def _health_html(records: list[dict]) -> str:
+    """The training-health monitor's alarms (rlhf.monitor), or a line saying there were none."""
+    alarms = [r for r in records if isinstance(r.get("alarm"), str)]
+    if not alarms:
+        return "<h2>Training health</h2>\n<p>No alarm from the training-health monitor.</p>"
+    rows = "".join(f"<tr><td>{int(a['step'])}</td><td>{html.escape(a['alarm'])}</td>"
+                   f"<td class=\"text\">{html.escape(str(a.get('message', '')))}<br><b>likely causes:</b> "
+                   f"{html.escape(str(a.get('causes', '')))}<br><b>try:</b> {html.escape(str(a.get('remedies', '')))}"
+                   "</td></tr>" for a in alarms)
+    return (f"<h2>Training health: {len(alarms)} alarm(s)</h2>\n"
+            f"<table><tr><th>step</th><th>alarm</th><th>what, why, what to try</th></tr>{rows}</table>")
+
+
 def _config_html(output_dir: str) -> str:
     path = os.path.join(output_dir, "config.json")
     if not os.path.isfile(path):
@@ -280,6 +293,7 @@ def build_html(output_dir: str, records: list[dict], title: str) -> str:
         f"<style>{STYLE}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>Steps: {steps} &middot; metric records: {len(records)}</p>\n"
         f"{_config_html(output_dir)}\n"
+        f"{_health_html(records)}\n"
         f"<h2>Summary</h2>\n{_summary_html(summarize(records))}\n"
         f"<h2>Charts</h2>\n<div class=\"charts\">{_charts_html(images)}</div>\n"
         f"{_samples_html(latest_samples_path(output_dir))}\n"

@@ -24,6 +24,7 @@ from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_par
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.forward import enable_token_scoring
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
+from rlhf.monitor import HealthMonitor
 from rlhf.models import (
     apply_lora,
     disable_dropout,
@@ -220,16 +221,25 @@ class RLTrainer:
             os.remove(metrics_path)
         metrics_logger = MetricsLogger(args.output_dir, self.accelerator, args.max_steps, self.step, args.disable_tqdm)
         records = []
+        monitor = HealthMonitor(args.num_generations, args.max_grad_norm) if args.health_monitor else None
         evaluating = args.eval_steps > 0 and self.eval_dataset is not None
         if evaluating and self.step == 0:
             records.append(metrics_logger.write(0, self.evaluate()))
         while self.step < args.max_steps:
-            metrics_logger.accumulate(self.training_step())
+            step_metrics = self.training_step()
+            metrics_logger.accumulate(step_metrics)
             self.step += 1
+            alarms = monitor.observe(self.step, step_metrics) if monitor else []
             if self.step % args.logging_steps == 0 or self.step == args.max_steps:
                 records.append(metrics_logger.log(self.step))
             if evaluating and (self.step % args.eval_steps == 0 or self.step == args.max_steps):
-                records.append(metrics_logger.write(self.step, self.evaluate()))
+                evaluation = self.evaluate()
+                records.append(metrics_logger.write(self.step, evaluation))
+                alarms += monitor.observe_eval(self.step, evaluation) if monitor else []
+            for alarm in alarms:  # said once: on the console, in metrics.jsonl, and so in the report
+                if self.accelerator.is_main_process:
+                    logger.warning(alarm.text())
+                metrics_logger.write_event(alarm.record())
             if args.save_steps and (self.step % args.save_steps == 0 or self.step == args.max_steps):
                 self.save_checkpoint()
             metrics_logger.advance()
