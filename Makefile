@@ -23,7 +23,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo rlhf-demo bench bench-gpu gpu-wheels docs clean
+.PHONY: help install test test-slow test-gpu demo rlhf-demo bench bench-gpu gpu-wheels learn-bench docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
@@ -33,6 +33,7 @@ help:
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
 	@echo "make bench      our GRPO step against TRL's: speed, and memory at a real vocabulary (DEVICE=cuda: GPU case)"
+	@echo "make learn-bench  our GRPO, PPO, RLOO, REINFORCE++ vs TRL's GRPO and RLOO, 2 tasks x 3 seeds (~40 min)"
 	@echo "make bench-gpu  the whole GPU run (bench/gpu.sh); make gpu-wheels first where there is no registry"
 	@echo "make docs       regenerate the config tables in README.md"
 
@@ -82,6 +83,9 @@ gpu-wheels: $(STAMP)
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl $(GPU_WHEELS)
+
+learn-bench: $(STAMP)
+	$(PY) bench/learn.py
 
 bench-gpu:
 	bash bench/gpu.sh

@@ -18,7 +18,8 @@ them fire only while the reward is not improving.
 | exploding_gradients | the gradient norm is clipped in >= 80% of the last window, its mean grew >= 3x, and the
   reward is not improving |
 | truncation | >= 50% of completions hit max_new_tokens over the last window |
-| over_optimisation | held-out accuracy (or eval reward) fell >= 5 points below its best while the train reward rose |
+| over_optimisation | held-out accuracy (or eval reward) fell >= 5 points below its best, at least a window of steps
+  later, while the train reward rose (by more than two standard errors) |
 | nonfinite_updates | an update was skipped for a non-finite loss or gradient |
 
 "The reward is not improving": the mean reward of the last window exceeds the first window's by less than two
@@ -220,12 +221,15 @@ def over_optimisation(m: HealthMonitor, step: int) -> Alarm | None:
     best_step, best = max(points, key=lambda p: p[1])
     last_step, last = points[-1]
     scale = 100 if key == "eval/accuracy" else 1
-    if best_step == last_step or (best - last) * scale < 5:
+    if last_step - best_step < m.window or (best - last) * scale < 5:
         return None
     train = [(h["step"], h["reward/mean"]) for h in m.history if isinstance(h.get("reward/mean"), (int, float))]
     at_best = [r for s, r in train if best_step - m.window < s <= best_step]
     recent = [r for s, r in train if s > last_step - m.window]
-    if not at_best or not recent or _mean(recent) <= _mean(at_best):
+    if len(at_best) < m.window or len(recent) < m.window:
+        return None
+    spread = math.sqrt((statistics.pvariance(at_best) + statistics.pvariance(recent)) / m.window)
+    if _mean(recent) - _mean(at_best) <= max(2 * spread, 0.01):  # the train reward must really have risen
         return None
     return Alarm("over_optimisation", step,
                  f"{key} fell from {best:.3g} (step {best_step}) to {last:.3g} while the train reward rose from "

@@ -9,6 +9,7 @@ small enough that a tiny model learns it on a CPU in minutes.
 - ``greedy_accuracy``: held-out exact-match accuracy of greedy completions.
 """
 
+import math
 import random
 
 import torch
@@ -79,28 +80,75 @@ def _sft_batch(rows: list[dict], tokenizer, device) -> tuple[torch.Tensor, torch
 
 
 def warm_start(model, tokenizer, dataset: Dataset, max_steps: int, batch_size: int = 128, lr: float = 3e-3,
-               warmup_steps: int = 50, seed: int = 0, check_every: int = 25, stop=None) -> int:
-    """Supervised fine-tuning on prompt -> answer + EOS (AdamW, linear warm-up, then constant lr).
+               warmup_steps: int = 50, seed: int = 0, check_every: int = 25, stop=None,
+               schedule: str = "constant", min_lr_ratio: float = 0.0, max_grad_norm: float | None = None) -> int:
+    """Supervised fine-tuning on prompt -> answer + EOS (AdamW, linear warm-up over ``warmup_steps``, then
+    ``schedule``: "constant" at ``lr``, or "cosine" / "linear" decay to ``min_lr_ratio * lr`` at ``max_steps``),
+    with the gradient norm clipped to ``max_grad_norm`` if given.
 
-    Every ``check_every`` steps ``stop(step)`` is called; training ends when it returns True or after
+    Every ``check_every`` steps ``stop(step)`` is called (if given); training ends when it returns True or after
     ``max_steps``. Returns the number of steps taken.
     """
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"schedule={schedule!r} must be constant, cosine or linear.")
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+    def factor(s: int) -> float:  # s optimizer steps taken so far; the lr of step s + 1
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, max_steps - warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     rng = random.Random(seed)
     rows_all = dataset.to_list()
+    step = 0
     for step in range(1, max_steps + 1):
         model.train()
         ids, attention, labels = _sft_batch([rng.choice(rows_all) for _ in range(batch_size)], tokenizer, device)
         model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        schedule.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if stop is not None and step % check_every == 0 and stop(step):
             break
     model.eval()
     return step
+
+
+# The demo's warm start: a fixed schedule, no stop-on-threshold (bench/DEMO_NOTES.md has the measurements).
+WARM_START = dict(max_steps=225, batch_size=256, lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0)
+
+
+def demo_model(seed: int):
+    """The demo's tiny Llama (hidden 128, 4 layers) and the character tokenizer, randomly initialised."""
+    from rlhf.extras.tiny import char_tokenizer, tiny_model
+
+    model = tiny_model("llama", hidden_size=128, num_layers=4, num_heads=4, max_positions=32,
+                       tie_word_embeddings=False, seed=seed)
+    return model, char_tokenizer()
+
+
+def demo_splits():
+    """(train, validation, held-out) as the demo uses them: 300 validation problems cut from the training split."""
+    train, heldout = make_splits(digits=2, num_eval=500, seed=0)
+    return train.select(range(300, len(train))), train.select(range(300)), heldout
+
+
+def build_warm_start(seed: int = 0, steps: int | None = None):
+    """The demo's warm-started model: ``WARM_START`` (``steps`` overrides its length). Returns (model, tokenizer,
+    steps taken)."""
+    model, tokenizer = demo_model(seed)
+    train, _, _ = demo_splits()
+    settings = {**WARM_START, **({"max_steps": steps} if steps is not None else {})}
+    taken = warm_start(model, tokenizer, train, seed=seed, **settings)
+    return model, tokenizer, taken
 
 
 @torch.no_grad()

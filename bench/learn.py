@@ -1,0 +1,184 @@
+"""The learning benchmark (`make learn-bench`): our GRPO, PPO, RLOO and REINFORCE++ (defaults, learning rate aside),
+our GRPO on two processes, and TRL's GRPOTrainer and RLOOTrainer, on the same starting model, reward and batch
+shape, on two tasks (bench/learn_tasks.py), for several seeds each. Writes a table (held-out accuracy before and
+after, with the spread over seeds; steps and training seconds to reach TRL GRPO's final accuracy; the
+training-health monitor's alarms) to bench/LEARN.md and a PNG of accuracy against steps and seconds (mean and
+min-max band over seeds) to bench/learn_curves.png.
+
+    make learn-bench                             # everything, 3 seeds (about 40 minutes on 2 CPU cores)
+    python bench/learn.py --quick --out /tmp/x   # one seed, a few steps (a test runs this)
+    python bench/learn.py --methods grpo,trl_grpo --tasks repeat --seeds 0,1
+
+Runs already in --out are reused (delete them to rerun); each is one process (two for grpo_2proc).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import learn_tasks  # noqa: E402
+
+REFERENCE = "trl_grpo"
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def run_one(spec: dict) -> dict:
+    command = [sys.executable, os.path.join(HERE, "learn_worker.py"), json.dumps(spec)]
+    if spec["method"].endswith("_2proc"):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
+                   *command[1:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{spec['task']}/{spec['method']}/seed{spec['seed']} failed:\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def collect(args) -> dict:
+    """{task: {method: [result per seed]}}, running what --out does not hold yet."""
+    cache = os.path.join(args.out, "models")
+    os.makedirs(cache, exist_ok=True)
+    out = {}
+    for task_name in args.tasks:
+        task = learn_tasks.TASKS[task_name]
+        steps = task.quick_steps if args.quick else task.steps
+        eval_every = max(1, steps // 3) if args.quick else task.eval_every
+        for method in args.methods:
+            for seed in args.seeds:
+                path = os.path.join(args.out, task_name, method, f"seed{seed}.json")
+                if not os.path.exists(path):
+                    spec = {"task": task_name, "method": method, "seed": seed, "steps": steps,
+                            "eval_every": eval_every, "quick": args.quick,
+                            "model_dir": learn_tasks.start_model_dir(task_name, seed, cache, args.quick),
+                            "output_dir": os.path.join(args.out, "runs", task_name, method, f"seed{seed}")}
+                    print(f"{task_name} / {method} / seed {seed} ...", flush=True)
+                    result = run_one(spec)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
+                        json.dump(result, f)
+                with open(path) as f:
+                    out.setdefault(task_name, {}).setdefault(method, []).append(json.load(f))
+    return out
+
+
+def first_reaching(curve: list, target: float) -> tuple[int, float] | None:
+    """(step, training seconds) of the first evaluation at or above ``target``."""
+    return next(((step, seconds) for step, seconds, accuracy, _ in curve if accuracy >= target - 1e-9), None)
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{100 * mean:.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})" if len(values) > 1 else \
+        f"{100 * mean:.1f}"
+
+
+def table(results: dict) -> str:
+    lines = []
+    for task_name, methods in results.items():
+        reference = methods.get(REFERENCE)
+        target = statistics.median(r["curve"][-1][2] for r in reference) if reference else None
+        lines += [f"### {task_name}" + (f" (TRL GRPO's final accuracy, median over seeds: {100 * target:.1f}%)"
+                                        if target is not None else ""), "",
+                  "| method | seeds | accuracy before % | after % (min-max) | steps to TRL GRPO's final (median) | "
+                  "training s to it (median) | s/step | health alarms |", "|---|---|---|---|---|---|---|---|"]
+        for method, runs in methods.items():
+            before = [r["curve"][0][2] for r in runs]
+            after = [r["curve"][-1][2] for r in runs]
+            reach = [first_reaching(r["curve"], target) for r in runs] if target is not None else []
+            reached = [x for x in reach if x is not None]
+            steps = (f"{statistics.median(s for s, _ in reached):.0f}" if len(reached) == len(reach) and reached
+                     else f"{len(reached)}/{len(reach)} seeds reach it") if reach else "-"
+            seconds = (f"{statistics.median(t for _, t in reached):.0f}" if len(reached) == len(reach) and reached
+                       else "-")
+            per_step = statistics.median(r["curve"][-1][1] / max(1, r["curve"][-1][0]) for r in runs)
+            alarms = ("n/a" if runs[0]["alarms"] is None else
+                      ", ".join(sorted({a[1] for r in runs for a in r["alarms"]})) or "none")
+            lines.append(f"| {method} | {len(runs)} | {spread(before)} | {spread(after)} | {steps} | {seconds} | "
+                         f"{per_step:.2f} | {alarms} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    figure, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
+    for row, task_name in enumerate(tasks):
+        for col, (index, label) in enumerate(((0, "step"), (1, "training seconds"))):
+            axis = axes[row][col]
+            for method, runs in results[task_name].items():
+                points = [[(p[index], p[2]) for p in r["curve"]] for r in runs]
+                length = min(len(p) for p in points)
+                xs = [statistics.mean(p[i][0] for p in points) for i in range(length)]
+                ys = [[p[i][1] * 100 for p in points] for i in range(length)]
+                line, = axis.plot(xs, [statistics.mean(y) for y in ys], label=method)
+                axis.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.15, color=line.get_color())
+            axis.set_xlabel(label)
+            axis.set_ylabel("held-out greedy accuracy (%)")
+            axis.set_title(f"{task_name}: accuracy vs {label} (mean, min-max band)")
+            axis.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, a few steps")
+    parser.add_argument("--tasks", default=",".join(learn_tasks.TASKS))
+    parser.add_argument("--methods", default=",".join(learn_tasks.METHODS))
+    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick: 0)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "learn"))
+    parser.add_argument("--report", default=None, help="markdown report path (default: bench/LEARN.md, or "
+                                                       "<out>/LEARN.md with --quick)")
+    args = parser.parse_args()
+    args.tasks = args.tasks.split(",")
+    args.methods = args.methods.split(",")
+    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    results = collect(args)
+    report = args.report or (os.path.join(args.out, "LEARN.md") if args.quick else os.path.join(HERE, "LEARN.md"))
+    png = os.path.join(os.path.dirname(report), "learn_curves.png")
+    plot(results, png)
+    text = (f"# Learning benchmark\n\n`make learn-bench` on {datetime.date.today()}, {cpu_name()}, "
+            f"{os.cpu_count()} cores, {platform.platform()}; seeds {args.seeds}"
+            f"{' (quick mode)' if args.quick else ''}. Curves: `{os.path.basename(png)}`. Settings: "
+            "bench/learn_tasks.py.\n\n" + table(results))
+    with open(report, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"written: {report}, {png}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

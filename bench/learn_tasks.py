@@ -1,0 +1,89 @@
+"""The learning benchmark's tasks and methods: what each run trains, with which settings, and how it is scored.
+
+Two tasks of different shape:
+- ``addition``: 2-digit addition from the demo's warm start (one warm start, seed 0, shared by every method and
+  seed), exact-match correctness reward; held-out greedy accuracy on 500 problems disjoint from training.
+- ``repeat``: from a random initialisation (seeded by the run's seed), a per-character reward in [0, 1]
+  (``rlhf.extras.repeat``); accuracy: sampled completions (temperature 1) that are exactly the letter 8 times
+  (greedy decoding is no measure here: a random init with tied embeddings already repeats the last token).
+
+Methods: our GRPO, PPO, RLOO and REINFORCE++ with their default settings (learning rate aside) on the task's batch
+shape, our GRPO on two processes with the same global batch, and TRL's GRPOTrainer and RLOOTrainer, TRL's
+defaults except the learning rate and the matched batch shape, sampling and schedule.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from rlhf.extras import addition, repeat
+
+
+@dataclass
+class Task:
+    name: str
+    prompts_per_step: int
+    num_generations: int
+    max_new_tokens: int
+    max_prompt_length: int
+    learning_rate: float
+    steps: int
+    eval_every: int
+    quick_steps: int = 3
+    sampled_eval: bool = False  # score sampled completions (temperature 1) rather than greedy ones
+    extra: dict = field(default_factory=dict)
+
+
+TASKS = {
+    "addition": Task("addition", prompts_per_step=32, num_generations=8, max_new_tokens=6, max_prompt_length=16,
+                     learning_rate=5e-5, steps=150, eval_every=25),
+    # Greedy decoding of a random init with tied embeddings already repeats the prompt's last token: the task's
+    # accuracy is that of samples at temperature 1 (what the policy would do), 4 per held-out prompt.
+    "repeat": Task("repeat", prompts_per_step=16, num_generations=8, max_new_tokens=8, max_prompt_length=8,
+                   learning_rate=3e-3, steps=120, eval_every=10, sampled_eval=True),
+}
+
+# method -> (algorithm, config overrides beyond the task's shape and learning rate). Defaults otherwise.
+METHODS = {
+    "grpo": ("grpo", {}),
+    "ppo": ("ppo", {}),
+    "rloo": ("reinforce", {"baseline": "rloo"}),
+    "reinforce++": ("reinforce", {"baseline": "reinforce++"}),
+    "grpo_2proc": ("grpo", {}),  # launched on two processes, same global batch
+    "trl_grpo": ("trl_grpo", {}),
+    "trl_rloo": ("trl_rloo", {}),
+}
+
+
+def task_data(name: str):
+    """(train dataset, held-out dataset, reward functions, the correctness function, the held-out metric's name)."""
+    if name == "addition":
+        train, heldout = addition.make_splits(digits=2, num_eval=500, seed=0)
+        return train.select(range(300, len(train))), heldout, [addition.correctness_reward], \
+            addition.correctness_reward
+    if name == "repeat":
+        train, heldout = repeat.make_dataset(1024, seed=1234), repeat.make_dataset(256, seed=99)
+        # The exact-match column rides along with weight 0: logged, never trained on.
+        return train, heldout, [repeat.repeat_reward, repeat.exact_repeat], repeat.exact_repeat
+    raise ValueError(f"unknown task {name!r}")
+
+
+def reward_weights(name: str) -> list[float] | None:
+    return [1.0, 0.0] if name == "repeat" else None
+
+
+def start_model_dir(name: str, seed: int, cache: str, quick: bool) -> str:
+    """A saved starting model for ``name``: the shared warm start (addition) or the seed's random init (repeat)."""
+    from rlhf.extras.tiny import char_tokenizer
+
+    if name == "repeat":
+        path = os.path.join(cache, f"repeat-init-seed{seed}")
+        if not os.path.isdir(path):
+            repeat.make_model(seed).save_pretrained(path)
+            char_tokenizer().save_pretrained(path)
+        return path
+    path = os.path.join(cache, "addition-warmstart" + ("-quick" if quick else ""))
+    if not os.path.isdir(path):
+        model, tokenizer, _ = addition.build_warm_start(seed=0, steps=10 if quick else None)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,28 @@
+"""`make learn-bench`'s quick mode: one seed, a few steps, our GRPO and TRL's on the random-init task, scored by the
+same held-out function; the table, the curves and the per-run records are written."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_learn_bench_quick_mode_writes_table_curves_and_runs(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learn.py"), "--quick", "--tasks", "repeat",
+                             "--methods", "grpo,trl_grpo", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "LEARN.md").read_text()
+    assert "| grpo | 1 |" in report and "| trl_grpo | 1 |" in report and "TRL GRPO's final accuracy" in report
+    assert (tmp_path / "learn_curves.png").stat().st_size > 10_000
+    runs = {os.path.basename(os.path.dirname(p)): json.load(open(p))
+            for p in glob.glob(str(tmp_path / "repeat" / "*" / "seed0.json"))}
+    assert set(runs) == {"grpo", "trl_grpo"}
+    for run in runs.values():
+        steps = [point[0] for point in run["curve"]]
+        assert steps[0] == 0 and steps[-1] == 3 and all(0 <= point[2] <= 1 for point in run["curve"])
+        assert run["curve"][-1][1] > 0  # training seconds, evaluation excluded
+    assert runs["grpo"]["alarms"] is not None and runs["trl_grpo"]["alarms"] is None  # the monitor is ours
