@@ -51,7 +51,7 @@ class RLConfig:
     health_monitor: bool = True
     """Watch the run for the failures users keep hitting (the learning signal drying up, entropy collapse, identical
     rewards, updates too large, exploding gradients, truncation, over-optimisation, non-finite updates) and explain
-    each once, with likely causes and what to try, on the console, in metrics.jsonl and in the report (rlhf/monitor.py)."""
+    each once, with likely causes and what to try, on the console, in alarms.jsonl and in the report (rlhf/monitor.py)."""
     eval_steps: int = 0
     """Evaluate on ``eval_dataset`` (greedy completions, scored by the reward functions) before training,
     every this many steps and at the end (0: never)."""
@@ -310,8 +310,11 @@ class TokenRewardConfig(RLConfig):
     the reward sits on the last completion token and, with ``kl_in="reward"``, every token pays
     ``kl_coef`` times its KL to the reference."""
 
-    kl_coef: float = 0.05
-    """KL penalty weight (the initial one when ``kl_target`` is set); 0: no reference model is loaded."""
+    kl_coef: float = 0.01
+    """KL penalty weight (the initial one when ``kl_target`` is set); 0: no reference model is loaded. 0.01, not the
+    0.05 of older PPO code and TRL's RLOO: with a reward in [0, 1], learning a task can take tens of nats of KL per
+    sequence, and at 0.05 that costs more than the reward pays, so the run settles at the optimum of reward -
+    kl_coef * KL far below the task's (bench/LEARN.md; the monitor's kl_bound alarm says so when it happens)."""
     kl_estimator: KLEstimator = "k1"
     """KL estimator: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d with d = logp - logp_ref."""
     kl_in: KLPlacement | None = "reward"

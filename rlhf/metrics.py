@@ -84,6 +84,7 @@ class MetricsLogger:
                  disable_tqdm: bool = False):
         self.accelerator = accelerator
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.events_path = os.path.join(output_dir, "alarms.jsonl")
         self._window: dict[str, list[float]] = defaultdict(list)
         self._bar = None
         if accelerator.is_main_process and not disable_tqdm:
@@ -116,9 +117,10 @@ class MetricsLogger:
         return record
 
     def write_event(self, record: dict) -> None:
-        """Append a non-metric record (e.g. a health alarm) to metrics.jsonl (main process only)."""
+        """Append a non-metric record (a health alarm) to alarms.jsonl (main process only). It has a file of its own
+        so that metrics.jsonl stays one record per logged step, as readers (pandas, plots, TRL-style scripts) assume."""
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
+            with open(self.events_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def advance(self, steps: int = 1) -> None:

@@ -2,7 +2,7 @@
 keep hitting, says so once, with the likely causes and what to try.
 
 Each detector is a small function of the metric history. It looks at the first and the last ``window`` steps
-of the run (10 by default) and fires at most once per run; its alarm goes to the console, to metrics.jsonl (a
+of the run (10 by default) and fires at most once per run; its alarm goes to the console, to alarms.jsonl (a
 record with ``"alarm"``, ``"message"`` and the numbers behind it) and to the report. The thresholds are below,
 each with why it is set where it is. In runs that learn, entropy falls and gradient norms rise too (0.44 ->
 0.21 and 2.6 -> 6.8 in the demo's healthy runs): those alone never raise an alarm; the detectors that look at
@@ -20,6 +20,8 @@ them fire only while the reward is not improving.
 | truncation | >= 50% of completions hit max_new_tokens over the last window |
 | over_optimisation | held-out accuracy (or eval reward) fell >= 5 points below its best, at least a window of steps
   later, while the train reward rose (by more than two standard errors) |
+| kl_bound | KL in the reward: the reward stopped rising (last window vs the one before), the KL penalty is >= 30%
+  of the mean reward and entropy is still >= 50% of its start (the policy has barely moved from the reference) |
 | nonfinite_updates | an update was skipped for a non-finite loss or gradient |
 
 "The reward is not improving": the mean reward of the last window exceeds the first window's by less than two
@@ -42,7 +44,7 @@ class Alarm:
     remedies: str  # what to try
 
     def record(self) -> dict:
-        """The line metrics.jsonl gets."""
+        """The line alarms.jsonl gets."""
         return {"step": self.step, "alarm": self.name, "message": self.message, "causes": self.causes,
                 "remedies": self.remedies}
 
@@ -240,6 +242,34 @@ def over_optimisation(m: HealthMonitor, step: int) -> Alarm | None:
                  "reward (format checks, a gold or rule reward beside the learned one), or stop earlier.")
 
 
+def kl_bound(m: HealthMonitor, step: int) -> Alarm | None:
+    if len(m.history) < 3 * m.window:
+        return None
+    penalty = _values(m.history[-m.window:], "kl/reward_penalty")  # KL in the reward only: -kl_coef * KL/sequence
+    rewards = _values(m.history, "reward/mean")
+    entropy = _values(m.history, "entropy")
+    if len(penalty) < m.window or len(rewards) < 3 * m.window or not entropy or not entropy[0] > 0:
+        return None
+    cost, reward = -_mean(penalty), _mean(rewards[-m.window:])
+    previous = rewards[-2 * m.window:-m.window]
+    spread = math.sqrt((statistics.pvariance(previous) + statistics.pvariance(rewards[-m.window:])) / m.window)
+    still_rising = reward - _mean(previous) > max(2 * spread, 0.01)
+    moved = 1 - _mean(entropy[-m.window:]) / _mean(entropy[:m.window])
+    if still_rising or cost < 0.3 * abs(reward) or moved > 0.5:
+        return None
+    coef = m.history[-1].get("kl_coef", math.nan)
+    return Alarm("kl_bound", step,
+                 f"the reward stopped rising at {reward:.3g} while the KL penalty costs {cost:.3g} per sequence "
+                 f"({cost / max(abs(reward), 1e-12):.0%} of it, kl_coef={coef:.3g}) and the policy is still close to the "
+                 f"reference (entropy {1 - moved:.0%} of its start): the run has reached the optimum of reward - "
+                 "kl_coef * KL, not of the reward.",
+                 "kl_coef too large for the reward's scale: solving the task needs more KL (in nats per sequence) "
+                 "than the reward it gains pays for; typical with a reward in [0, 1], long completions or a reference "
+                 "far from the task (a random or weakly warm-started model).",
+                 "a smaller kl_coef (0.01, or 0 with a warm start you trust), kl_target to adapt it, rewards on a larger "
+                 "scale, or kl_in='loss'.")
+
+
 def nonfinite_updates(m: HealthMonitor, step: int) -> Alarm | None:
     skipped = m.history[-1].get("guard/skipped_updates", 0.0) if m.history else 0.0
     if not skipped:
@@ -251,4 +281,4 @@ def nonfinite_updates(m: HealthMonitor, step: int) -> Alarm | None:
 
 
 DETECTORS = [no_learning_signal, signal_drying_up, entropy_collapse, identical_rewards, update_too_large,
-             exploding_gradients, truncation, over_optimisation, nonfinite_updates]
+             exploding_gradients, truncation, over_optimisation, kl_bound, nonfinite_updates]

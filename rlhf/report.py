@@ -305,6 +305,9 @@ def write_report(output_dir: str, title: str | None = None) -> str:
     """Write ``<output_dir>/report.html`` from the run's metrics.jsonl (atomically) and return its path. ``title``
     defaults to the directory's name. Raises FileNotFoundError when there is no metrics.jsonl."""
     records = load_records(os.path.join(output_dir, "metrics.jsonl"))
+    alarms_path = os.path.join(output_dir, "alarms.jsonl")
+    if os.path.exists(alarms_path):
+        records += load_records(alarms_path)
     title = title or os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
     path = os.path.join(output_dir, "report.html")
     atomic_write_text(path, build_html(output_dir, records, title))

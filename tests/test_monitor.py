@@ -63,7 +63,20 @@ CASES = {
                               evals=[(10, {"eval/accuracy": 0.40}), (20, {"eval/accuracy": 0.52}),
                                      (40, {"eval/accuracy": 0.45}), (60, {"eval/accuracy": 0.38})]),
     "nonfinite_updates": dict(metrics=stream(**{"guard/skipped_updates": lambda t: 1.0 if t == 7 else 0.0})),
+    # RLOO with kl_coef 0.05 on the random-init repeat task (bench/learn.py): the reward climbs 0.07 -> 0.34 and
+    # stops there, the KL penalty costs 0.2 of it, entropy stays at 4.1 of 4.6
+    "kl_bound": dict(metrics=stream(80, **{"reward/mean": lambda t: min(0.07 + 0.009 * t, 0.34) + noisy(t) / 5,
+                                           "kl/reward_penalty": lambda t: -min(0.0067 * t, 0.2),
+                                           "entropy": lambda t: 4.6 - min(0.017 * t, 0.5)})),
 }
+
+
+def test_kl_in_the_reward_of_a_run_that_learns_raises_nothing():
+    """The same task with kl_coef 0.01: the reward reaches 0.97 with a penalty of 0.29 and entropy falls to 0.5."""
+    learning = stream(120, **{"reward/mean": lambda t: min(0.07 + 0.015 * t, 0.97) + noisy(t) / 5,
+                              "kl/reward_penalty": lambda t: -min(0.005 * t, 0.29),
+                              "entropy": lambda t: max(4.6 - 0.07 * t, 0.5)})
+    assert run(learning) == []
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -90,7 +103,8 @@ def test_a_real_run_with_a_constant_reward_says_so_once_in_the_file_and_the_repo
                            max_steps=7, write_report=True)
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    alarms = [line for line in lines if "alarm" in line]
+    assert [line["step"] for line in lines] == list(range(1, 8)) and not any("alarm" in line for line in lines)
+    alarms = [json.loads(line) for line in (tmp_path / "alarms.jsonl").read_text().splitlines()]
     assert sorted(a["alarm"] for a in alarms) == ["identical_rewards", "no_learning_signal"]
     assert "every completion got the same reward (0.5)" in caplog.text
     report = (tmp_path / "report.html").read_text()
@@ -107,7 +121,7 @@ def test_a_real_run_with_nonfinite_updates_and_truncation_is_flagged(tmp_path):
 
     trainer.algorithm.advantages = poisoned
     trainer.train()
-    alarms = {json.loads(line).get("alarm") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    alarms = {json.loads(line).get("alarm") for line in (tmp_path / "alarms.jsonl").read_text().splitlines()}
     assert {"nonfinite_updates", "truncation"} <= alarms
 
 
@@ -115,4 +129,4 @@ def test_the_monitor_can_be_turned_off(tmp_path):
     trainer = make_trainer(tmp_path, reward=lambda prompts, completions, **kw: [0.5] * len(completions),
                            max_steps=6, health_monitor=False)
     trainer.train()
-    assert "alarm" not in (tmp_path / "metrics.jsonl").read_text()
+    assert not (tmp_path / "alarms.jsonl").exists() and "alarm" not in (tmp_path / "metrics.jsonl").read_text()

@@ -236,7 +236,7 @@ class RLTrainer:
                 evaluation = self.evaluate()
                 records.append(metrics_logger.write(self.step, evaluation))
                 alarms += monitor.observe_eval(self.step, evaluation) if monitor else []
-            for alarm in alarms:  # said once: on the console, in metrics.jsonl, and so in the report
+            for alarm in alarms:  # said once: on the console, in alarms.jsonl, and so in the report
                 if self.accelerator.is_main_process:
                     logger.warning(alarm.text())
                 metrics_logger.write_event(alarm.record())
