@@ -170,7 +170,8 @@ class RLConfig:
     """For a sampler that is not exactly the trained policy (bf16 / autocast sampling, other kernels):
     token_truncate weighs each token's policy loss by min(pi_old / pi_sampler, rollout_correction_cap);
     sequence_mask leaves out sequences whose ratio prod pi_old / pi_sampler is outside [1 / cap, cap]. pi_sampler is
-    what generation sampled from (after top-k / top-p). The mismatch (rollout/abs_log_ratio) is logged either way."""
+    what generation sampled from (after top-k / top-p). Logged either way: the mismatch (rollout/abs_log_ratio, k3,
+    max_abs_log_ratio) and what each mode would truncate or mask at the cap (rollout/truncated_frac, masked_frac)."""
     rollout_correction_cap: float = 2.0
     """C of the rollout correction, > 1."""
 

@@ -72,8 +72,9 @@ class PromptSampler:
 
     def refill_indices(self, step: int, round_index: int) -> list[int]:
         """All processes' prompts for refill round ``round_index`` >= 1 of ``step`` (dynamic sampling), in process
-        order: ``prompts_per_step`` distinct prompts (if the dataset has that many) drawn uniformly, seeded by (seed, step, round) alone, so that
-        the epoch order of later steps does not depend on how many rounds earlier steps needed."""
+        order: ``prompts_per_step`` distinct prompts (if the dataset has that many) drawn uniformly, seeded by
+        (seed, step, round) alone, so that the epoch order of later steps does not depend on how many rounds
+        earlier steps needed."""
         key = hashlib.sha256(f"{self.seed}/{step}/{round_index}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
         draw = torch.randperm(self.dataset_size, generator=generator)

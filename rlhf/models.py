@@ -130,7 +130,7 @@ def load_teacher(teacher: str | PreTrainedModel, student_tokenizer: PreTrainedTo
         source = teacher if isinstance(teacher, str) else getattr(model, "name_or_path", None)
         if not source:
             raise ValueError("The teacher model object has no saved path to load its tokenizer from; pass "
-                             "teacher_processing_class (its tokenizer) so that it can be checked against the student's.")
+                             "teacher_processing_class (its tokenizer) to check it against the student's.")
         teacher_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     check_shared_tokenizer(student_tokenizer, teacher_tokenizer)
     disable_dropout(model)

@@ -44,42 +44,45 @@ def log_importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
 
 
 def rollout_correction(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
-                       mode: RolloutCorrection, cap: float) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+                       mode: RolloutCorrection, cap: float) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Correct for a sampler that differs from the trained policy (other precision, kernels, an external engine).
-    Returns (per-token weights [B, T] or None, rows to keep [B] bool, metrics). Nothing here has a gradient.
+    Returns (per-token weights [B, T] or None, rows to keep [B] bool). Nothing here has a gradient.
 
     - ``token_truncate`` (truncated importance sampling, Yao et al. 2025): w_t = min(pi_old / pi_sampler, cap) at
       every valid token (0 elsewhere), multiplying the policy loss; every row is kept.
     - ``sequence_mask``: the sequence ratio rho_i = prod_t pi_old / pi_sampler over the row's valid tokens; rows
       with rho_i outside [1 / cap, cap] are dropped (from the loss and its counts); no weights.
 
-    Metrics: ``truncated_frac`` (valid tokens whose ratio exceeded ``cap``) or ``masked_frac`` (rows dropped,
-    among rows with a valid token)."""
+    ``logprob_mismatch`` measures what each mode truncates or drops."""
     if cap <= 1:
         raise ValueError(f"rollout correction cap must be > 1, got {cap}")
     valid = mask.bool()
     with torch.no_grad():
         log_ratio = torch.where(valid, old_logprobs - sampler_logprobs, torch.zeros_like(old_logprobs))
         if mode == "token_truncate":
-            ratio = torch.exp(log_ratio.clamp(max=math.log(cap)))
-            weights = torch.where(valid, ratio, torch.zeros_like(ratio))
-            truncated = (log_ratio > math.log(cap)) & valid
-            return weights, torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device), {
-                "truncated_frac": masked_mean(truncated.to(old_logprobs.dtype), mask)}
+            weights = torch.where(valid, torch.exp(log_ratio.clamp(max=math.log(cap))), torch.zeros_like(log_ratio))
+            return weights, torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
         if mode == "sequence_mask":
-            sequence = log_ratio.sum(dim=-1)  # log rho_i [B]
-            keep = sequence.abs() <= math.log(cap)
-            rows = valid.any(dim=-1)
-            dropped = (~keep & rows).to(old_logprobs.dtype)
-            return None, keep, {"masked_frac": masked_mean(dropped, rows)}
+            return None, log_ratio.sum(dim=-1).abs() <= math.log(cap)
     raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS}, got {mode!r}")
 
 
-def logprob_mismatch(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
-    """How far the sampler's log-probs are from the trainer's on the valid tokens: ``abs_log_ratio`` (the mean of
-    |log pi - log pi_sampler|), ``max_abs_log_ratio``, and ``k3`` (the mean KL(sampler || trainer) estimate
-    exp(d) - 1 - d with d = log pi - log pi_sampler, >= 0, 0 only when they agree). [], no gradient."""
+def logprob_mismatch(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                     cap: float = 2.0) -> dict:
+    """How far the sampler's log-probs are from the trainer's on the valid tokens, with d = log pi - log pi_sampler
+    (0-d tensors, no gradient):
+
+    - ``abs_log_ratio``: the mean of |d|; ``max_abs_log_ratio``: its maximum;
+    - ``k3``: the mean of exp(d) - 1 - d, an estimate of KL(sampler || trainer): >= 0, and 0 only when they agree;
+    - ``truncated_frac``: the fraction of valid tokens whose ratio exceeds ``cap`` (what ``token_truncate`` caps);
+    - ``masked_frac``: the fraction of rows (with a valid token) whose sequence ratio exp(sum d) leaves
+      [1 / cap, cap] (what ``sequence_mask`` drops)."""
     with torch.no_grad():
-        d = torch.where(mask.bool(), logprobs - sampler_logprobs, torch.zeros_like(logprobs))
+        valid = mask.bool()
+        d = torch.where(valid, logprobs - sampler_logprobs, torch.zeros_like(logprobs))
+        rows = valid.any(dim=-1)
+        outside = (d.sum(dim=-1).abs() > math.log(cap)) & rows
         return {"abs_log_ratio": masked_mean(d.abs(), mask), "max_abs_log_ratio": d.abs().max(),
-                "k3": masked_sum(torch.expm1(d.clamp(-20, 20)) - d, mask) / mask.sum().clamp(min=1)}
+                "k3": masked_sum(torch.expm1(d.clamp(-20, 20)) - d, mask) / mask.sum().clamp(min=1),
+                "truncated_frac": masked_mean((d > math.log(cap)).to(d.dtype), mask),
+                "masked_frac": masked_mean(outside.to(d.dtype), rows)}

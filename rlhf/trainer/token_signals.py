@@ -1,7 +1,7 @@
 """What a step adds per token once the rollout is scored, each a call from ``RLTrainer.make_rollout``:
 
-- the rollout correction, for a sampler that is not exactly the trained policy (``rollout_correction``), and the
-  mismatch between the two, logged on every step;
+- the mismatch between the sampler and the trained policy, logged on every step (the rollout correction itself is
+  ``rlhf.core.rollout_correction``);
 - the tokens that train when only the highest-entropy ones do (``top_entropy_quantile``);
 - on-policy distillation's dense signal from a teacher (``teacher_model``).
 
@@ -10,28 +10,19 @@ Each returns tensors; the caller puts them in the rollout.
 
 import torch
 
-from rlhf.core import logprob_mismatch, masked_mean, reverse_kl_advantages, rollout_correction, top_fraction_mask
+from rlhf.core import logprob_mismatch, masked_mean, reverse_kl_advantages, top_fraction_mask
 
 
-def log_mismatch(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, metrics) -> None:
-    """The sampler's log-probs against the trainer's on the valid tokens (``rlhf.core.logprob_mismatch``)."""
-    stats = logprob_mismatch(logprobs, sampler_logprobs, mask)
-    tokens = mask.sum()
-    metrics.add("rollout/abs_log_ratio", stats["abs_log_ratio"], tokens)
-    metrics.add("rollout/k3", stats["k3"], tokens)
+def log_mismatch(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, cap: float,
+                 metrics) -> None:
+    """The sampler's log-probs against the trainer's on the valid tokens, and what the rollout correction at ``cap``
+    truncates (tokens) or masks (sequences), whether or not it is on (``rlhf.core.logprob_mismatch``)."""
+    stats = logprob_mismatch(logprobs, sampler_logprobs, mask, cap)
+    tokens, rows = mask.sum(), mask.bool().any(dim=1).sum()
+    for name in ("abs_log_ratio", "k3", "truncated_frac"):
+        metrics.add(f"rollout/{name}", stats[name], tokens)
+    metrics.add("rollout/masked_frac", stats["masked_frac"], rows)
     metrics.add_max("rollout/max_abs_log_ratio", stats["max_abs_log_ratio"])
-
-
-def sampler_correction(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
-                       cap: float, metrics) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(per-token weights or None, [B] rows to keep) of the rollout correction, from the trainer's log-probs of the
-    rollout before any update and the sampler's own; logs what it truncated or masked."""
-    weights, keep, stats = rollout_correction(old_logprobs, sampler_logprobs, mask, mode, cap)
-    if "truncated_frac" in stats:
-        metrics.add("rollout/truncated_frac", stats["truncated_frac"], mask.sum())
-    if "masked_frac" in stats:
-        metrics.add("rollout/masked_frac", stats["masked_frac"], mask.bool().any(dim=1).sum())
-    return weights, keep
 
 
 def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, reduce, metrics) -> torch.Tensor:

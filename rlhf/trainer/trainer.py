@@ -19,6 +19,7 @@ from transformers import get_scheduler
 
 from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
+from rlhf.core import rollout_correction
 from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, as_dataset, check_prompts
 from rlhf.distributed import make_accelerator, shards_parameters
@@ -47,7 +48,7 @@ from rlhf.trainer.algorithms import BatchReduce, algorithm_for
 from rlhf.trainer.kl import KLPenalty
 from rlhf.trainer.sampling import informative_rows, sample_groups
 from rlhf.trainer.scoring import frozen_logprobs, reference_logprobs, rollout_logprobs, rollout_values
-from rlhf.trainer.token_signals import high_entropy_tokens, log_mismatch, sampler_correction, teacher_advantages
+from rlhf.trainer.token_signals import high_entropy_tokens, log_mismatch, teacher_advantages
 from rlhf.trainer.update import NonFiniteGuard, TrainedModel, plan_step, update
 
 logger = logging.getLogger(__name__)
@@ -191,12 +192,13 @@ class RLTrainer:
         if args.filter_zero_std_groups:
             rows = self.reduce.local_rows(informative_rows(rewards, args.num_generations))
             rollout.loss_mask = rollout.loss_mask * rows.unsqueeze(1)
-        if rollout.old_logprobs is not None and rollout.sampler_logprobs is not None:
-            log_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.loss_mask, metrics)
-        if args.rollout_correction is not None:
-            rollout.correction_weights, keep = sampler_correction(
-                rollout.old_logprobs, rollout.sampler_logprobs, rollout.loss_mask, args.rollout_correction,
-                args.rollout_correction_cap, metrics)
+        if rollout.old_logprobs is not None and rollout.sampler_logprobs is not None:  # else during the update
+            log_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.loss_mask,
+                         args.rollout_correction_cap, metrics)
+        if args.rollout_correction is not None:  # for a sampler that is not exactly the trained policy
+            rollout.correction_weights, keep = rollout_correction(rollout.old_logprobs, rollout.sampler_logprobs,
+                                                                  rollout.loss_mask, args.rollout_correction,
+                                                                  args.rollout_correction_cap)
             rollout.loss_mask = rollout.loss_mask * keep.unsqueeze(1)
         if selecting:
             rollout.loss_mask = rollout.loss_mask * high_entropy_tokens(entropy, rollout.loss_mask,

@@ -78,11 +78,13 @@ class TrainedModel:
 @dataclass
 class LossStats:
     """What one micro-batch's loss reports: its share of each mini-batch loss, per-token means over its valid
-    tokens, and maxima."""
+    tokens, per-sequence means over its sequences with a valid token, and maxima."""
 
     tokens: torch.Tensor
+    sequences: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     token_means: dict[str, torch.Tensor] = field(default_factory=dict)
+    sequence_means: dict[str, torch.Tensor] = field(default_factory=dict)
     maxima: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -135,7 +137,7 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
 
     ``actor`` is None while only the critic trains (PPO's critic warm-up)."""
     mask = micro.loss_mask
-    stats = LossStats(tokens=mask.sum())
+    stats = LossStats(tokens=mask.sum(), sequences=(mask.sum(dim=1) > 0).sum())
     loss = torch.zeros((), device=mask.device)
     if critic is not None:
         values = completion_values(critic.model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
@@ -159,8 +161,9 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
     if micro.old_logprobs is None and micro.sampler_logprobs is not None:
         # On-policy without a scoring pass: these log-probs are the trainer's view of the sampling policy, so the
         # sampler's mismatch is measured here (else in make_rollout, on the scoring pass).
-        mismatch = logprob_mismatch(logprobs, micro.sampler_logprobs, mask)
-        stats.token_means.update({"rollout/abs_log_ratio": mismatch["abs_log_ratio"], "rollout/k3": mismatch["k3"]})
+        mismatch = logprob_mismatch(logprobs, micro.sampler_logprobs, mask, args.rollout_correction_cap)
+        stats.token_means.update({f"rollout/{k}": mismatch[k] for k in ("abs_log_ratio", "k3", "truncated_frac")})
+        stats.sequence_means["rollout/masked_frac"] = mismatch["masked_frac"]
         stats.maxima["rollout/max_abs_log_ratio"] = mismatch["max_abs_log_ratio"]
     loss = loss + loss_pg
     stats.losses["loss/policy"] = loss_pg.detach()
@@ -203,6 +206,8 @@ def accumulate_gradients(actor, critic, mini: Rollout, args, plan: StepPlan, kl:
             metrics.add(name, value / share, share)
         for name, value in stats.token_means.items():
             metrics.add(name, value, stats.tokens)
+        for name, value in stats.sequence_means.items():
+            metrics.add(name, value, stats.sequences)
         for name, value in stats.maxima.items():
             metrics.add_max(name, value)
         if "policy/approx_kl" in stats.token_means:
