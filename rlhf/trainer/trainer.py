@@ -113,6 +113,9 @@ class RLTrainer:
             if args.chunked_lm_head:
                 enable_token_scoring(self.teacher)
             self.teacher.to("cpu" if args.offload_teacher else accelerator.device)
+            if args.filter_zero_std_groups:
+                logger.warning("filter_zero_std_groups with a teacher: groups whose task rewards are all equal leave "
+                               "the loss, and the teacher's signal on them with it.")
 
         # --- rewards and data, all checked before the first step
         self.reward_functions = build_reward_functions(
