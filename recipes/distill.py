@@ -5,7 +5,8 @@ through the per-token reverse KL on the student's own samples. CPU only, no netw
     python recipes/distill.py --stage prepare     # only write outputs/distill/{teacher,student}
     accelerate launch recipes/grpo.py --config recipes/configs/demo_distill.yaml   # the distillation on its own
 
-1. Teacher: the demo's 4-layer Llama (hidden 128), trained supervised until --teacher_accuracy on a validation split.
+1. Teacher: the demo's 4-layer Llama (hidden 128), trained supervised until --teacher_accuracy on a validation split
+   (or --teacher: an existing one, such as the demo's RL-trained model).
 2. Student: a 2-layer Llama (hidden 64), warm-started supervised to --student_accuracy.
 3. Distillation with recipes/configs/demo_distill.yaml: the GRPO trainer with ``teacher_model``; every token's
    advantage is log p_teacher - log p_student, with the task reward weighted 0 (the teacher is the only signal).
@@ -46,6 +47,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/distill")
     parser.add_argument("--stage", choices=["all", "prepare"], default="all")
+    parser.add_argument("--teacher", default=None, help="an existing teacher directory (e.g. outputs/demo/grpo/model, "
+                        "the demo's RL-trained model) instead of training one")
     parser.add_argument("--teacher_accuracy", type=float, default=0.8)
     parser.add_argument("--student_accuracy", type=float, default=0.1)
     parser.add_argument("--max_steps", type=int, default=None, help="override the config's max_steps")
@@ -53,8 +56,9 @@ def main():
 
     train, heldout = make_splits(digits=2, num_eval=500, seed=0)
     validation, train = train.select(range(300)), train.select(range(300, len(train)))
-    summary = {"seed": cli.seed}
-    for role, target, limit in (("teacher", cli.teacher_accuracy, 6000), ("student", cli.student_accuracy, 3000)):
+    summary = {"seed": cli.seed, "teacher_path": cli.teacher or os.path.join(cli.output_dir, "teacher")}
+    roles = (("teacher", cli.teacher_accuracy, 6000), ("student", cli.student_accuracy, 3000))
+    for role, target, limit in roles[1:] if cli.teacher else roles:
         path = os.path.join(cli.output_dir, role)
         print(f"[{role}] supervised until validation accuracy >= {target:.0%} -> {path}")
         summary[role] = supervised(path, SIZES[role], train, validation, cli.seed, target, limit)
@@ -63,8 +67,7 @@ def main():
         return
 
     overrides = ["--model_name_or_path", os.path.join(cli.output_dir, "student"),
-                 "--teacher_model", os.path.join(cli.output_dir, "teacher"),
-                 "--output_dir", os.path.join(cli.output_dir, "run")]
+                 "--teacher_model", summary["teacher_path"], "--output_dir", os.path.join(cli.output_dir, "run")]
     if cli.max_steps is not None:
         overrides += ["--max_steps", str(cli.max_steps)]
     _, config = parse_args([ScriptArguments, GRPOConfig], ["--config", CONFIG, *overrides])

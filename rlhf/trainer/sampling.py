@@ -39,8 +39,9 @@ def sample_groups(policy, dataset, sampler, step: int, sampling, args, reward_fu
     rounds = args.max_sampling_rounds if args.filter_zero_std_groups else 1
     pieces = []
     for round_index in range(rounds):
+        prompts = sampler.indices(step) if round_index == 0 else sampler.indices(step, round_index)
         with timer("generate"):
-            rollout, texts = generate_rollout(policy, dataset[sampler.indices(step, round_index)], sampling, group)
+            rollout, texts = generate_rollout(policy, dataset[prompts], sampling, group)
         with timer("score"):
             rewards = score_rollout(reward_functions, reward_weights, texts, accelerator, group, metrics)
         if rounds == 1:
