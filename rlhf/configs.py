@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.core import KLEstimator, LossAgg, RewardScale
+from rlhf.core import ImportanceLevel, KLEstimator, LossAgg, PolicyLossType, RewardScale, RolloutCorrection
 
 KLPlacement = Literal["reward", "loss"]
 
@@ -135,6 +135,10 @@ class RLConfig:
     """Leave completions that hit ``max_new_tokens`` without an EOS out of the loss (DAPO)."""
     filter_zero_std_groups: bool = False
     """Leave groups whose rewards are all equal (zero advantage) out of the loss and its token count (DAPO)."""
+    max_sampling_rounds: int = 1
+    """With filter_zero_std_groups, DAPO's dynamic sampling: sample further rounds of fresh prompts until
+    prompts_per_step groups with differing rewards are collected or this many rounds have run; short of that, train on
+    those found (the batch is topped up with groups the filter leaves out of the loss). 1: only drop."""
 
     # --- loss ------------------------------------------------------------------------------
     clip_eps_low: float = 0.2
@@ -158,6 +162,37 @@ class RLConfig:
     """How per-token losses are reduced: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus (the loss subtracts entropy_coef * entropy)."""
+    importance_sampling_level: ImportanceLevel = "token"
+    """The ratio r = pi / pi_old the policy loss clips: per token; per sequence (GSPO: exp of the mean log-ratio over
+    the sequence's tokens, clipped per sequence; the paper pairs it with seq-mean-token-mean and clip_eps_low / high of
+    3e-4 / 4e-4); or sequence_token (GSPO-token: the sequence ratio's value with a per-token gradient)."""
+    policy_loss_type: PolicyLossType = "ppo"
+    """ppo: the clipped surrogate max(-A r, -A clip(r)); cispo (MiniMax-M1): -sg(clip(r, 1 - clip_eps_low,
+    1 + clip_eps_high)) * A * log p, whose clipped tokens still give gradient."""
+    top_entropy_quantile: float = 1.0
+    """Train only on this fraction of the batch's loss tokens, those of highest entropy under the sampling policy,
+    chosen over all processes; the others leave every loss term and its token count ("Beyond the 80/20 rule": 0.2;
+    1.0: all tokens)."""
+    rollout_correction: RolloutCorrection | None = None
+    """For a sampler that is not exactly the trained policy (bf16 / autocast sampling, other kernels):
+    token_truncate weighs each token's policy loss by min(pi_old / pi_sampler, rollout_correction_cap);
+    sequence_mask leaves out sequences whose ratio prod pi_old / pi_sampler is outside [1 / cap, cap]. pi_sampler is
+    what generation sampled from (after top-k / top-p). Logged either way: the mismatch (rollout/abs_log_ratio, k3,
+    max_abs_log_ratio) and what each mode would truncate or mask at the cap (rollout/truncated_frac, masked_frac)."""
+    rollout_correction_cap: float = 2.0
+    """C of the rollout correction, > 1."""
+
+    # --- on-policy distillation -----------------------------------------------------------
+    teacher_model: str | None = None
+    """A teacher (path or hub id; the trainers also take a model object) sharing the actor's tokenizer: every token's
+    advantage gains distill_coef * (log p_teacher - log p_actor) of the actor's own samples, the negative per-token
+    reverse KL to the teacher (None: no teacher)."""
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype of the teacher (None: the actor's ``dtype`` for a path; a model object as it is)."""
+    offload_teacher: bool = False
+    """Keep the teacher on the CPU, moving it to the device only for its pass of each step."""
+    distill_coef: float = 1.0
+    """Weight of the teacher's per-token signal; with reward_weights of 0 it is the whole signal."""
 
     # --- optimisation ----------------------------------------------------------------------
     learning_rate: float = 1e-6
@@ -218,10 +253,12 @@ class RLConfig:
                 errors.append(message)
 
         for name in ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "num_epochs",
-                     "max_new_tokens", "logging_steps", "eval_batch_size", "max_nonfinite_updates", "kl_horizon"):
+                     "max_new_tokens", "logging_steps", "eval_batch_size", "max_nonfinite_updates", "kl_horizon",
+                     "max_sampling_rounds"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
         for name in ("save_steps", "eval_steps", "eval_num_generations", "eval_log_samples", "warmup_steps",
-                     "top_k", "kl_coef", "learning_rate", "weight_decay", "clip_eps_high", "entropy_coef"):
+                     "top_k", "kl_coef", "learning_rate", "weight_decay", "clip_eps_high", "entropy_coef",
+                     "distill_coef"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
         need(self.eval_pass_k is None or (self.eval_num_generations > 0 and all(
              1 <= k <= self.eval_num_generations for k in self.eval_pass_k)),
@@ -235,6 +272,14 @@ class RLConfig:
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
         need(0 <= self.clip_eps_low < 1, f"clip_eps_low={self.clip_eps_low} must be in [0, 1).")
         need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be > 1 (or None).")
+        need(self.dual_clip is None or self.policy_loss_type == "ppo",
+             f"dual_clip={self.dual_clip} bounds PPO's clipped surrogate; CISPO has no such term: set dual_clip=None.")
+        need(0 < self.top_entropy_quantile <= 1,
+             f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1] (the fraction of tokens kept).")
+        need(self.rollout_correction_cap > 1, f"rollout_correction_cap={self.rollout_correction_cap} must be > 1.")
+        need(self.max_sampling_rounds == 1 or self.filter_zero_std_groups,
+             f"max_sampling_rounds={self.max_sampling_rounds} refills the groups that filter_zero_std_groups drops; "
+             "set filter_zero_std_groups=True, or max_sampling_rounds=1.")
         need(not (self.kl_in is None and self.kl_coef > 0),
              f"kl_coef={self.kl_coef} with kl_in=None: set kl_coef=0 for no KL term, or kl_in to reward or loss.")
         need(self.target_kl is None or self.target_kl > 0, f"target_kl={self.target_kl} must be > 0 (or None).")
@@ -369,11 +414,13 @@ class PPOConfig(TokenRewardConfig):
 @dataclass
 class ReinforceConfig(TokenRewardConfig):
     """REINFORCE (Williams 1992) with a choice of baseline: none, the batch mean, leave-one-out (RLOO,
-    Ahmadian et al. 2024) or REINFORCE++ (Hu 2025: KL in the reward, returns whitened over the batch)."""
+    Ahmadian et al. 2024), REINFORCE++ (Hu 2025: KL in the reward, returns whitened over the batch) or
+    REINFORCE++-baseline (the group mean subtracted first)."""
 
-    baseline: Literal["none", "mean", "rloo", "reinforce++"] = "rloo"
+    baseline: Literal["none", "mean", "rloo", "reinforce++", "reinforce++-baseline"] = "rloo"
     """none: advantage = reward-to-go; mean: minus the batch-mean reward; rloo: minus the mean reward of the
-    prompt's other completions; reinforce++: reward-to-go with KL in the reward, whitened over the batch."""
+    prompt's other completions; reinforce++: reward-to-go with KL in the reward, whitened over the batch;
+    reinforce++-baseline: minus the prompt's group-mean reward, then as reinforce++."""
     num_generations: int = 4
     """Completions sampled per prompt (rloo needs at least 2)."""
 
@@ -382,6 +429,9 @@ class ReinforceConfig(TokenRewardConfig):
         if self.baseline == "rloo" and self.num_generations < 2:
             errors.append(f"num_generations={self.num_generations}: the rloo baseline leaves one completion out of "
                           "its prompt's group, so it needs at least 2 per prompt.")
+        if self.baseline == "reinforce++-baseline" and self.num_generations < 2:
+            errors.append(f"num_generations={self.num_generations}: the reinforce++-baseline baseline subtracts the "
+                          "mean reward of the prompt's group, so it needs at least 2 completions per prompt.")
         return errors
 
 

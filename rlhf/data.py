@@ -2,9 +2,11 @@
 
 The order of prompts is a pure function of (seed, step): a per-epoch permutation of the dataset,
 cut into steps of ``prompts_per_step`` and then into one contiguous slice per process. No loader
-state exists, so resuming at step k only needs k, and every process agrees on the order.
+state exists, so resuming at step k only needs k, and every process agrees on the order. The refill
+rounds of dynamic sampling draw their prompts as a pure function of (seed, step, round).
 """
 
+import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -68,10 +70,23 @@ class PromptSampler:
             out.append(int(self._epoch_order(epoch)[offset]))
         return out
 
-    def indices(self, step: int) -> list[int]:
+    def refill_indices(self, step: int, round_index: int) -> list[int]:
+        """All processes' prompts for refill round ``round_index`` >= 1 of ``step`` (dynamic sampling), in process
+        order: ``prompts_per_step`` distinct prompts (if the dataset has that many) drawn uniformly, seeded by
+        (seed, step, round) alone, so that the epoch order of later steps does not depend on how many rounds
+        earlier steps needed."""
+        key = hashlib.sha256(f"{self.seed}/{step}/{round_index}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        draw = torch.randperm(self.dataset_size, generator=generator)
+        repeats = -(-self.prompts_per_step // self.dataset_size)  # a dataset smaller than a step repeats
+        return draw.repeat(repeats)[: self.prompts_per_step].tolist()
+
+    def indices(self, step: int, round_index: int = 0) -> list[int]:
+        """This process's prompts at ``step``: the epoch order in round 0, a refill draw in later rounds."""
         per_process = self.prompts_per_step // self.num_processes
         start = self.process_index * per_process
-        return self.global_indices(step)[start : start + per_process]
+        prompts = self.global_indices(step) if round_index == 0 else self.refill_indices(step, round_index)
+        return prompts[start : start + per_process]
 
 
 def render_prompts(prompts: Sequence, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], bool]:

@@ -1,4 +1,5 @@
-"""Loading the actor and its tokenizer, switching dropout off, the frozen reference copy, LoRA."""
+"""Loading the actor and its tokenizer, switching dropout off, the frozen reference copy, LoRA, a distillation
+teacher."""
 
 import copy
 import logging
@@ -114,3 +115,36 @@ def apply_lora(model: PreTrainedModel, peft_config, gradient_checkpointing: bool
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config)
+
+
+def load_teacher(teacher: str | PreTrainedModel, student_tokenizer: PreTrainedTokenizerBase, dtype: str | None,
+                 student_dtype: str = "float32", teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+                 trust_remote_code: bool = False) -> nn.Module:
+    """A distillation teacher in eval mode with dropout off, in ``dtype`` (None: ``student_dtype`` for a path, a model
+    object as it is), after checking that it shares the student's tokenizer: the student's token ids are scored
+    under the teacher, so one vocabulary must mean the same thing to both."""
+    model = load_causal_lm(teacher, dtype or student_dtype, trust_remote_code)
+    if dtype is not None and dtype != "auto":
+        model.to(resolve_dtype(dtype))
+    if teacher_tokenizer is None:
+        source = teacher if isinstance(teacher, str) else getattr(model, "name_or_path", None)
+        if not source:
+            raise ValueError("The teacher model object has no saved path to load its tokenizer from; pass "
+                             "teacher_processing_class (its tokenizer) to check it against the student's.")
+        teacher_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    check_shared_tokenizer(student_tokenizer, teacher_tokenizer)
+    disable_dropout(model)
+    return model.eval()
+
+
+def check_shared_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Raise unless the two tokenizers map every token string to the same id."""
+    mine, theirs = student.get_vocab(), teacher.get_vocab()
+    differing = sorted({t for t in mine.keys() | theirs.keys() if mine.get(t) != theirs.get(t)},
+                       key=lambda t: (mine.get(t, theirs.get(t)), t))
+    if differing:
+        examples = ", ".join(f"{t!r}: student {mine.get(t)}, teacher {theirs.get(t)}" for t in differing[:3])
+        raise ValueError(
+            f"The teacher does not share the student's tokenizer: {len(differing)} token(s) differ ({examples}). "
+            "On-policy distillation scores the student's token ids under the teacher; use a teacher of the same "
+            "model family (same tokenizer).")

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from rlhf.data import left_pad, render_prompts, tokenize_prompts
 from rlhf.distributed import model_for_generation, needs_synced_generation
@@ -24,8 +31,8 @@ class Rollout:
     """One step's experience on this process. Rows: B completions, the ``num_generations`` completions of one
     prompt in contiguous rows. Prompts are left-padded to P columns, completions right-padded to T.
 
-    The sampler fills the first six fields; the no-grad passes and the advantage estimator fill the rest,
-    once per rollout batch and before any update."""
+    The sampler fills the first six fields and ``sampler_logprobs``; the no-grad passes and the advantage
+    estimator fill the rest, once per rollout batch and before any update."""
 
     prompt_ids: torch.Tensor  # [B, P] long
     prompt_mask: torch.Tensor  # [B, P] 1 on prompt tokens
@@ -33,6 +40,9 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
     truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
     loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: completion_mask minus rows left out
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's own, from generation (0 past the end)
+    correction_weights: torch.Tensor | None = None  # [B, T] rollout correction pi_old / pi_sampler, truncated
+    teacher_logprobs: torch.Tensor | None = None  # [B, T] the teacher's (on-policy distillation)
     old_logprobs: torch.Tensor | None = None  # [B, T] the sampling policy's, when the update needs them
     ref_logprobs: torch.Tensor | None = None  # [B, T] the reference's, when there is a KL term
     old_values: torch.Tensor | None = None  # [B, T] the critic's, before any update (PPO)
@@ -69,6 +79,24 @@ class Rollout:
         return Rollout(**out)
 
 
+def pad_columns(name: str, value: torch.Tensor, prompt_width: int, width: int) -> torch.Tensor:
+    """A field of a ``Rollout`` widened with 0: prompt fields on the left to ``prompt_width``, other [B, T] fields on
+    the right to ``width``; [B] fields unchanged. The masks say what is valid, so the pad value never matters."""
+    if value.dim() != 2:
+        return value
+    if name.startswith("prompt_"):
+        return torch.nn.functional.pad(value, (prompt_width - value.shape[1], 0))
+    return torch.nn.functional.pad(value, (0, width - value.shape[1]))
+
+
+def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
+    """The rows of ``rollouts`` in order, each widened to the widest prompt and completion (``pad_columns``)."""
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+    return Rollout(**{name: torch.cat([pad_columns(name, getattr(r, name), prompt_width, width) for r in rollouts])
+                      for name in rollouts[0].tensors()})
+
+
 @dataclass
 class RolloutTexts:
     """What reward functions see, one entry per completion (prompts repeated G times)."""
@@ -77,6 +105,17 @@ class RolloutTexts:
     completions: list
     completion_ids: list[list[int]]
     columns: dict[str, list]
+
+    def rows(self, index: list[int]) -> "RolloutTexts":
+        return RolloutTexts([self.prompts[i] for i in index], [self.completions[i] for i in index],
+                            [self.completion_ids[i] for i in index],
+                            {k: [v[i] for i in index] for k, v in self.columns.items()})
+
+
+def concat_texts(texts: list[RolloutTexts]) -> RolloutTexts:
+    return RolloutTexts([p for t in texts for p in t.prompts], [c for t in texts for c in t.completions],
+                        [ids for t in texts for ids in t.completion_ids],
+                        {k: [v for t in texts for v in t.columns[k]] for k in texts[0].columns})
 
 
 @dataclass
@@ -120,11 +159,16 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     return mask.long(), ~has_eos
 
 
-def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int, warpers: bool = True,
+                      ) -> GenerationConfig:
     """Every sampling knob set explicitly. Anything left unset would be filled from the model's own
     generation_config (a repetition penalty, a top-k of 20...) and the sampled distribution would no
-    longer be the one the log-probs are computed from."""
-    sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if params.do_sample else {}
+    longer be the one the log-probs are computed from. ``warpers=False`` leaves temperature, top-k and
+    top-p to the caller's own processors (``sampling_processors``)."""
+    sampling = {}
+    if params.do_sample:
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if warpers else dict(
+            temperature=1.0, top_p=1.0, top_k=0)
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         min_new_tokens=params.min_new_tokens,
@@ -143,6 +187,42 @@ def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -
         use_cache=True,
         cache_implementation="static" if params.static_kv_cache else None,
     )
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The last logits processor of a sampling ``generate``: it sees the scores the next token is drawn from
+    (after temperature, top-k and top-p, so log-softmax renormalises over the tokens they keep) and keeps the
+    log-prob of the token drawn from each step. One step's [B, V] log-softmax is alive at a time."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []  # [B] per step, gathered once the next call shows the drawn token
+        self.pending: torch.Tensor | None = None  # [B, V] the last step's log-softmax
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] for the ``completion_ids`` that ``generate`` returned (it may have run, then undone, extra steps)."""
+        width = completion_ids.shape[1]
+        steps = self.steps[:width]
+        if len(steps) < width:
+            steps.append(self.pending.gather(1, completion_ids[:, width - 1:width]).squeeze(1))
+        return torch.stack(steps, dim=1)
+
+
+def sampling_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """Temperature, top-k and top-p as ``generate`` builds them, in its order, for a list that must end after them."""
+    processors = []
+    if params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        processors.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+    return processors
 
 
 @contextlib.contextmanager
@@ -166,15 +246,25 @@ def sample_completions(
     pad_id: int,
     synced_gpus: bool = False,
     group_size: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generate one completion per prompt row. Returns (completion_ids, completion_mask, truncated).
+    with_logprobs: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Generate one completion per prompt row. Returns (completion_ids, completion_mask, truncated), and with
+    ``with_logprobs`` (sampling only) the sampler's log-prob of each token [B, T] as fourth element: from the
+    scores the token was drawn from, after temperature, top-k and top-p (renormalised over the kept tokens),
+    in fp32; 0 past each completion's end.
 
     Rows are left-padded prompts; ``generate`` derives position ids from ``prompt_mask``.
     ``synced_gpus`` keeps this process stepping until every process has finished (sharded models).
     With ``group_size`` G, when each run of G rows repeats one prompt, the prompt (but its last token)
     is prefilled once per group and the KV cache repeated G times before ``generate`` continues.
     """
-    config = generation_config(params, eos_ids, pad_id)
+    recorder = SampledLogprobs() if with_logprobs else None
+    if recorder is not None and not params.do_sample:
+        raise ValueError("with_logprobs needs sampling (do_sample=True).")
+    # generate() puts a caller's processors before its own temperature / top-k / top-p; to see the final scores
+    # the recorder runs the same warpers itself, in generate's order, and generate adds none.
+    config = generation_config(params, eos_ids, pad_id, warpers=recorder is None)
+    processors = LogitsProcessorList([*sampling_processors(params), recorder]) if recorder is not None else None
     was_training = model.training
     model.eval()
     kwargs = {}
@@ -184,11 +274,13 @@ def sample_completions(
         kwargs[cache_argument(model)] = cache
     with _only_our_generation_config(model):
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                   synced_gpus=synced_gpus, **kwargs)
+                                   synced_gpus=synced_gpus, logits_processor=processors, **kwargs)
     model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
     mask, truncated = completion_mask(completion_ids, eos_ids)
-    return completion_ids, mask, truncated
+    if recorder is None:
+        return completion_ids, mask, truncated
+    return completion_ids, mask, truncated, torch.where(mask.bool(), recorder.logprobs(completion_ids), 0.0)
 
 
 def encode_prompts(policy: Policy, prompts: list) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -211,12 +303,14 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tens
 
 def generate(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
              group_size: int = 1):
-    """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast."""
+    """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast:
+    (completion_ids, completion_mask, truncated, sampler_logprobs); no log-probs (None) when greedy."""
     accelerator = policy.accelerator
     with model_for_generation(accelerator, policy.model) as model, accelerator.autocast():
-        return sample_completions(model, prompt_ids, prompt_mask, params, policy.eos_ids,
-                                  policy.tokenizer.pad_token_id, synced_gpus=needs_synced_generation(accelerator),
-                                  group_size=group_size if policy.prefill_group else 1)
+        out = sample_completions(model, prompt_ids, prompt_mask, params, policy.eos_ids, policy.tokenizer.pad_token_id,
+                                 synced_gpus=needs_synced_generation(accelerator),
+                                 group_size=group_size if policy.prefill_group else 1, with_logprobs=params.do_sample)
+    return out if params.do_sample else (*out, None)
 
 
 def generate_rollout(policy: Policy, rows: dict, params: SamplingParams, num_generations: int,
@@ -227,11 +321,12 @@ def generate_rollout(policy: Policy, rows: dict, params: SamplingParams, num_gen
     prompt_ids, prompt_mask, is_chat = encode_prompts(policy, rows["prompt"])
     prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
-    completion_ids, mask, truncated = generate(policy, prompt_ids, prompt_mask, params, group_size=n)
+    completion_ids, mask, truncated, sampler_logprobs = generate(policy, prompt_ids, prompt_mask, params, group_size=n)
     completions, id_lists = decode_completions(policy.tokenizer, completion_ids, mask, is_chat)
     repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731
     texts = RolloutTexts(prompts=repeat(rows["prompt"]), completions=completions, completion_ids=id_lists,
                          columns={k: repeat(v) for k, v in rows.items() if k != "prompt"})
     rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=mask, truncated=truncated, loss_mask=mask.clone())
+                      completion_mask=mask, truncated=truncated, loss_mask=mask.clone(),
+                      sampler_logprobs=sampler_logprobs)
     return rollout, texts

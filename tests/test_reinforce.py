@@ -76,6 +76,45 @@ def test_reinforce_plus_plus_whitens_kl_shaped_returns(tmp_path):
     torch.testing.assert_close(batch.advantages[mask].double(), expected, atol=1e-5, rtol=0)
 
 
+def test_reinforce_plus_plus_baseline_subtracts_the_group_mean_then_whitens(tmp_path):
+    """REINFORCE++-baseline (OpenRLHF's reinforce_baseline) written out: r_i - mean of its prompt's group on the last
+    token, minus beta * KL on every token, reward-to-go, then whitened over every valid token of the batch."""
+    gamma, beta, group = 0.95, 0.1, 4
+    trainer = make_trainer(tmp_path, algo="reinforce", baseline="reinforce++-baseline", gamma=gamma, kl_coef=beta,
+                           reward=length_reward, num_epochs=2)
+    batch, _ = trainer.make_rollout(0)
+    with torch.no_grad():  # make the policy differ from the reference so that the KL terms are not zero
+        batch.old_logprobs = batch.old_logprobs + 0.3 * torch.randn_like(batch.old_logprobs)
+        batch.advantages, _ = trainer.algorithm.advantages(sequence_rewards(trainer, batch)[0], batch, trainer.kl,
+                                                           trainer.reduce, StepMetrics())
+    rewards, lengths = sequence_rewards(trainer, batch)
+    assert len(set(rewards.tolist())) > 1
+    returns = []
+    for i, n in enumerate(lengths):
+        g = i // group
+        baseline = sum(rewards[j] for j in range(g * group, (g + 1) * group)) / group
+        token_rewards = -beta * (batch.old_logprobs[i, :n] - batch.ref_logprobs[i, :n]).double()
+        token_rewards[n - 1] += rewards[i] - baseline
+        running, row = 0.0, []
+        for t in reversed(range(n)):
+            running = token_rewards[t] + gamma * running
+            row.append(running)
+        returns.extend(reversed(row))
+    returns = torch.stack(returns)
+    expected = (returns - returns.mean()) / returns.std()
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(batch.advantages[mask].double(), expected, atol=1e-5, rtol=0)
+    # Negative control: without the group baseline (plain REINFORCE++) the advantages differ.
+    trainer.algorithm.baseline = "reinforce++"
+    plain, _ = trainer.algorithm.advantages(rewards, batch, trainer.kl, trainer.reduce, StepMetrics())
+    assert (plain[mask].double() - expected).abs().max() > 1e-2
+
+
+def test_reinforce_plus_plus_baseline_needs_groups(tmp_path):
+    with pytest.raises(ValueError, match="reinforce\\+\\+-baseline baseline subtracts"):
+        make_trainer(tmp_path, algo="reinforce", baseline="reinforce++-baseline", num_generations=1)
+
+
 def test_one_epoch_is_the_plain_policy_gradient(tmp_path):
     trainer = make_trainer(tmp_path, algo="reinforce", baseline="rloo", kl_coef=0.05, gamma=0.9)
     batch, _ = trainer.make_rollout(0)

@@ -1,4 +1,5 @@
-"""Pure-torch RL math: masked reductions, advantage estimators, losses, KL estimators, log-probs.
+"""Pure-torch RL math: masked reductions, advantage estimators, losses, KL estimators, importance ratios and the
+rollout correction, token selection, log-probs.
 
 Everything here takes tensors and returns tensors (losses also return a dict of 0-d metric tensors).
 Nothing here reads a config, calls ``.item()``, or imports anything beyond torch, so every function
@@ -14,8 +15,18 @@ from rlhf.core.advantages import (
     discounted_returns,
     gae,
     grpo_advantages,
+    reverse_kl_advantages,
     rloo_advantages,
     token_level_rewards,
+)
+from rlhf.core.importance import (
+    IMPORTANCE_LEVELS,
+    ROLLOUT_CORRECTIONS,
+    ImportanceLevel,
+    RolloutCorrection,
+    log_importance_ratio,
+    logprob_mismatch,
+    rollout_correction,
 )
 from rlhf.core.logprobs import (
     entropy_from_logits,
@@ -25,36 +36,50 @@ from rlhf.core.logprobs import (
 from rlhf.core.losses import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
+    POLICY_LOSS_TYPES,
     KLEstimator,
     LossAgg,
+    PolicyLossType,
     aggregate_loss,
     kl_penalty,
     policy_loss,
     value_loss,
 )
 from rlhf.core.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf.core.selection import top_fraction_mask
 
 __all__ = [
+    "IMPORTANCE_LEVELS",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "POLICY_LOSS_TYPES",
     "REWARD_SCALES",
+    "ROLLOUT_CORRECTIONS",
+    "ImportanceLevel",
     "KLEstimator",
     "LossAgg",
+    "PolicyLossType",
     "RewardScale",
+    "RolloutCorrection",
     "aggregate_loss",
     "discounted_returns",
     "entropy_from_logits",
     "gae",
     "grpo_advantages",
     "kl_penalty",
+    "log_importance_ratio",
+    "logprob_mismatch",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "reverse_kl_advantages",
     "rloo_advantages",
+    "rollout_correction",
     "token_level_rewards",
     "token_logprobs",
     "token_logprobs_and_entropy",
+    "top_fraction_mask",
     "value_loss",
 ]

@@ -1,4 +1,5 @@
-"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), reward-to-go, GAE."""
+"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), reward-to-go, GAE, and the per-token
+reverse KL to a teacher (on-policy distillation)."""
 
 from typing import Literal, get_args
 
@@ -120,3 +121,11 @@ def gae(
         advantages[:, t] = torch.where(valid[:, t], advantage, zeros)
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+def reverse_kl_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """On-policy distillation's dense signal (Agarwal et al. 2024; Lu & Thinking Machines 2025): per token
+    A_t = log pi_teacher(y_t) - log pi_student(y_t) on the student's own samples, the negative of the single-sample
+    estimate of the reverse KL(student || teacher) at that token; no discount (each token is judged where it
+    stands). 0 at masked positions, and exactly 0 everywhere when the teacher is the student. [B, T]."""
+    return torch.where(mask.bool(), teacher_logprobs - logprobs, torch.zeros_like(logprobs))

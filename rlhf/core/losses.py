@@ -1,9 +1,10 @@
-"""Loss aggregation, KL estimators, the clipped policy loss and the clipped value loss."""
+"""Loss aggregation, KL estimators, the policy loss (PPO's clipped surrogate or CISPO) and the clipped value loss."""
 
 from typing import Literal, get_args
 
 import torch
 
+from rlhf.core.importance import ImportanceLevel, log_importance_ratio
 from rlhf.core.masked import masked_mean, masked_sum
 
 # The legal values, written once: configs annotate their fields with these types and validate against them.
@@ -11,6 +12,8 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 LOSS_AGG_MODES = get_args(LossAgg)
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS = get_args(KLEstimator)
+PolicyLossType = Literal["ppo", "cispo"]
+POLICY_LOSS_TYPES = get_args(PolicyLossType)
 
 
 def aggregate_loss(
@@ -80,43 +83,59 @@ def policy_loss(
     clip_eps_high: float,
     dual_clip: float | None = None,
     agg: LossAgg = "token-mean",
+    level: ImportanceLevel = "token",
+    loss_type: PolicyLossType = "ppo",
+    weights: torch.Tensor | None = None,
     **denominators,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, per token, aggregated with ``agg``.
+    """The policy loss per token, aggregated with ``agg``. r = exp(log_importance_ratio(..., ``level``)): per token,
+    or GSPO's sequence ratio (``rlhf.core.importance``).
 
-    r = exp(logprobs - old_logprobs); l = max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high)).
-    With dual clip c (Ye et al. 2020) and A < 0: l = min(l, -c * A), which bounds the loss of a
-    token whose ratio has run far above 1 while its advantage is negative.
-    ``advantages`` is [B, T] or [B] (one per sequence, broadcast over its tokens).
-    ``denominators`` (num_tokens, num_seqs, seq_len) are passed to :func:`aggregate_loss`.
+    - ``loss_type="ppo"``: l = max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high)). With dual clip c (Ye et al.
+      2020) and A < 0: l = min(l, -c * A), which bounds the loss of a token whose ratio has run far above 1 while
+      its advantage is negative. A clipped token gives no gradient.
+    - ``loss_type="cispo"`` (MiniMax-M1, 2025): l = -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logprobs, REINFORCE
+      with a clipped, stop-gradient importance weight: a clipped token still gives gradient, with its weight held at
+      the bound.
 
-    Metrics (masked means over the valid tokens): ``clip_frac_low`` (r < 1 - eps_low with A < 0),
-    ``clip_frac_high`` (r > 1 + eps_high with A > 0), ``dual_clip_frac``, ``approx_kl``
-    (k3 of old vs new), ``ratio_mean``, ``ratio_max``.
+    ``weights`` [B, T] (no gradient; the rollout correction's) multiply each token's loss. ``advantages`` is
+    [B, T] or [B] (one per sequence, broadcast over its tokens). ``denominators`` (num_tokens, num_seqs, seq_len) are
+    passed to :func:`aggregate_loss`.
+
+    Metrics (masked means over the valid tokens): ``clip_frac_low`` / ``clip_frac_high`` (tokens whose clip is
+    active: for ppo r < 1 - eps_low with A < 0, r > 1 + eps_high with A > 0; for cispo any r beyond a bound),
+    ``dual_clip_frac``, ``approx_kl`` (k3 of old vs new, per token), ``ratio_mean``, ``ratio_max``.
     """
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"policy loss type must be one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
-    per_token = torch.maximum(unclipped, clipped)
-    dual_clipped = torch.zeros_like(per_token, dtype=torch.bool)
-    if dual_clip is not None:
-        bound = -dual_clip * advantages
-        dual_clipped = (advantages < 0) & (per_token > bound)
-        per_token = torch.where(dual_clipped, bound.expand_as(per_token), per_token)
+    ratio = torch.exp(log_importance_ratio(logprobs, old_logprobs, mask, level).clamp(-20.0, 20.0))
+    clipped_ratio = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+    dual_clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    if loss_type == "cispo":
+        per_token = -clipped_ratio.detach() * advantages * logprobs
+    else:
+        per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+        if dual_clip is not None:
+            bound = -dual_clip * advantages
+            dual_clipped = (advantages < 0) & (per_token > bound)
+            per_token = torch.where(dual_clipped, bound.expand_as(per_token), per_token)
+    if weights is not None:
+        per_token = per_token * weights
     loss = aggregate_loss(per_token, mask, agg, **denominators)
 
     with torch.no_grad():
-        low = (ratio < 1 - clip_eps_low) & (advantages < 0)
-        high = (ratio > 1 + clip_eps_high) & (advantages > 0)
+        low, high = ratio < 1 - clip_eps_low, ratio > 1 + clip_eps_high
+        if loss_type == "ppo":
+            low, high = low & (advantages < 0), high & (advantages > 0)
+        log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
         valid = mask.bool()
         metrics = {
             "clip_frac_low": masked_mean(low.to(ratio.dtype), mask),
             "clip_frac_high": masked_mean(high.to(ratio.dtype), mask),
             "dual_clip_frac": masked_mean(dual_clipped.to(ratio.dtype), mask),
-            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).max(),
         }

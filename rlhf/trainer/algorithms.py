@@ -39,6 +39,12 @@ class BatchReduce:
         start = self.accelerator.process_index * per_process
         return values[start:start + per_process].to(self.accelerator.device)
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of a [B, T] tensor in process order, right-padded with 0 to the widest T."""
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=1, pad_index=0))
+
 
 def log_token_advantages(advantages: torch.Tensor, mask: torch.Tensor, reduce: BatchReduce, metrics) -> None:
     metrics.add("advantages/mean", masked_mean(advantages, mask, all_reduce=reduce.all_reduce))
@@ -68,7 +74,9 @@ class Reinforce:
 
     none: the reward as it is; mean: minus the batch mean; rloo: minus the mean of the prompt's other
     completions (Ahmadian et al. 2024); reinforce++: reward-to-go whitened over every valid token of the
-    batch (Hu 2025)."""
+    batch (Hu 2025); reinforce++-baseline: the prompt's group mean subtracted from each reward first, then
+    REINFORCE++'s whitening over the whole batch (all processes) (Hu et al. 2025, OpenRLHF's
+    ``reinforce_baseline``)."""
 
     baseline: str
     gamma: float
@@ -80,10 +88,12 @@ class Reinforce:
             rewards = rewards - rewards.mean()
         elif self.baseline == "rloo":
             rewards = rloo_advantages(rewards, self.group_size)
+        elif self.baseline == "reinforce++-baseline":
+            rewards = grpo_advantages(rewards, self.group_size, scale="none")  # r - mean of the prompt's group
         mask = rollout.completion_mask
         token_rewards = kl.in_reward(token_level_rewards(reduce.local_rows(rewards).float(), mask), rollout, metrics)
         returns = discounted_returns(token_rewards, mask, self.gamma)
-        if self.baseline == "reinforce++":
+        if self.baseline in ("reinforce++", "reinforce++-baseline"):
             returns = masked_whiten(returns, mask, all_reduce=reduce.all_reduce)
         log_token_advantages(returns, mask, reduce, metrics)
         return returns, None

@@ -1,5 +1,5 @@
 """The no-grad passes over a rollout, each once per rollout batch and before any update: the sampling
-policy's log-probs, the reference's, and the critic's values."""
+policy's log-probs (and entropies), the reference's, a distillation teacher's, and the critic's values."""
 
 import torch
 
@@ -9,36 +9,49 @@ from rlhf.rollout import Rollout
 from rlhf.trainer.update import StepPlan, no_grad_pass
 
 
-def rollout_logprobs(model, rollout: Rollout, plan: StepPlan, temperature: float,
-                     prefix_model=None) -> torch.Tensor:
-    """Log-probs [B, T] of every completion token under ``model`` (at the sampling temperature)."""
-    return no_grad_pass(lambda micro: completion_logprobs(
-        model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask, temperature,
-        group_size=plan.share_group, prefix_model=prefix_model)[0], rollout, plan)
+def rollout_logprobs(model, rollout: Rollout, plan: StepPlan, temperature: float, prefix_model=None,
+                     with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [B, T] of every completion token under ``model`` (at the sampling temperature); with
+    ``with_entropy``, (log-probs, entropies), both from the one pass."""
+    def score(micro):
+        logprobs, entropy = completion_logprobs(
+            model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask, temperature,
+            with_entropy=with_entropy, group_size=plan.share_group, prefix_model=prefix_model)
+        return torch.stack([logprobs, entropy], dim=1) if with_entropy else logprobs  # [b, 2, t] or [b, t]
+
+    scores = no_grad_pass(score, rollout, plan)
+    return tuple(scores.unbind(1)) if with_entropy else scores
 
 
 def reference_logprobs(ref_model, policy_model, rollout: Rollout, plan: StepPlan, temperature: float,
                        accelerator) -> torch.Tensor:
-    """Log-probs [B, T] under the reference: the frozen copy (moved to the device for this pass when it is
-    offloaded), or, when there is no copy, the LoRA actor with its adapter disabled.
+    """Log-probs [B, T] under the reference: the frozen copy (``frozen_logprobs``), or, when there is no copy, the
+    LoRA actor with its adapter disabled, in Accelerate's autocast."""
+    if ref_model is not None:
+        return frozen_logprobs(ref_model, rollout, plan, temperature, accelerator)
+    with accelerator.autocast():
+        unwrapped = accelerator.unwrap_model(policy_model)
+        with unwrapped.disable_adapter():
+            return rollout_logprobs(policy_model, rollout, plan, temperature, prefix_model=unwrapped)
+
+
+def frozen_logprobs(model, rollout: Rollout, plan: StepPlan, temperature: float, accelerator) -> torch.Tensor:
+    """Log-probs [B, T] under a frozen model (the reference, or a distillation teacher), moved to the device for
+    this pass when it is offloaded.
 
     The pass runs in Accelerate's autocast, as every pass of the actor does (its prepared forward carries
-    it): with mixed precision, an identical reference then gives exactly the actor's log-probs, and the KL
-    of identical models is exactly 0."""
-    with accelerator.autocast():
-        if ref_model is None:
-            unwrapped = accelerator.unwrap_model(policy_model)
-            with unwrapped.disable_adapter():
-                return rollout_logprobs(policy_model, rollout, plan, temperature, prefix_model=unwrapped)
-        device = accelerator.device
-        offloaded = next(ref_model.parameters()).device != device
+    it): with mixed precision, an identical model then gives exactly the actor's log-probs, so the KL of
+    identical models, and the distillation signal of a teacher identical to the student, are exactly 0."""
+    device = accelerator.device
+    offloaded = next(model.parameters()).device != device
+    if offloaded:
+        model.to(device)
+    try:
+        with accelerator.autocast():
+            return rollout_logprobs(model, rollout, plan, temperature, prefix_model=model).float()
+    finally:
         if offloaded:
-            ref_model.to(device)
-        try:
-            return rollout_logprobs(ref_model, rollout, plan, temperature, prefix_model=ref_model).float()
-        finally:
-            if offloaded:
-                ref_model.to("cpu")
+            model.to("cpu")
 
 
 def rollout_values(critic, rollout: Rollout, plan: StepPlan, accelerator) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The trainer every algorithm shares. One step, top to bottom (``make_rollout`` then ``training_step``):
 
-    generate -> score -> reference / old log-probs (and values) -> advantages -> epochs of mini-batch updates
-    -> metrics
+    generate -> score (rounds of refill with dynamic sampling) -> reference / old / teacher log-probs (and values)
+    -> advantages (+ the teacher's per-token signal) -> which tokens train (filters, rollout correction, entropy
+    selection) -> epochs of mini-batch updates -> metrics
 
 Each phase is a call to a plain function with its inputs passed explicitly. What an algorithm changes is
 the small object in ``rlhf.trainer.algorithms`` (its advantage estimator, whether it has a critic); where
@@ -18,6 +19,7 @@ from transformers import get_scheduler
 
 from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
+from rlhf.core import rollout_correction
 from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, as_dataset, check_prompts
 from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
@@ -31,6 +33,7 @@ from rlhf.models import (
     eos_token_ids,
     frozen_copy,
     load_causal_lm,
+    load_teacher,
     load_tokenizer,
     resolve_dtype,
 )
@@ -39,13 +42,14 @@ from rlhf.rewards import (
     check_reward_columns,
     check_reward_weights,
     correctness_index,
-    score_rollout,
 )
-from rlhf.rollout import Policy, Rollout, RolloutTexts, generate_rollout
+from rlhf.rollout import Policy, Rollout, RolloutTexts
 from rlhf.trainer import checkpointing
 from rlhf.trainer.algorithms import BatchReduce, algorithm_for
 from rlhf.trainer.kl import KLPenalty
-from rlhf.trainer.scoring import reference_logprobs, rollout_logprobs, rollout_values
+from rlhf.trainer.sampling import informative_rows, sample_groups
+from rlhf.trainer.scoring import frozen_logprobs, reference_logprobs, rollout_logprobs, rollout_values
+from rlhf.trainer.token_signals import high_entropy_tokens, log_mismatch, teacher_advantages
 from rlhf.trainer.update import NonFiniteGuard, TrainedModel, plan_step, update
 
 logger = logging.getLogger(__name__)
@@ -58,7 +62,8 @@ class RLTrainer:
     config_class: type[RLConfig] = RLConfig
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None):
+                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None,
+                 teacher_model=None, teacher_processing_class=None):
         self.args = args = args if args is not None else self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}.")
@@ -66,7 +71,9 @@ class RLTrainer:
                                                           project_dir=args.output_dir)
         args.validate(accelerator.num_processes)
         self.algorithm = algorithm_for(args)
-        self.plan = plan_step(args, accelerator.num_processes, shards_parameters(accelerator))
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model
+        self.plan = plan_step(args, accelerator.num_processes, shards_parameters(accelerator),
+                              distilling=teacher_model is not None)
         # Micro-batches per mini-batch on each process; set before prepare() so DeepSpeed sees it too.
         accelerator.gradient_accumulation_steps = self.plan.mini_batch // self.plan.micro_batch
         if accelerator.state.deepspeed_plugin is not None:
@@ -106,6 +113,17 @@ class RLTrainer:
         if self.plan.kl_in is not None and peft_config is None:
             self.ref_model = frozen_copy(actor, resolve_dtype(args.ref_model_dtype) if args.ref_model_dtype else None)
             self.ref_model.to("cpu" if args.offload_reference else accelerator.device)
+        # On-policy distillation: a frozen teacher, scored like the reference (same forward path, same autocast).
+        self.teacher = None
+        if teacher_model is not None:
+            self.teacher = load_teacher(teacher_model, self.tokenizer, args.teacher_dtype, args.dtype,
+                                        teacher_processing_class, args.trust_remote_code)
+            if args.chunked_lm_head:
+                enable_token_scoring(self.teacher)
+            self.teacher.to("cpu" if args.offload_teacher else accelerator.device)
+            if args.filter_zero_std_groups:
+                logger.warning("filter_zero_std_groups with a teacher: groups whose task rewards are all equal leave "
+                               "the loss, and the teacher's signal on them with it.")
 
         # --- rewards and data, all checked before the first step
         self.reward_functions = build_reward_functions(
@@ -157,27 +175,45 @@ class RLTrainer:
         metrics = metrics if metrics is not None else StepMetrics()
         timer = timer if timer is not None else PhaseTimer()
         self.model.eval()
-        with timer("generate"):  # this process's prompts, num_generations completions each
-            rollout, texts = generate_rollout(self.policy, self.train_dataset[self.sampler.indices(step)],
-                                              self.sampling, args.num_generations)
+        # this process's prompts, num_generations completions each; the whole batch's rewards [B_global]
+        rollout, texts, rewards = sample_groups(self.policy, self.train_dataset, self.sampler, step, self.sampling,
+                                                args, self.reward_functions, self.reward_weights, accelerator,
+                                                metrics, timer)
         if args.mask_truncated_completions:
             rollout.loss_mask[rollout.truncated] = 0
-        with timer("score"):  # the whole batch's rewards, [B_global]
-            rewards = score_rollout(self.reward_functions, self.reward_weights, texts, accelerator,
-                                    args.num_generations, metrics)
+        selecting = args.top_entropy_quantile < 1
         with timer("reference"):
             if plan.kl_in is not None:
                 rollout.ref_logprobs = reference_logprobs(self.ref_model, self.model, rollout, plan, args.temperature,
                                                           accelerator)
-            if plan.needs_old_logprobs:
-                rollout.old_logprobs = rollout_logprobs(self.model, rollout, plan, args.temperature,
-                                                        prefix_model=self.unwrapped_model)
+            if plan.needs_old_logprobs:  # and the sampling policy's entropies, when they choose the tokens
+                old = rollout_logprobs(self.model, rollout, plan, args.temperature, prefix_model=self.unwrapped_model,
+                                       with_entropy=selecting)
+                rollout.old_logprobs, entropy = old if selecting else (old, None)
+            if self.teacher is not None:
+                rollout.teacher_logprobs = frozen_logprobs(self.teacher, rollout, plan, args.temperature, accelerator)
             if self.critic is not None:
                 rollout.old_values = rollout_values(self.critic, rollout, plan, accelerator)
         rollout.advantages, rollout.returns = self.algorithm.advantages(rewards, rollout, self.kl, self.reduce,
                                                                         metrics)
+        if self.teacher is not None:  # on-policy distillation: the teacher's dense per-token signal
+            rollout.advantages = teacher_advantages(rollout.advantages, rollout.old_logprobs, rollout.teacher_logprobs,
+                                                    rollout.completion_mask, args.distill_coef, self.reduce, metrics)
+        # Which tokens train: each filter below takes tokens out of loss_mask, so out of the loss and its counts.
         if args.filter_zero_std_groups:
-            rollout.loss_mask = rollout.loss_mask * self.reduce.local_rows(informative_rows(rewards, args)).unsqueeze(1)
+            rows = self.reduce.local_rows(informative_rows(rewards, args.num_generations))
+            rollout.loss_mask = rollout.loss_mask * rows.unsqueeze(1)
+        if rollout.old_logprobs is not None and rollout.sampler_logprobs is not None:  # else during the update
+            log_mismatch(rollout.old_logprobs, rollout.sampler_logprobs, rollout.loss_mask,
+                         args.rollout_correction_cap, metrics)
+        if args.rollout_correction is not None:  # for a sampler that is not exactly the trained policy
+            rollout.correction_weights, keep = rollout_correction(rollout.old_logprobs, rollout.sampler_logprobs,
+                                                                  rollout.loss_mask, args.rollout_correction,
+                                                                  args.rollout_correction_cap)
+            rollout.loss_mask = rollout.loss_mask * keep.unsqueeze(1)
+        if selecting:
+            rollout.loss_mask = rollout.loss_mask * high_entropy_tokens(entropy, rollout.loss_mask,
+                                                                        args.top_entropy_quantile, self.reduce, metrics)
         log_rollout(rollout, accelerator, metrics)
         return rollout, texts
 
@@ -325,13 +361,6 @@ class PPOTrainer(RLTrainer):
     def save_critic(self, path: str) -> str:
         """Write the critic (backbone + value head, safetensors); ``ValueModel.from_pretrained`` loads it."""
         return checkpointing.save_model(path, self.accelerator, self.critic, None)
-
-
-def informative_rows(rewards: torch.Tensor, args: RLConfig) -> torch.Tensor:
-    """[B_global] 1.0 for the completions of groups whose rewards differ, 0.0 for groups whose completions all
-    scored the same: they carry no signal, and DAPO drops them so they do not dilute the token-mean."""
-    zero_std = rewards.view(-1, args.num_generations).std(dim=1) == 0
-    return (~zero_std).repeat_interleave(args.num_generations).float()
 
 
 def log_rollout(rollout: Rollout, accelerator, metrics: StepMetrics) -> None:

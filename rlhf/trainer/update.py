@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.configs import RLConfig
-from rlhf.core import aggregate_loss, masked_mean, policy_loss, value_loss
+from rlhf.core import aggregate_loss, logprob_mismatch, masked_mean, policy_loss, value_loss
 from rlhf.critic import completion_values
 from rlhf.forward import completion_logprobs
 from rlhf.metrics import StepMetrics
@@ -39,10 +39,10 @@ class StepPlan:
     share_group: int  # G when every micro-batch holds whole groups whose prompt runs once, else 1
     on_policy: bool  # one optimizer step per rollout: the old log-probs are the current ones, detached
     kl_in: str | None  # "reward", "loss" or None (rlhf/trainer/kl.py)
-    needs_old_logprobs: bool  # a no-grad pass of the sampling policy: off-policy ratios, or the rollout's KL
+    needs_old_logprobs: bool  # a no-grad pass of the sampling policy (see plan_step)
 
 
-def plan_step(args: RLConfig, num_processes: int, sharded: bool) -> StepPlan:
+def plan_step(args: RLConfig, num_processes: int, sharded: bool, distilling: bool = False) -> StepPlan:
     from rlhf.trainer.kl import kl_placement
 
     mini = args.effective_mini_batch_size // num_processes
@@ -56,8 +56,10 @@ def plan_step(args: RLConfig, num_processes: int, sharded: bool) -> StepPlan:
     on_policy = args.optimizer_steps_per_step == 1
     kl_in = kl_placement(args.kl_in, args.kl_coef)
     # The sampling policy's log-probs: for the ratio off-policy; with a reference, for the KL in the reward
-    # and for an adaptive coefficient, which both measure the rollout's KL.
-    needs_old = not on_policy or (kl_in is not None and (kl_in == "reward" or args.kl_target is not None))
+    # and for an adaptive coefficient, which both measure the rollout's KL; before any update, for the rollout
+    # correction, the entropies that select tokens, and the distillation signal.
+    needs_old = (not on_policy or (kl_in is not None and (kl_in == "reward" or args.kl_target is not None))
+                 or args.rollout_correction is not None or args.top_entropy_quantile < 1 or distilling)
     return StepPlan(num_processes, mini, micro, inference, group if shares else 1, on_policy, kl_in, needs_old)
 
 
@@ -76,11 +78,13 @@ class TrainedModel:
 @dataclass
 class LossStats:
     """What one micro-batch's loss reports: its share of each mini-batch loss, per-token means over its valid
-    tokens, and maxima."""
+    tokens, per-sequence means over its sequences with a valid token, and maxima."""
 
     tokens: torch.Tensor
+    sequences: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     token_means: dict[str, torch.Tensor] = field(default_factory=dict)
+    sequence_means: dict[str, torch.Tensor] = field(default_factory=dict)
     maxima: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -105,14 +109,14 @@ def shuffled_rows(rows: int, generator: torch.Generator, group: int) -> torch.Te
 
 @torch.no_grad()
 def no_grad_pass(score, rollout: Rollout, plan: StepPlan) -> torch.Tensor:
-    """``score(micro)`` -> [b, t] for every micro-batch of ``rollout`` (by length, trimmed), reassembled to [B, T]
-    in the rollout's row order."""
+    """``score(micro)`` -> [b, t] (or [b, ..., t]) for every micro-batch of ``rollout`` (by length, trimmed),
+    reassembled to [B, T] (or [B, ..., T]) in the rollout's row order."""
     order = length_order(rollout, plan.share_group)
     ordered = rollout.rows(order)
     pieces = [score(ordered.rows(slice(start, start + plan.inference_batch)).trimmed())
               for start in range(0, rollout.size, plan.inference_batch)]
     width = rollout.completion_ids.shape[1]
-    scores = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pieces])
+    scores = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in pieces])
     return scores[torch.argsort(order)]
 
 
@@ -128,11 +132,12 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
                      plan: StepPlan, kl: KLPenalty, denominators: dict) -> tuple[torch.Tensor, LossStats]:
     """The loss of one micro-batch, normalised with its mini-batch's global ``denominators``:
 
-        clipped policy loss (actor) + KL, when it sits in the loss + entropy bonus + vf_coef x value loss (critic)
+        policy loss (actor: PPO's clip or CISPO, per token or per sequence, weighted by the rollout correction)
+        + KL, when it sits in the loss + entropy bonus + vf_coef x value loss (critic)
 
     ``actor`` is None while only the critic trains (PPO's critic warm-up)."""
     mask = micro.loss_mask
-    stats = LossStats(tokens=mask.sum())
+    stats = LossStats(tokens=mask.sum(), sequences=(mask.sum(dim=1) > 0).sum())
     loss = torch.zeros((), device=mask.device)
     if critic is not None:
         values = completion_values(critic.model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
@@ -151,7 +156,15 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
     )
     old_logprobs = logprobs.detach() if plan.on_policy else micro.old_logprobs
     loss_pg, pg = policy_loss(logprobs, old_logprobs, micro.advantages, mask, args.clip_eps_low, args.clip_eps_high,
-                              args.dual_clip, args.loss_agg, **denominators)
+                              args.dual_clip, args.loss_agg, level=args.importance_sampling_level,
+                              loss_type=args.policy_loss_type, weights=micro.correction_weights, **denominators)
+    if micro.old_logprobs is None and micro.sampler_logprobs is not None:
+        # On-policy without a scoring pass: these log-probs are the trainer's view of the sampling policy, so the
+        # sampler's mismatch is measured here (else in make_rollout, on the scoring pass).
+        mismatch = logprob_mismatch(logprobs, micro.sampler_logprobs, mask, args.rollout_correction_cap)
+        stats.token_means.update({f"rollout/{k}": mismatch[k] for k in ("abs_log_ratio", "k3", "truncated_frac")})
+        stats.sequence_means["rollout/masked_frac"] = mismatch["masked_frac"]
+        stats.maxima["rollout/max_abs_log_ratio"] = mismatch["max_abs_log_ratio"]
     loss = loss + loss_pg
     stats.losses["loss/policy"] = loss_pg.detach()
     kl_loss, kl_stats = kl.in_loss(logprobs, micro.ref_logprobs, mask, args.loss_agg, denominators)
@@ -193,6 +206,8 @@ def accumulate_gradients(actor, critic, mini: Rollout, args, plan: StepPlan, kl:
             metrics.add(name, value / share, share)
         for name, value in stats.token_means.items():
             metrics.add(name, value, stats.tokens)
+        for name, value in stats.sequence_means.items():
+            metrics.add(name, value, stats.sequences)
         for name, value in stats.maxima.items():
             metrics.add_max(name, value)
         if "policy/approx_kl" in stats.token_means:

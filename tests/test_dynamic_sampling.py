@@ -1,0 +1,98 @@
+"""DAPO's dynamic sampling with refill: groups whose rewards are all equal are replaced by groups of fresh prompts,
+the prompt stream stays a pure function of (seed, step, round), and a resumed run equals an uninterrupted one.
+The two-process behaviour (same rounds everywhere, each process its share) is in test_variants_multiprocess.py."""
+
+import torch
+from helpers import make_trainer
+
+from rlhf.data import PromptSampler
+from rlhf.metrics import StepMetrics
+from rlhf.trainer.sampling import informative_groups
+
+G = 4
+
+
+def half_informative(prompts, completions, **kwargs):
+    """Prompts whose first operand is odd score 1.0 whatever the completion (a zero-variance group); the others
+    score by completion (groups that differ, almost always)."""
+    return [1.0 if int(p[0]) % 2 else float(sum(map(ord, c)) % 5) for p, c in zip(prompts, completions)]
+
+
+def rarely_informative(prompts, completions, **kwargs):
+    """Only prompts "8+..." give differing rewards: most rounds find none."""
+    return [float(sum(map(ord, c)) % 5) if p.startswith("8+") else 0.0 for p, c in zip(prompts, completions)]
+
+
+def batch_rewards(trainer, batch, texts, reward):
+    """Rewards recomputed from the batch's own tokens, and a check that its texts are those tokens."""
+    lengths = batch.completion_mask.sum(dim=1).tolist()
+    completions = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(batch.completion_ids.tolist(), lengths)],
+                                                 skip_special_tokens=True)
+    prompts = trainer.tokenizer.batch_decode([r[m.bool()] for r, m in zip(batch.prompt_ids, batch.prompt_mask)],
+                                             skip_special_tokens=True)
+    assert completions == texts.completions and prompts == texts.prompts  # the groups kept their texts
+    return torch.tensor(reward(prompts, completions), dtype=torch.float64)
+
+
+def test_refill_never_trains_on_a_zero_variance_group(tmp_path):
+    trainer = make_trainer(tmp_path, reward=half_informative, filter_zero_std_groups=True, max_sampling_rounds=8)
+    for step in range(3):
+        metrics = StepMetrics()
+        batch, texts = trainer.make_rollout(step, metrics)
+        stats = metrics.reduce()
+        rewards = batch_rewards(trainer, batch, texts, half_informative)
+        assert batch.size == 16 and informative_groups(rewards, G).all()
+        assert (batch.loss_mask.view(4, -1).sum(dim=1) > 0).all()  # every group trains
+        assert stats["sampling/informative_frac"] == 1.0
+        rounds = stats["sampling/rounds"]
+        assert rounds >= 1
+    assert rounds > 1 or stats["reward/zero_std_group_frac"] > 0  # a refill happened in these steps
+
+
+def test_without_refill_the_zero_variance_groups_are_only_dropped(tmp_path):
+    """The control: the same first round without refill keeps its zero-variance groups, out of the loss."""
+    trainer = make_trainer(tmp_path, reward=half_informative, filter_zero_std_groups=True)
+    batch, texts = trainer.make_rollout(0)
+    rewards = batch_rewards(trainer, batch, texts, half_informative)
+    useless = ~informative_groups(rewards, G)
+    assert useless.any()
+    assert (batch.loss_mask.view(4, -1)[useless] == 0).all()
+
+
+def test_short_of_groups_after_the_last_round_it_trains_on_what_it_found(tmp_path):
+    trainer = make_trainer(tmp_path, reward=rarely_informative, filter_zero_std_groups=True, max_sampling_rounds=2)
+    metrics = StepMetrics()
+    batch, texts = trainer.make_rollout(0, metrics)
+    stats = metrics.reduce()
+    rewards = batch_rewards(trainer, batch, texts, rarely_informative)
+    useful = informative_groups(rewards, G)
+    assert stats["sampling/rounds"] == 2 and stats["sampling/informative_frac"] == useful.float().mean().item() < 1
+    assert batch.size == 16  # the batch keeps its size: topped up with groups the filter leaves out of the loss
+    assert (batch.loss_mask.view(4, -1)[~useful] == 0).all() and (batch.loss_mask.view(4, -1)[useful].sum(1) > 0).all()
+    trainer.training_step()  # trains on what there is
+
+
+def test_refill_prompts_are_a_pure_function_of_seed_step_and_round():
+    sampler = PromptSampler(30, 4, seed=5, num_processes=2, process_index=1)
+    again = PromptSampler(30, 4, seed=5, num_processes=2, process_index=1)
+    assert [sampler.indices(s, r) for s in (3, 0) for r in (2, 0, 1)] == \
+        [again.indices(s, r) for s in (3, 0) for r in (2, 0, 1)]
+    assert sampler.indices(3, 0) == sampler.global_indices(3)[2:]  # round 0 is the epoch order
+    draws = {tuple(sampler.refill_indices(3, r)) for r in range(1, 6)}
+    assert len(draws) == 5 and all(len(set(d)) == 4 for d in draws)  # fresh, distinct prompts each round
+    assert PromptSampler(3, 4, seed=5).refill_indices(0, 1) != []  # a dataset smaller than a step repeats
+
+
+def test_resume_with_dynamic_sampling_equals_an_uninterrupted_run(tmp_path):
+    from rlhf.extras.tiny import tiny_model
+
+    common = dict(max_steps=2, save_steps=1, reward=half_informative, filter_zero_std_groups=True,
+                  max_sampling_rounds=6, num_epochs=2, mini_batch_size=8, micro_batch_size=8)
+    straight = make_trainer(tmp_path / "straight", **common)
+    straight.train()
+    make_trainer(tmp_path / "resumed", **{**common, "max_steps": 1}).train()
+    other = tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=99)
+    resumed = make_trainer(tmp_path / "resumed", model=other, resume_from_checkpoint="latest", **common)
+    resumed.train()
+    for (name, a), b in zip(straight.unwrapped_model.named_parameters(), resumed.unwrapped_model.parameters()):
+        assert torch.equal(a, b), name
