@@ -27,6 +27,9 @@ class CheckpointError(ValueError):
         self.path, self.file, self.reason = path, file, reason
         super().__init__(f"checkpoint {path} is not usable: {file}: {reason}")
 
+    def __reduce__(self):  # pickled to the other processes of a run (rlhf.run_dir)
+        return type(self), (self.path, self.file, self.reason)
+
 
 def sha256(path: str) -> str:
     digest = hashlib.sha256()

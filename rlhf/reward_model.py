@@ -46,9 +46,10 @@ def check_reward_model_path(path: str) -> None:
 
 
 def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str = "float32",
-                      trust_remote_code: bool = False):
-    """(model, tokenizer) from a path or objects. A path must hold a sequence-classification model with its
-    scoring head: a causal LM would get a randomly initialised head, and is refused."""
+                      trust_remote_code: bool = False, trained: bool = False):
+    """(model, tokenizer) from a path or objects. A causal-LM checkpoint gets a new one-output head (the start of
+    reward-model training); with ``trained`` (a reward model used as a reward) that is refused: its head would
+    be random."""
     if isinstance(model, str):
         path = model
         check_reward_model_path(path)
@@ -61,7 +62,7 @@ def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str =
             raise OSError(f"reward model {path!r} could not be loaded: neither a complete local model directory nor "
                           f"a model on the hub ({str(error)[:300]})") from error
         missing_head = [k for k in info["missing_keys"] if k.split(".")[0] in _HEAD_NAMES]
-        if missing_head:
+        if trained and missing_head:
             kinds = getattr(model.config, "architectures", None) or ["?"]
             raise ValueError(f"reward model {path!r} holds a {kinds[0]}, not a trained reward model: its scoring head "
                              f"({', '.join(missing_head)}) is not in the weights and would be random. Train one "
@@ -153,7 +154,7 @@ class RewardModelFunction:
     def __init__(self, model, tokenizer=None, device=None, batch_size: int = 32, max_length: int | None = None,
                  normalize: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
         source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-        self.model, self.tokenizer = load_reward_model(model, tokenizer, dtype, trust_remote_code)
+        self.model, self.tokenizer = load_reward_model(model, tokenizer, dtype, trust_remote_code, trained=True)
         self.model.requires_grad_(False).eval()
         if device is not None:
             self.model.to(device)
