@@ -34,5 +34,14 @@ def dataset_fingerprint(dataset) -> str | None:
         return None
     digest = hashlib.sha256(f"{len(dataset)}:{sorted(dataset.column_names)}".encode())
     for batch in dataset.iter(batch_size=1024):
-        digest.update(json.dumps(batch, sort_keys=True, default=repr).encode())
+        digest.update(json.dumps(batch, sort_keys=True, default=_stable).encode())
     return digest.hexdigest()
+
+
+def _stable(value):
+    """A JSON-able stand-in for a value json cannot write, the same in every process and run (never an address)."""
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return value.tolist()
+    if hasattr(value, "tobytes"):  # e.g. images
+        return f"{type(value).__name__}:{hashlib.sha256(value.tobytes()).hexdigest()}"
+    return f"{type(value).__name__}:{value}"

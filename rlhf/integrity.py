@@ -88,7 +88,7 @@ def verify_checkpoint(path: str) -> dict:
     """Check every file the manifest of ``path`` lists (presence, size, then SHA-256); return the manifest or
     raise ``CheckpointError`` naming the first file that differs."""
     if not os.path.isdir(path):
-        raise CheckpointError(path, ".", "no such directory")
+        raise CheckpointError(path, "the directory", "does not exist")
     manifest = read_manifest(path)
     for name, expected in sorted(manifest["files"].items()):
         file = os.path.join(path, name)

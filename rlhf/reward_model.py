@@ -60,7 +60,8 @@ def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str =
                 use_safetensors=True, output_loading_info=True)
         except OSError as error:
             raise OSError(f"reward model {path!r} could not be loaded: neither a complete local model directory nor "
-                          f"a model on the hub ({str(error)[:300]})") from error
+                          f"a model on the hub ({str(error)[:300]}). A reward function is written "
+                          "package.module:function.") from error
         missing_head = [k for k in info["missing_keys"] if k.split(".")[0] in _HEAD_NAMES]
         if trained and missing_head:
             kinds = getattr(model.config, "architectures", None) or ["?"]

@@ -165,7 +165,8 @@ class RunDirectory:
     def __init__(self, output_dir: str, run_id: str, checkpoint: str | None, lock, accelerator=None):
         self.output_dir = output_dir
         self.run_id = run_id
-        self.checkpoint = checkpoint  # verified, when the run resumes
+        self.checkpoint = checkpoint  # the checkpoint the run resumes from, verified
+        self.claimed = checkpoint  # resolved by claim(), handed out once by resolve()
         self.lock = lock  # on the main process only
         self.accelerator = accelerator
 
@@ -206,9 +207,10 @@ class RunDirectory:
         return _on_main(self.accelerator, fn)
 
     def resolve(self, spec: str) -> str:
-        """A checkpoint to load, verified (see ``resolve_checkpoint``)."""
-        if spec in ("latest", self.checkpoint) and self.checkpoint is not None:
-            return self.checkpoint
+        """A checkpoint to load, verified (see ``resolve_checkpoint``); the one ``claim`` resolved is not verified twice."""
+        claimed, self.claimed = self.claimed, None
+        if claimed is not None and spec in ("latest", claimed):
+            return claimed
         return self._main(lambda: resolve_checkpoint(spec, self.output_dir))
 
     def start(self, trainer: str) -> None:
