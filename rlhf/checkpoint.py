@@ -1,15 +1,14 @@
 """Writing models and checkpoints so that a crash never leaves a directory that looks complete.
 
-Everything is written into ``<path>.tmp`` and renamed to ``<path>`` at the end; ``latest_checkpoint``
-only considers directories named ``checkpoint-<step>`` that hold ``trainer_state.json``, which is
-written last. Weights are safetensors; optimizer, scheduler and RNG state are loaded with
+Everything is written into ``<path>.tmp`` and renamed to ``<path>`` at the end; a checkpoint's
+``manifest.json`` (``rlhf.integrity``) is written last, and which checkpoint resumes is decided in
+``rlhf.run_dir``. Weights are safetensors; optimizer, scheduler and RNG state are loaded with
 ``weights_only=True`` (no pickle).
 """
 
 import json
 import os
 import random
-import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -17,8 +16,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from rlhf.integrity import CheckpointError
+
 STATE_FILE = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @contextmanager
@@ -109,38 +109,38 @@ def save_torch_state(obj, path: str) -> None:
 
 
 def load_torch_state(path: str):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load(weights_only=True)``; an unreadable file is an error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(os.path.dirname(path), os.path.basename(path),
+                              f"cannot be loaded ({type(error).__name__}: {str(error)[:200]})") from None
 
 
-def checkpoint_steps(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint in ``output_dir``, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    steps = checkpoint_steps(output_dir)
-    return steps[-1][1] if steps else None
-
-
-def rotate_checkpoints(output_dir: str, keep: int | None) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    if keep is None:
-        return
-    for _, path in checkpoint_steps(output_dir)[:-keep] if keep > 0 else checkpoint_steps(output_dir):
-        shutil.rmtree(path, ignore_errors=True)
+# What trainer_state.json must hold for a checkpoint to resume.
+STATE_KEYS = {"step": int, "config": dict, "run_id": str, "kl_coef": (int, float), "trainer": str,
+              "num_processes": int}
 
 
 def read_state(checkpoint_dir: str) -> dict:
-    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-        return json.load(f)
+    """``trainer_state.json`` of a checkpoint, checked for the keys a resume needs; ``CheckpointError`` names
+    the file and what is wrong."""
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(checkpoint_dir, STATE_FILE, "missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(checkpoint_dir, STATE_FILE, f"unreadable ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(checkpoint_dir, STATE_FILE, f"holds a {type(state).__name__}, not a mapping")
+    for key, kind in STATE_KEYS.items():
+        if key not in state:
+            raise CheckpointError(checkpoint_dir, STATE_FILE, f"has no {key!r} (written by an older version?)")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(checkpoint_dir, STATE_FILE, f"{key}={state[key]!r} is not a {kind}")
+    return state
 
 
 def write_state(checkpoint_dir: str, state: dict) -> None:

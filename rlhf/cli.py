@@ -18,7 +18,7 @@ import yaml
 from rlhf.checkpoint import model_source
 from rlhf.configs import field_docs
 from rlhf.dataset_adapters import DataArguments
-from rlhf.imports import import_object
+from rlhf.imports import OPT_IN, import_object
 
 
 @dataclass
@@ -146,28 +146,45 @@ def _convert_mapping(value, annotation, name: str) -> dict:
     return {convert(k, key_type, f"{name} key"): convert(v, value_type, f"{name}[{k!r}]") for k, v in value.items()}
 
 
-def _argv_to_pairs(argv: list[str]) -> tuple[str | None, list[tuple[str, list[str]]]]:
-    """Split ``--key v1 v2 --flag --k=v`` into (config path, [(key, values)])."""
+def _argv_to_pairs(argv: list[str]) -> tuple[str | None, list[tuple[str, list[str] | None]]]:
+    """Split ``--key v1 v2 --flag --k=v`` into (config path, [(key, values)]); a bare ``--flag`` has values None."""
     config_path, pairs, i = None, [], 0
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}; options look like --field value.")
-        key, _, inline = token[2:].partition("=")
-        values = [inline] if inline else []
+        key, sep, inline = token[2:].partition("=")
+        values = [inline] if sep else []
         i += 1
-        while not inline and i < len(argv) and not argv[i].startswith("--"):
+        while not sep and i < len(argv) and not argv[i].startswith("--"):
             values.append(argv[i])
             i += 1
         if key == "config":
-            config_path = values[0] if values else None
+            if len(values) != 1:
+                raise ConfigError(f"--config takes one YAML file, got {values or 'none'}; put the other settings in "
+                                  "that file or give them as --field value.")
+            config_path = values[0]
         else:
-            pairs.append((key.replace("-", "_"), values or ["true"]))
+            pairs.append((key.replace("-", "_"), values or None))
     return config_path, pairs
 
 
+def _bare_flag(key: str, annotation) -> bool:
+    """``--key`` without a value: True for a true/false option, an error naming the option for any other."""
+    if _unwrap_optional(annotation)[0] is bool:
+        return True
+    raise ConfigError(f"--{key} needs a value (e.g. --{key} <value>); only true/false options may be given bare.")
+
+
+SECURITY_NOTE = (
+    "A config is code: every module:function it names (reward functions, reward factories, dataset loaders, dataset\n"
+    "transforms) is imported and run, on every process and often on every row. Use only configs you trust. Callables\n"
+    "from os, subprocess, shutil, sys, builtins eval/exec/open and similar are refused unless\n"
+    f"{OPT_IN}=1; the working directory is importable only after the installed packages.")
+
+
 def help_text(classes) -> str:
-    lines = ["Options (set in --config YAML or as --field value):"]
+    lines = [SECURITY_NOTE, "", "Options (set in --config YAML or as --field value):"]
     for cls in classes:
         docs = field_docs(cls)
         lines.append(f"\n{cls.__name__}:")
@@ -203,7 +220,7 @@ def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) ->
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown option '{key}' in {source}.{hint} (--help lists them)")
         cls, f = owners[key]
-        kwargs[cls][key] = convert(value, f.type, key)
+        kwargs[cls][key] = _bare_flag(key, f.type) if value is None else convert(value, f.type, key)
     return [cls(**kwargs[cls]) for cls in classes]
 
 
@@ -249,8 +266,10 @@ def reward_functions_from_specs(specs: list) -> list:
             except TypeError as error:
                 raise ConfigError(f"reward_funcs[{i}]: {spec['factory']} does not take kwargs "
                                   f"{spec.get('kwargs')}: {error}") from None
-        else:
-            functions.append(spec if os.path.isdir(spec) else import_object(spec))
+        elif ":" in spec and not os.path.exists(spec):
+            functions.append(import_object(spec))
+        else:  # a reward model: a directory (or a hub id); the trainer checks it and names what is wrong
+            functions.append(spec)
     return functions
 
 

@@ -36,9 +36,13 @@ class RLConfig:
     save_steps: int = 0
     """Write a checkpoint to ``output_dir/checkpoint-<step>`` every this many steps (0: never)."""
     save_total_limit: int | None = None
-    """Keep only the newest N checkpoints (None: keep all)."""
+    """Keep only this run's newest N checkpoints, N >= 1 (None: keep all)."""
     resume_from_checkpoint: str | None = None
-    """A checkpoint directory, or "latest" for the newest one in ``output_dir``, to resume from."""
+    """A checkpoint directory, or "latest" for the newest checkpoint of ``output_dir``'s run that verifies, to resume
+    from (see "Failures and recovery" in the README)."""
+    overwrite_output_dir: bool = False
+    """Let a new run start in an ``output_dir`` that holds another run's checkpoints, deleting them (otherwise an
+    error)."""
     report_to: list[str] = field(default_factory=list)
     """Accelerate trackers to log to, e.g. ["tensorboard"] or ["wandb"] (metrics.jsonl is always written)."""
     run_name: str | None = None

@@ -16,6 +16,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from rlhf.checkpoint import load_model_weights
 from rlhf.forward import cache_argument, predicting_outputs
+from rlhf.integrity import check_adapter_weights
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 # Heads of sequence-classification reward models that can start the value head.
@@ -79,6 +80,7 @@ class ValueModel(nn.Module):
         if adapter:  # a LoRA critic: its base model, then the adapter
             from peft import PeftConfig, PeftModel
 
+            check_adapter_weights(path)  # safetensors only: peft would fall back to a pickled adapter_model.bin
             base = PeftConfig.from_pretrained(path).base_model_name_or_path
             backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base, dtype=dtype, use_safetensors=True,
                                                                            trust_remote_code=trust_remote_code), path)

@@ -33,6 +33,51 @@ def as_dataset(data, name: str = "train_dataset") -> Dataset:
     return data
 
 
+# Roles a chat message may have (those of the common chat templates).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def _prompt_problem(prompt) -> str | None:
+    """Why ``prompt`` is neither a string nor a list of well-formed chat messages (None when it is one)."""
+    if isinstance(prompt, str):
+        return None
+    if not isinstance(prompt, list):
+        return f"is a {type(prompt).__name__} ({str(prompt)[:60]!r}), not a string or a list of chat messages"
+    if not prompt:
+        return "is an empty list of messages"
+    for j, message in enumerate(prompt):
+        if not isinstance(message, dict):
+            return f"message {j} is a {type(message).__name__}, not a {{'role': ..., 'content': ...}} mapping"
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            return f"message {j} has role {role!r}; use one of {list(CHAT_ROLES)}"
+        if content is None:
+            return f"message {j} ({role}) has {'no content' if 'content' not in message else 'content None'}"
+        if not isinstance(content, (str, list)):
+            return f"message {j} ({role}) has content of type {type(content).__name__}; give a string"
+    return None
+
+
+def check_rows(dataset: Dataset, name: str) -> None:
+    """Every prompt of ``dataset`` is a string, or a list of chat messages with a known role and content, and all
+    are of one kind. Errors name the dataset, the row and the fix."""
+    problems, kinds = [], {}
+    for start in range(0, len(dataset), 1024):
+        for i, prompt in enumerate(dataset[start:start + 1024]["prompt"], start):
+            problem = _prompt_problem(prompt)
+            if problem:
+                problems.append(f"row {i}: the prompt {problem}")
+            else:
+                kinds.setdefault("chat messages" if isinstance(prompt, list) else "strings", i)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{name} has {len(problems)} bad prompt(s): " + "; ".join(problems[:5]) + more
+                         + ". Fix or drop those rows: a prompt is a string, or a list of {'role', 'content'} messages.")
+    if len(kinds) > 1:
+        raise ValueError(f"{name} mixes prompt kinds: row {kinds['strings']} is a string, row {kinds['chat messages']} "
+                         "is a list of chat messages; use one kind for the whole dataset.")
+
+
 def is_conversational(prompt) -> bool:
     """A prompt is conversational when it is a list of {"role": ..., "content": ...} messages."""
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
@@ -50,6 +95,9 @@ class PromptSampler:
         self.process_index = process_index
         self.shuffle = shuffle
         self._epoch, self._order = None, None
+        if dataset_size < prompts_per_step:
+            logger.warning("The training dataset has %d prompt(s), fewer than prompts_per_step=%d: every step uses "
+                           "some prompts more than once.", dataset_size, prompts_per_step)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -149,8 +197,10 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None,
                   truncate: bool = False) -> None:
-    """Before any training: chat prompts need a chat template, and no prompt may exceed ``max_prompt_length``
-    (unless ``truncate``, which keeps each prompt's end, with a warning)."""
+    """Before any training, every row: each prompt well-formed (``check_rows``), chat prompts need a chat template,
+    and no prompt may exceed ``max_prompt_length`` (unless ``truncate``, which keeps each prompt's end, with a
+    warning)."""
+    check_rows(dataset, name)
     render_prompts(dataset[:1]["prompt"], tokenizer)  # raises on chat prompts without a template
     if max_prompt_length is None:
         return

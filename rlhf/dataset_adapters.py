@@ -14,6 +14,7 @@ Prompts can then be wrapped in a template, and turned into chat messages (with a
 prompt) so the model's chat template applies.
 """
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,12 +107,65 @@ def load_dataset_spec(spec: str, split: str = "train", config_name: str | None =
     if os.path.isfile(spec):
         if extension not in DATA_FILE_FORMATS:
             raise ValueError(f"{spec}: unsupported data file type {extension!r}; use one of {sorted(DATA_FILE_FORMATS)}.")
-        return datasets.load_dataset(DATA_FILE_FORMATS[extension], data_files=spec, split="train")
+        check_data_file(spec)
+        try:
+            return datasets.load_dataset(DATA_FILE_FORMATS[extension], data_files=spec, split="train")
+        except Exception as error:  # noqa: BLE001 - the loader's errors do not name the file
+            cause = error.__cause__ or error.__context__ or error
+            raise ValueError(f"cannot read {spec} as {DATA_FILE_FORMATS[extension]}: {type(cause).__name__}: "
+                             f"{str(cause)[:300]}") from error
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")):
         loaded = datasets.load_from_disk(spec)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     # A hub id, or a local directory of data files (the hub's layout, read without the network).
     return datasets.load_dataset(spec, config_name, split=split)
+
+
+def check_data_file(path: str) -> None:
+    """A data file holds rows, in UTF-8, and (JSON lines) one JSON object per line; errors name the file and the
+    line. Parquet is binary and checked by its reader."""
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty: a data file needs at least one row.")
+    if extension == ".parquet":
+        return
+    if extension == ".json" and _whole_json(path):
+        return
+    rows = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                                 f"{error.start + 1}); save the file as UTF-8.") from None
+            if not line.strip() or extension == ".csv":
+                rows += bool(line.strip())
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno}): "
+                                 f"{line.strip()[:80]!r}. A JSON-lines file holds one JSON object per line.") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: a {type(row).__name__}, not a JSON object; each line is one "
+                                 'row, e.g. {"prompt": "..."}.')
+            rows += 1
+    if rows <= (1 if extension == ".csv" else 0):
+        raise ValueError(f"{path} has no rows" + (" (only a header line)." if rows else "."))
+
+
+def _whole_json(path: str) -> bool:
+    """Whether ``path`` is one JSON document with rows (a list of objects, or an object of columns). False for
+    anything else, which is then checked as JSON lines."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if document in ([], {}):
+        raise ValueError(f"{path} holds an empty JSON {type(document).__name__}: no rows.")
+    return isinstance(document, (list, dict))
 
 
 def prepare_dataset(

@@ -20,6 +20,7 @@ from rlhf.checkpoint import model_source
 from rlhf.configs import RLConfig
 from rlhf.data import as_dataset, check_prompts
 from rlhf.distributed import make_accelerator
+from rlhf.integrity import check_adapter_weights
 from rlhf.models import disable_dropout, eos_token_ids, load_causal_lm, load_tokenizer
 from rlhf.rewards import (
     build_reward_functions,
@@ -171,6 +172,7 @@ def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = Fal
         if not base_model_name_or_path:
             raise ValueError(f"{path} holds a LoRA adapter whose config names no base model; pass "
                              "base_model_name_or_path.")
+    check_adapter_weights(path)  # safetensors only: peft would fall back to a pickled adapter_model.bin
     base = load_causal_lm(base_model_name_or_path, dtype, trust_remote_code)
     return PeftModel.from_pretrained(base, path)
 

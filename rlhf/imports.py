@@ -28,6 +28,18 @@ def _refused(module_name: str, attribute: str) -> bool:
     return root == "builtins" and attribute.split(".")[0] in UNSAFE_BUILTINS
 
 
+def _working_directory_last() -> None:
+    """Keep the working directory importable, but after every other entry of ``sys.path`` (``python -m`` and
+    ``python -c`` put it first), so a local ``reward_models.py`` or ``json.py`` never replaces a package."""
+    cwd = os.getcwd()
+    here = [entry for entry in sys.path if entry in ("", ".") or os.path.abspath(entry) == cwd]
+    if here == sys.path[-len(here):] and here:
+        return
+    for entry in here:
+        sys.path.remove(entry)
+    sys.path.append(cwd)
+
+
 def import_object(path: str):
     """``package.module:attribute`` -> the attribute (dots in ``attribute`` walk nested attributes)."""
     module_name, sep, attribute = path.partition(":")
@@ -38,8 +50,7 @@ def import_object(path: str):
             f"{path!r} names a function that can run commands, touch files or evaluate code; a config refuses it "
             f"unless you set {OPT_IN}=1. A config that names a callable runs it: use only configs you trust."
         )
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())  # after site-packages: local files never shadow installed packages
+    _working_directory_last()
     try:
         target = importlib.import_module(module_name)
         for part in attribute.split("."):

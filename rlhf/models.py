@@ -3,6 +3,7 @@ teacher."""
 
 import copy
 import logging
+import os
 
 import torch
 from torch import nn
@@ -12,6 +13,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from rlhf.integrity import check_safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_r
     """A causal LM from a path or hub id (safetensors only), or the model object itself."""
     if isinstance(model, nn.Module):
         return model
+    if os.path.isdir(model):
+        check_safetensors_files(model)  # a truncated file is named here, not as a bare SafetensorError
     return AutoModelForCausalLM.from_pretrained(
         model, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
@@ -105,6 +110,23 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     if dtype is not None:
         reference.to(dtype)
     return reference.eval()
+
+
+def check_reference_options(args, lora: bool, has_reference: bool) -> None:
+    """``ref_model_dtype`` and ``offload_reference`` shape the reference model's separate copy. A LoRA actor has no
+    such copy (its reference is the base with the adapter disabled): setting them is an error rather than
+    silently ignored. Without a KL term there is no reference at all: a warning."""
+    given = [f"{name}={getattr(args, name)!r}" for name in ("ref_model_dtype", "offload_reference")
+             if getattr(args, name) not in (None, False)]
+    if not given:
+        return
+    if lora and has_reference:
+        raise ValueError(f"{' and '.join(given)} with a LoRA actor: its reference is the base model with the adapter "
+                         "disabled, inside the actor, so there is no reference copy to cast or offload. Unset them "
+                         "(the reference already costs no extra memory).")
+    if not has_reference:
+        logger.warning("%s: there is no reference model (kl_coef=0 or kl_in=None), so this does nothing.",
+                       " and ".join(given))
 
 
 def apply_lora(model: PreTrainedModel, peft_config, gradient_checkpointing: bool = False):

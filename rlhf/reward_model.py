@@ -6,6 +6,7 @@ is the head's output at the last attended token, read from the attention mask: n
 ids with the pad id, which would skip a final EOS when the pad token is the EOS token.
 """
 
+import logging
 import os
 
 import torch
@@ -18,18 +19,55 @@ from transformers import (
 
 from rlhf.data import is_conversational
 from rlhf.forward import position_ids_from_mask
+from rlhf.integrity import check_safetensors_files
 from rlhf.models import resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 _HEAD_NAMES = ("score", "classifier")
 
 
+def _looks_like_hub_id(path: str) -> bool:
+    """``name`` or ``org/name``: what the hub accepts; anything else can only be a local path."""
+    parts = path.split("/")
+    return len(parts) <= 2 and all(parts) and not path.startswith((".", "~")) and os.sep == "/"
+
+
+def check_reward_model_path(path: str) -> None:
+    """A reward model named by a string must be a directory (or a hub id); its weight files must be whole."""
+    if os.path.isdir(path):
+        check_safetensors_files(path, "reward model")
+        return
+    if os.path.exists(path) or not _looks_like_hub_id(path):
+        raise FileNotFoundError(
+            f"reward model {path!r}: no such directory. Give the directory a reward model was saved to (e.g. "
+            "<output_dir>/model of recipes/train_reward_model.py); a reward function is written "
+            "package.module:function.")
+
+
 def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str = "float32",
-                      trust_remote_code: bool = False):
-    """(model, tokenizer) from a path or objects; a causal-LM checkpoint gets a new one-output head."""
+                      trust_remote_code: bool = False, trained: bool = False):
+    """(model, tokenizer) from a path or objects. A causal-LM checkpoint gets a new one-output head (the start of
+    reward-model training); with ``trained`` (a reward model used as a reward) that is refused: its head would
+    be random."""
     if isinstance(model, str):
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+        path = model
+        check_reward_model_path(path)
+        try:
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=True, output_loading_info=True)
+        except OSError as error:
+            raise OSError(f"reward model {path!r} could not be loaded: neither a complete local model directory nor "
+                          f"a model on the hub ({str(error)[:300]}). A reward function is written "
+                          "package.module:function.") from error
+        missing_head = [k for k in info["missing_keys"] if k.split(".")[0] in _HEAD_NAMES]
+        if trained and missing_head:
+            kinds = getattr(model.config, "architectures", None) or ["?"]
+            raise ValueError(f"reward model {path!r} holds a {kinds[0]}, not a trained reward model: its scoring head "
+                             f"({', '.join(missing_head)}) is not in the weights and would be random. Train one "
+                             "(recipes/train_reward_model.py), or give a sequence-classification model directory.")
     elif tokenizer is None:
         source = getattr(model.config, "_name_or_path", "")
         if not source:
@@ -59,14 +97,21 @@ def render(tokenizer, prompt, completion) -> tuple[str, bool]:
     return tokenizer.apply_chat_template(messages, tokenize=False), True
 
 
-def encode(tokenizer, prompts, completions, max_length: int | None = None, device=None) -> dict[str, torch.Tensor]:
-    """Right-padded input ids and attention mask for a batch of (prompt, completion) pairs. Texts longer
-    than ``max_length`` keep their end (where the answer is)."""
+def token_rows(tokenizer, prompts, completions) -> list[list[int]]:
+    """The reward model's token ids of each (prompt, completion) pair, whole."""
     rows = []
     for prompt, completion in zip(prompts, completions):
         text, chat = render(tokenizer, prompt, completion)
-        ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
-        rows.append(ids[-max_length:] if max_length else ids)
+        rows.append(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+    return rows
+
+
+def encode(tokenizer, prompts, completions, max_length: int | None = None, device=None,
+           rows: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input ids and attention mask for a batch of (prompt, completion) pairs (or their ``rows`` of
+    ids). Texts longer than ``max_length`` keep their end (where the answer is)."""
+    rows = [ids[-max_length:] if max_length else ids
+            for ids in (rows if rows is not None else token_rows(tokenizer, prompts, completions))]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -110,13 +155,17 @@ class RewardModelFunction:
     def __init__(self, model, tokenizer=None, device=None, batch_size: int = 32, max_length: int | None = None,
                  normalize: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
         source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-        self.model, self.tokenizer = load_reward_model(model, tokenizer, dtype, trust_remote_code)
+        self.model, self.tokenizer = load_reward_model(model, tokenizer, dtype, trust_remote_code, trained=True)
         self.model.requires_grad_(False).eval()
         if device is not None:
             self.model.to(device)
         self.batch_size = batch_size
-        self.max_length = max_length
+        # Longer inputs than the model's positions would index past its position table (or leave its trained
+        # range): keep their end, where the completion is, with a warning (``encode``).
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        self.max_length = min(filter(None, (max_length, positions)), default=None)
         self.normalize = normalize
+        self.warned = False
         self.__name__ = f"reward_model:{os.path.basename(os.path.normpath(source))}"
 
     @property
@@ -127,7 +176,14 @@ class RewardModelFunction:
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         scores = []
         for start in range(0, len(completions), self.batch_size):
-            inputs = encode(self.tokenizer, prompts[start:start + self.batch_size],
-                            completions[start:start + self.batch_size], self.max_length, self.device)
-            scores += sequence_scores(self.model, **inputs).tolist()
+            rows = token_rows(self.tokenizer, prompts[start:start + self.batch_size],
+                              completions[start:start + self.batch_size])
+            too_long = sum(len(ids) > self.max_length for ids in rows) if self.max_length else 0
+            if too_long and not self.warned:
+                logger.warning("%s: %d input(s) are longer than its context of %d tokens; their beginnings are cut "
+                               "(the end of each completion is kept). Shorten max_prompt_length + max_new_tokens, or "
+                               "use a reward model with a longer context.", self.__name__, too_long, self.max_length)
+                self.warned = True
+            scores += sequence_scores(self.model, **encode(self.tokenizer, None, None, self.max_length, self.device,
+                                                           rows=rows)).tolist()
         return scores

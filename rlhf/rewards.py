@@ -27,6 +27,18 @@ class RewardError(ValueError):
     """A reward function misbehaved; the message names it and the sample."""
 
 
+# Largest |weight x reward| accepted. Advantages, returns and their statistics are computed in float32, where the
+# square of 1e19 already overflows: a reward this large is a bug (or needs rescaling), not a signal.
+MAX_ABS_REWARD = 1e10
+
+
+def _what_happened(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return (f"called sys.exit({error.code!r}) (a reward function must return its values; raise an exception to "
+                "stop the run)")
+    return f"raised {type(error).__name__}: {error}"
+
+
 def reward_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
@@ -131,7 +143,7 @@ class RewardFunction:
             values = call_with_timeout(lambda: self._call(prompts, completions, completion_ids, columns), self.timeout)
         except TimeoutError as error:
             raise self._locate_timeout(prompts, completions, completion_ids, columns) from error
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # SystemExit: a stray sys.exit() must not end the run unnamed
             raise self._locate_exception(error, prompts, completions, completion_ids, columns) from error
         if isinstance(values, torch.Tensor):
             values = values.tolist()
@@ -176,13 +188,13 @@ class RewardFunction:
         for i in range(len(completions)):
             try:
                 call_with_timeout(self._sample_call(i, prompts, completions, completion_ids, columns), self.timeout)
-            except Exception:
+            except (Exception, SystemExit):
                 return RewardError(
-                    f"reward function {self.name!r} raised {type(error).__name__}: {error} on sample {i}. "
+                    f"reward function {self.name!r} {_what_happened(error)} on sample {i}. "
                     f"Prompt: {_preview(prompts[i])}; completion: {_preview(completions[i])}"
                 )
         return RewardError(
-            f"reward function {self.name!r} raised {type(error).__name__}: {error} on the batch of "
+            f"reward function {self.name!r} {_what_happened(error)} on the batch of "
             f"{len(completions)}, though every sample alone succeeded."
         )
 
@@ -254,11 +266,24 @@ def correctness_index(functions: list[RewardFunction], name: str | None) -> int 
     return marked[0] if marked else None
 
 
-def reward_table(functions: list[RewardFunction], texts) -> torch.Tensor:
+def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Every reward function's values for ``texts`` (a ``RolloutTexts``): [N, F] float64, NaN where a function
-    returned None."""
-    return torch.stack([func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
-                        for func in functions], dim=1)
+    returned None. A value whose magnitude times its weight (default 1) exceeds ``MAX_ABS_REWARD`` is a
+    ``RewardError`` naming the function and the sample."""
+    table = torch.stack([func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
+                         for func in functions], dim=1)
+    weights = list(weights) if weights is not None else [1.0] * len(functions)
+    for j, (func, weight) in enumerate(zip(functions, weights)):
+        weighted = table[:, j] * weight
+        too_large = (weighted.abs() > MAX_ABS_REWARD).nonzero().flatten().tolist()  # NaN (None) never is
+        if too_large:
+            i = too_large[0]
+            raise RewardError(
+                f"reward function {func.name!r} returned {table[i, j].item():.6g} for sample {i} (x weight {weight:g} = "
+                f"{weighted[i].item():.6g}; {len(too_large)} such sample(s)): weighted rewards beyond "
+                f"+-{MAX_ABS_REWARD:g} overflow the advantage statistics. Rescale the reward or its weight. "
+                f"Prompt: {_preview(texts.prompts[i])}; completion: {_preview(texts.completions[i])}")
+    return table
 
 
 def score_rollout(functions: list[RewardFunction], weights: list[float], texts, accelerator, group_size: int,
@@ -267,7 +292,7 @@ def score_rollout(functions: list[RewardFunction], weights: list[float], texts, 
 
     Each process scores its own completions; the table is gathered so that group and batch statistics
     are exact everywhere. Reward-model scores marked ``normalize`` are whitened over the whole batch."""
-    per_function = reward_table(functions, texts)  # [B_local, F]
+    per_function = reward_table(functions, texts, weights)  # [B_local, F]
     per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()
     for j, func in enumerate(functions):
         if getattr(func.fn, "normalize", False):

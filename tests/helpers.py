@@ -40,8 +40,8 @@ def make_trainer(tmp_path, model=None, tokenizer=None, reward=varied_reward, alg
     settings.update(overrides)
     model = model if model is not None else tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=0)
     config_class, trainer_class = ALGORITHMS[algo]
-    return trainer_class(model, [reward], args=config_class(**settings), train_dataset=PROMPTS,
-                         processing_class=tokenizer or char_tokenizer(), **(trainer_kwargs or {}))
+    return trainer_class(model, [reward], args=config_class(**settings), processing_class=tokenizer or char_tokenizer(),
+                         **{"train_dataset": PROMPTS, **(trainer_kwargs or {})})
 
 
 def flat_grad(model):

@@ -6,7 +6,7 @@ import torch
 from helpers import make_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.checkpoint import latest_checkpoint
+from rlhf.run_dir import latest_checkpoint
 
 
 def test_saved_model_reloads_with_from_pretrained(tmp_path):
@@ -30,11 +30,11 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     first = make_trainer(tmp_path / "resumed", **{**common, "max_steps": 2})
     first.train()
     assert latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
-    # A fresh trainer with a different initial model: everything must come from the checkpoint.
-    from rlhf.extras.tiny import tiny_model
-
-    resumed = make_trainer(tmp_path / "resumed", model=tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2,
-                                                                  seed=99), resume_from_checkpoint="latest", **common)
+    # A fresh trainer, built from the initial model as the run was: the trained weights, the optimizer, the
+    # schedule and the RNG must all come from the checkpoint.
+    initial = make_trainer(tmp_path / "fresh", **common).unwrapped_model.lm_head.weight.detach().clone()
+    resumed = make_trainer(tmp_path / "resumed", resume_from_checkpoint="latest", **common)
+    assert not torch.equal(resumed.unwrapped_model.lm_head.weight, initial)
     assert resumed.step == 2
     resumed.train()
     for (name, a), b in zip(straight.unwrapped_model.named_parameters(), resumed.unwrapped_model.parameters()):

@@ -73,5 +73,21 @@ def test_the_grpo_recipe_trains_and_saves_on_two_processes(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 2]  # written once, not once per process
     assert (out / "model" / "model.safetensors").exists()
-    assert sorted(os.listdir(out / "checkpoint-2")) == ["model", "optimizer.pt", "rng_state_0.pt", "rng_state_1.pt",
-                                                         "scheduler.pt", "trainer_state.json"]
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["manifest.json", "model", "optimizer.pt", "rng_state_0.pt",
+                                                         "rng_state_1.pt", "scheduler.pt", "trainer_state.json"]
+
+    # Run-directory decisions are the main process's, broadcast: a new run over these checkpoints fails on both
+    # processes (no hang in a collective), and a resume continues on both.
+    port = command.index("--main_process_port") + 1
+    command[port] = free_port()
+    refused = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0 and refused.stderr.count("holds 1 checkpoint(s) of another run") == 2, \
+        refused.stderr[-3000:]
+    command[port] = free_port()
+    resumed = subprocess.run(command + ["--max_steps", "3", "--save_steps", "1", "--resume_from_checkpoint", "latest"],
+                             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and (out / "checkpoint-3" / "manifest.json").exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 2, 3, 3]

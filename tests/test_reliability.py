@@ -9,7 +9,7 @@ import torch
 from helpers import PROMPTS, make_trainer, varied_reward
 
 from rlhf import GRPOConfig, GRPOTrainer
-from rlhf.checkpoint import latest_checkpoint
+from rlhf.run_dir import latest_checkpoint
 from rlhf.rewards import RewardError
 from rlhf.extras.tiny import char_tokenizer, tiny_model
 from rlhf.trainer import NonFiniteError

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL and resumed from its latest checkpoint ends with exactly the parameters of a
 run that was never interrupted (CPU, fixed seeds)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import time
 
 import pytest
 import torch
+from helpers import make_trainer
 from safetensors.torch import load_file
 
+from rlhf.dir_lock import DirectoryLocked
 from rlhf.extras.tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +53,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, recipe):
     reference = run(command(recipe, model_dir, straight))
 
     victim = run(command(recipe, model_dir, broken))
-    marker = os.path.join(broken, "checkpoint-2", "trainer_state.json")
+    # While it trains, it owns the directory: another run there fails at once, naming it.
+    lock = os.path.join(broken, "run.lock")
     deadline = time.time() + 120
+    while f'"pid": {victim.pid},' not in (open(lock).read() if os.path.exists(lock) else "") and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(DirectoryLocked, match=rf"in use by another run \(pid {victim.pid} on host"):
+        make_trainer(broken)
+    marker = os.path.join(broken, "checkpoint-2", "trainer_state.json")
     while not os.path.exists(marker) and victim.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
@@ -60,7 +69,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, recipe):
     assert not os.path.exists(os.path.join(broken, "model"))
 
     output = finish(run(command(recipe, model_dir, broken, "--resume_from_checkpoint", "latest")))
-    assert "Resumed from" in output
+    assert "Resumed from" in output and f"Taking over the stale lock {lock}" in output
+    with open(os.path.join(broken, "metrics.jsonl")) as f:  # steps logged after the checkpoint were set aside
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
     finish(reference)
     parts = ["model", "critic"] if recipe == "ppo" else ["model"]
     for part in parts:

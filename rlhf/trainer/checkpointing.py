@@ -2,18 +2,36 @@
 
 ``output_dir/checkpoint-<step>/``: ``model/`` (safetensors + tokenizer), ``optimizer.pt``,
 ``scheduler.pt``, for PPO ``critic/``, ``critic_optimizer.pt``, ``critic_scheduler.pt``, one
-``rng_state_<rank>.pt`` per process, and ``trainer_state.json`` (step, config, KL coefficient, ...).
-It is written into ``checkpoint-<step>.tmp`` by all processes and renamed by the main process once
-``trainer_state.json`` (written last) is in place, so a crash mid-write never leaves a directory that
-``"latest"`` would pick.
+``rng_state_<rank>.pt`` per process, ``trainer_state.json`` (step, run id, config, KL coefficient, what
+the run was made from) and, written last, ``manifest.json`` (size and SHA-256 of every other file). It is
+written into ``checkpoint-<step>.tmp`` by all processes and renamed by the main process once the
+manifest is in place, so a crash mid-write never leaves a directory that ``"latest"`` would pick.
+
+Resuming (``resume_changes``) compares the checkpoint with the new trainer field by field: settings that
+give a step another meaning are refused, every other change is applied and logged. Optimizer and
+scheduler hyper-parameters come from the new config, never silently from the checkpoint.
 """
 
 import copy
+import logging
 import os
 import shutil
 
+import torch
+
 from rlhf import checkpoint as ckpt
+from rlhf import run_dir
 from rlhf.critic import ValueModel
+from rlhf.integrity import write_manifest
+
+logger = logging.getLogger(__name__)
+
+# Config fields that define what a step is (the prompt order, the batch, the optimizer steps per step): a
+# checkpoint only resumes with the values it was made with. Every other field may change, and the change is
+# applied from the resumed step on and logged.
+REFUSED_CHANGES = ("seed", "prompts_per_step", "num_generations", "mini_batch_size", "num_epochs")
+# What a run was made from, besides its config (``RLTrainer.identity``): a change is refused.
+REFUSED_IDENTITY = ("trainer", "num_processes", "model_fingerprint", "train_dataset")
 
 
 def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = False) -> str:
@@ -68,31 +86,21 @@ def save_checkpoint(output_dir: str, step: int, accelerator, trained: list, toke
             ckpt.save_torch_state(m.scheduler.state_dict(), os.path.join(tmp, f"{_prefix(m.directory)}scheduler.pt"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.write_state(tmp, state)  # written last: marks the checkpoint complete
+        ckpt.write_state(tmp, state)
+        write_manifest(tmp, {"run_id": state["run_id"], "step": step})  # written last: marks the checkpoint complete
         if os.path.exists(path):
             os.rename(path, f"{path}.old")
         os.rename(tmp, path)
         shutil.rmtree(f"{path}.old", ignore_errors=True)
-        ckpt.rotate_checkpoints(output_dir, save_total_limit)
+        run_dir.rotate_checkpoints(output_dir, save_total_limit, state["run_id"])
     accelerator.wait_for_everyone()
-    return path
-
-
-def resolve_checkpoint(path: str, output_dir: str) -> str:
-    """The checkpoint directory ``path`` names; ``"latest"``: the newest complete one in ``output_dir``."""
-    if path == "latest":
-        latest = ckpt.latest_checkpoint(output_dir)
-        if latest is None:
-            raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir!r} holds no complete checkpoint.")
-        path = latest
-    if not os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
-        raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no {ckpt.STATE_FILE}).")
     return path
 
 
 def load_checkpoint(path: str, accelerator, trained: list) -> dict:
     """Restore the models, optimizers, schedulers and this process's RNG that ``save_checkpoint`` wrote in
-    ``path``; returns the saved state."""
+    ``path``; returns the saved state. The optimizers keep the hyper-parameters they were built with (the new
+    config's), and the learning rate follows the new config's schedule from the saved position in it."""
     state = ckpt.read_state(path)
     for m in trained:
         directory = os.path.join(path, m.directory)
@@ -100,25 +108,83 @@ def load_checkpoint(path: str, accelerator, trained: list) -> dict:
             m.unwrapped.load_weights(directory)
         else:
             ckpt.load_model_weights(m.unwrapped, directory)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in m.optimizer.param_groups]
+        base_lrs = list(m.scheduler.base_lrs)
         m.optimizer.load_state_dict(ckpt.load_torch_state(os.path.join(path, f"{_prefix(m.directory)}optimizer.pt")))
         m.scheduler.load_state_dict(ckpt.load_torch_state(os.path.join(path, f"{_prefix(m.directory)}scheduler.pt")))
+        apply_hyperparameters(m.optimizer, m.scheduler, settings, base_lrs)
     ckpt.set_rng_state(ckpt.load_torch_state(os.path.join(path, f"rng_state_{accelerator.process_index}.pt")))
     return state
 
 
-def check_resumable(state: dict, config: dict, model_source: str, trainer: str, num_processes: int) -> None:
-    """A checkpoint only resumes under the settings that give its step the same meaning."""
+def apply_hyperparameters(optimizer, scheduler, settings: list[dict], base_lrs: list[float]) -> None:
+    """After loading an optimizer and a ``LambdaLR`` schedule from a checkpoint: put back the hyper-parameters
+    of the freshly built ones (betas, eps, weight decay, peak learning rate) and set each group's learning rate
+    to the new schedule at the loaded position, ``base_lr * lambda(last_epoch)``, as ``scheduler.step()`` would.
+    Unchanged settings give back exactly the saved values."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"apply_hyperparameters expects a LambdaLR schedule, got {type(scheduler).__name__}.")
+    scheduler.base_lrs = base_lrs
+    for group, fresh, base, factor in zip(optimizer.param_groups, settings, base_lrs, scheduler.lr_lambdas):
+        group.update({k: v for k, v in fresh.items() if k not in ("lr", "initial_lr")})
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def resume_changes(state: dict, identity: dict, config: dict) -> dict[str, tuple]:
+    """How the new trainer differs from checkpoint ``state``: raises ValueError naming every refused difference
+    (``REFUSED_CHANGES``, ``REFUSED_IDENTITY``); returns the others, {field: (checkpoint value, new value)},
+    which the resumed run applies."""
     saved, current = dict(state["config"]), dict(config)
     for settings in (saved, current):  # None means "the whole rollout batch"
-        settings["mini_batch_size"] = settings.get("mini_batch_size") or (
-            settings["prompts_per_step"] * settings["num_generations"])
-    fields = ("prompts_per_step", "num_generations", "mini_batch_size", "num_epochs", "seed")
-    changed = [f"{f}: checkpoint {saved.get(f)!r}, now {current[f]!r}" for f in fields if saved.get(f) != current[f]]
-    for key, now in (("model", model_source), ("trainer", trainer)):
-        if state.get(key) != now:
-            changed.append(f"{key}: checkpoint {state.get(key)!r}, now {now!r}")
-    if state.get("num_processes") != num_processes:
-        changed.append(f"number of processes: checkpoint {state.get('num_processes')}, now {num_processes}")
-    if changed:
-        raise ValueError("Cannot resume: the checkpoint was made with different settings (" + "; ".join(changed)
-                         + "). Resume with the same values, or start a new run in another output_dir.")
+        if "prompts_per_step" in settings and "num_generations" in settings:
+            settings["mini_batch_size"] = settings.get("mini_batch_size") or (
+                settings["prompts_per_step"] * settings["num_generations"])
+    refused, applied = [], {}
+    for key in list(saved) + [k for k in current if k not in saved]:
+        before, now = saved.get(key, "(no such field)"), current.get(key, "(no such field)")
+        if key == "resume_from_checkpoint" or before == now:
+            continue
+        if key in REFUSED_CHANGES:
+            refused.append(f"{key}: checkpoint {before!r}, now {now!r}")
+        else:
+            applied[key] = (before, now)
+    for key in REFUSED_IDENTITY:
+        if state.get(key) != identity.get(key):
+            refused.append(_identity_change(key, state, identity, saved, current))
+    if state.get("model") != identity.get("model"):
+        applied["model path"] = (state.get("model"), identity.get("model"))  # the same weights, found elsewhere
+    for key in ("eval_dataset", "reward_functions"):
+        if state.get(key) != identity.get(key):
+            applied[key] = (state.get(key), identity.get(key))
+    if refused:
+        raise ValueError("Cannot resume: the checkpoint was made with different settings (" + "; ".join(refused)
+                         + "). Resume with the checkpoint's values, or start a new run with the new ones: another "
+                         "output_dir, or overwrite_output_dir=True without resume_from_checkpoint.")
+    return applied
+
+
+def _identity_change(key: str, state: dict, identity: dict, saved: dict, current: dict) -> str:
+    if key == "model_fingerprint":
+        dtype = (f", dtype {saved.get('dtype')!r} -> {current.get('dtype')!r}"
+                 if saved.get("dtype") != current.get("dtype") else "")
+        paths = (f"checkpoint {state.get('model')!r}, now {identity.get('model')!r}"
+                 if state.get("model") != identity.get("model") else f"both {identity.get('model') or 'objects'!r}")
+        return (f"model: its weights differ from those the run started from ({paths}{dtype}); the initial model is "
+                "also the reference and the LoRA base, so pass the model the run started from")
+    if key == "train_dataset":
+        return ("train_dataset: its rows differ from the run's (the prompt order of every step depends on them); "
+                "pass the same dataset")
+    if key == "num_processes":
+        return f"number of processes: checkpoint {state.get(key)}, now {identity.get(key)}"
+    return f"{key}: checkpoint {state.get(key)!r}, now {identity.get(key)!r}"
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{key}: {_short(before)} -> {_short(now)}" for key, (before, now) in changes.items())
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -12,6 +12,7 @@ the KL enters is ``rlhf.trainer.kl.KLPenalty``; the losses are ``rlhf.trainer.up
 import logging
 import os
 import time
+import weakref
 
 import torch
 from accelerate.utils import DistributedType, set_seed
@@ -24,11 +25,13 @@ from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, as_dataset, check_prompts
 from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
+from rlhf.fingerprints import dataset_fingerprint, model_fingerprint
 from rlhf.forward import enable_token_scoring
 from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
 from rlhf.monitor import HealthMonitor
 from rlhf.models import (
     apply_lora,
+    check_reference_options,
     disable_dropout,
     eos_token_ids,
     frozen_copy,
@@ -44,6 +47,7 @@ from rlhf.rewards import (
     correctness_index,
 )
 from rlhf.rollout import Policy, Rollout, RolloutTexts
+from rlhf.run_dir import RunDirectory
 from rlhf.trainer import checkpointing
 from rlhf.trainer.algorithms import BatchReduce, algorithm_for
 from rlhf.trainer.kl import KLPenalty
@@ -70,6 +74,10 @@ class RLTrainer:
         accelerator = self.accelerator = make_accelerator(log_with=args.report_to or None,
                                                           project_dir=args.output_dir)
         args.validate(accelerator.num_processes)
+        # The output directory: locked for this run, refused if it holds another run's checkpoints (rlhf/run_dir.py).
+        self.run = RunDirectory.claim(args.output_dir, accelerator, args.resume_from_checkpoint,
+                                      args.overwrite_output_dir)
+        weakref.finalize(self, self.run.release)
         self.algorithm = algorithm_for(args)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model
         self.plan = plan_step(args, accelerator.num_processes, shards_parameters(accelerator),
@@ -84,6 +92,7 @@ class RLTrainer:
         # --- models: the actor, PPO's critic (from the plain actor, before LoRA), the reference
         self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code)
         actor = load_causal_lm(model, args.dtype, args.trust_remote_code)
+        initial_weights = model_fingerprint(actor)  # a resume must start from the same model (its reference)
         eos_ids = eos_token_ids(actor, self.tokenizer)
         if args.chunked_lm_head:
             enable_token_scoring(actor)  # log-probs without [B, T, V] logits; the reference copy inherits it
@@ -110,6 +119,7 @@ class RLTrainer:
         self.kl = KLPenalty(self.plan.kl_in, args.kl_coef, args.kl_estimator, args.kl_target, args.kl_horizon)
         # A LoRA actor's reference is its base model with the adapter disabled: no second copy (pitfall 19).
         self.ref_model = None
+        check_reference_options(args, lora=peft_config is not None, has_reference=self.plan.kl_in is not None)
         if self.plan.kl_in is not None and peft_config is None:
             self.ref_model = frozen_copy(actor, resolve_dtype(args.ref_model_dtype) if args.ref_model_dtype else None)
             self.ref_model.to("cpu" if args.offload_reference else accelerator.device)
@@ -140,6 +150,12 @@ class RLTrainer:
                 check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts)
         _warn_past_positions(actor, args)
         self.model_source = model if isinstance(model, str) else getattr(actor.config, "_name_or_path", "")
+        # What the run is made from, saved in its checkpoints and compared on resume (checkpointing.resume_changes).
+        self.identity = {"trainer": type(self).__name__, "num_processes": accelerator.num_processes,
+                         "model": self.model_source, "model_fingerprint": initial_weights,
+                         "train_dataset": dataset_fingerprint(self.train_dataset),
+                         "eval_dataset": dataset_fingerprint(self.eval_dataset),
+                         "reward_functions": [f.name for f in self.reward_functions]}
         self.sampler = PromptSampler(len(self.train_dataset), args.prompts_per_step, args.seed,
                                      accelerator.num_processes, accelerator.process_index)
 
@@ -159,12 +175,12 @@ class RLTrainer:
                              and not shards_parameters(accelerator))
         self.sampling = sampling_params(args)
         self.reduce = BatchReduce(accelerator)
-        self.guard = NonFiniteGuard(args.max_nonfinite_updates, args.output_dir)
+        self.guard = NonFiniteGuard(args.max_nonfinite_updates, args.output_dir, self.run.newest_checkpoint)
         self.step = 0
-        if accelerator.is_main_process:
-            os.makedirs(args.output_dir, exist_ok=True)
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
+        else:
+            self.run.start(type(self).__name__)
 
     # ------------------------------------------------------------------ one step
     def make_rollout(self, step: int, metrics: StepMetrics | None = None,
@@ -277,7 +293,11 @@ class RLTrainer:
                     logger.warning(alarm.text())
                 metrics_logger.write_event(alarm.record())
             if args.save_steps and (self.step % args.save_steps == 0 or self.step == args.max_steps):
-                self.save_checkpoint()
+                if step_metrics["guard/skipped_updates"] == 0:
+                    self.save_checkpoint()
+                else:  # its weights may be what made the update non-finite: keep the last good checkpoint as latest
+                    logger.warning("Step %d: an update was skipped as non-finite; no checkpoint is written for this "
+                                   "step (the newest is %s).", self.step, self.run.newest_checkpoint())
             metrics_logger.advance()
         metrics_logger.close()
         if args.write_report and self.accelerator.is_main_process:
@@ -319,19 +339,25 @@ class RLTrainer:
                                         self.model, self.tokenizer, self.args.save_merged_lora)
 
     def save_checkpoint(self) -> str:
-        state = {"step": self.step, "config": self.args.to_dict(), "num_processes": self.accelerator.num_processes,
-                 "kl_coef": self.kl.coef, "model": self.model_source, "trainer": type(self).__name__}
+        state = {"step": self.step, "run_id": self.run.run_id, "config": self.args.to_dict(), "kl_coef": self.kl.coef,
+                 **self.identity}
         return checkpointing.save_checkpoint(self.args.output_dir, self.step, self.accelerator, self.trained_models,
                                              self.tokenizer, state, self.args.save_total_limit)
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore everything ``save_checkpoint`` wrote; ``"latest"`` picks the newest in ``output_dir``."""
-        path = checkpointing.resolve_checkpoint(path, self.args.output_dir)
-        checkpointing.check_resumable(read_state(path), self.args.to_dict(), self.model_source,
-                                      type(self).__name__, self.accelerator.num_processes)
-        state = checkpointing.load_checkpoint(path, self.accelerator, self.trained_models)
+        """Restore everything ``save_checkpoint`` wrote and continue its run; ``"latest"`` picks the newest checkpoint
+        of ``output_dir``'s run whose manifest verifies. Settings that changed since are refused or applied and
+        logged (``checkpointing.resume_changes``)."""
+        path = self.run.resolve(path)
+        state = read_state(path)
+        changes = checkpointing.resume_changes(state, self.identity, self.args.to_dict())
+        checkpointing.load_checkpoint(path, self.accelerator, self.trained_models)
         self.step = state["step"]
-        self.kl.coef = state["kl_coef"]
+        self.kl.coef = self.args.kl_coef if "kl_coef" in changes else state["kl_coef"]  # a new kl_coef replaces it
+        self.run.resume(path, state, type(self).__name__)
+        if changes:
+            logger.warning("Resuming %s with changed settings, applied from step %d on: %s", path, self.step,
+                           checkpointing.describe_changes(changes))
         self.accelerator.print(f"Resumed from {path} at step {self.step}.")
 
 

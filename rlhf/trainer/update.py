@@ -239,9 +239,10 @@ class NonFiniteGuard:
     """Counts updates skipped for a non-finite loss or gradient; ``max_in_a_row`` of them in a row save the
     mini-batch and stop the run."""
 
-    def __init__(self, max_in_a_row: int, output_dir: str):
+    def __init__(self, max_in_a_row: int, output_dir: str, newest_checkpoint=lambda: None):
         self.max_in_a_row = max_in_a_row
         self.output_dir = output_dir
+        self.newest_checkpoint = newest_checkpoint  # () -> this run's newest checkpoint on disk, for the message
         self.consecutive = 0
 
     def record(self, applied: bool, step: int, mini: Rollout, texts, accelerator, metrics: StepMetrics) -> None:
@@ -257,10 +258,12 @@ class NonFiniteGuard:
         path = os.path.join(self.output_dir, f"nonfinite-step{step}-rank{accelerator.process_index}.pt")
         torch.save({"step": step, "tensors": {k: v.detach().cpu() for k, v in mini.tensors().items()},
                     "prompts": texts.prompts, "completions": texts.completions}, path)
+        newest = self.newest_checkpoint()
         raise NonFiniteError(
             f"{self.consecutive} updates in a row had a non-finite loss or gradient (step {step}); the last "
             f"mini-batch is saved in {path} (torch.load(path, weights_only=True)). Check the rewards, lower "
-            "learning_rate, or set max_grad_norm; the last good checkpoint is untouched."
+            "learning_rate, or set max_grad_norm. No checkpoint is written after a step with a skipped update: "
+            + (f"the last good one is {newest}." if newest else "this run has written no checkpoint.")
         )
 
 
