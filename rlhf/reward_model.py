@@ -18,7 +18,7 @@ from transformers import (
 
 from rlhf.data import is_conversational
 from rlhf.forward import position_ids_from_mask
-from rlhf.models import resolve_dtype
+from rlhf.models import quiet_progress_bars, resolve_dtype
 
 _HEAD_NAMES = ("score", "classifier")
 
@@ -28,8 +28,10 @@ def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str =
     """(model, tokenizer) from a path or objects; a causal-LM checkpoint gets a new one-output head."""
     if isinstance(model, str):
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+        with quiet_progress_bars():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=True)
     elif tokenizer is None:
         source = getattr(model.config, "_name_or_path", "")
         if not source:

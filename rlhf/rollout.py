@@ -71,12 +71,15 @@ class Rollout:
 
 @dataclass
 class RolloutTexts:
-    """What reward functions see, one entry per completion (prompts repeated G times)."""
+    """What reward functions see, one entry per completion (prompts repeated G times), and, once they have run
+    (``rlhf.rewards.score_rollout``), what each returned and what they gave ``log_extra``."""
 
     prompts: list
     completions: list
     completion_ids: list[list[int]]
     columns: dict[str, list]
+    rewards: dict[str, list] = dataclasses.field(default_factory=dict)  # function name -> value per completion
+    extra: dict[str, list] = dataclasses.field(default_factory=dict)  # log_extra column -> value per completion
 
 
 @dataclass
@@ -105,6 +108,7 @@ class SamplingParams:
     top_k: int = 0
     do_sample: bool = True
     min_new_tokens: int = 0
+    min_p: float | None = None
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,13 +127,13 @@ def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -
     """Every sampling knob set explicitly. Anything left unset would be filled from the model's own
     generation_config (a repetition penalty, a top-k of 20...) and the sampled distribution would no
     longer be the one the log-probs are computed from."""
-    sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if params.do_sample else {}
+    sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    min_p=params.min_p) if params.do_sample else {"min_p": None}
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         min_new_tokens=params.min_new_tokens,
         do_sample=params.do_sample,
         **sampling,
-        min_p=None,
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,

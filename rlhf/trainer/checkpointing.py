@@ -14,6 +14,7 @@ import shutil
 
 from rlhf import checkpoint as ckpt
 from rlhf.critic import ValueModel
+from rlhf.models import quiet_progress_bars
 
 
 def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = False) -> str:
@@ -35,7 +36,8 @@ def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = Fals
 
 def _save_weights(unwrapped, directory: str, state_dict, tokenizer) -> None:
     if isinstance(unwrapped, ValueModel):
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        with quiet_progress_bars():
+            unwrapped.save_pretrained(directory, state_dict=state_dict)
     else:
         ckpt.save_pretrained_model(unwrapped, tokenizer, directory, state_dict)
 

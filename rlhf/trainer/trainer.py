@@ -14,16 +14,19 @@ import time
 
 import torch
 from accelerate.utils import DistributedType, set_seed
+from datasets import IterableDataset
 from transformers import get_scheduler
 
+from rlhf import trackers
+from rlhf.callbacks import Callbacks, TrainResult, epoch_at, new_state
 from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
 from rlhf.critic import build_critic
-from rlhf.data import PromptSampler, as_dataset, check_prompts
+from rlhf.data import PromptSampler, StreamSampler, as_dataset, check_prompts, dataset_columns
 from rlhf.distributed import make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.forward import enable_token_scoring
-from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
+from rlhf.metrics import CompletionSamples, PhaseTimer, StepMetrics, read_metrics
 from rlhf.models import (
     apply_lora,
     disable_dropout,
@@ -34,6 +37,7 @@ from rlhf.models import (
     resolve_dtype,
 )
 from rlhf.rewards import (
+    RewardContext,
     build_reward_functions,
     check_reward_columns,
     check_reward_weights,
@@ -44,6 +48,7 @@ from rlhf.rollout import Policy, Rollout, RolloutTexts, generate_rollout
 from rlhf.trainer import checkpointing
 from rlhf.trainer.algorithms import BatchReduce, algorithm_for
 from rlhf.trainer.kl import KLPenalty
+from rlhf.trainer.run_log import RunLog
 from rlhf.trainer.scoring import reference_logprobs, rollout_logprobs, rollout_values
 from rlhf.trainer.update import NonFiniteGuard, TrainedModel, plan_step, update
 
@@ -57,12 +62,18 @@ class RLTrainer:
     config_class: type[RLConfig] = RLConfig
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None):
+                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None,
+                 callbacks=None, optimizers=(None, None)):
         self.args = args = args if args is not None else self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}.")
-        accelerator = self.accelerator = make_accelerator(log_with=args.report_to or None,
-                                                          project_dir=args.output_dir)
+        if any(o is not None for o in optimizers):
+            raise ValueError("optimizers: the trainer builds its own AdamW and schedule from the config; set "
+                             "learning_rate, lr_scheduler_type, warmup_steps, weight_decay, adam_beta1/2 instead.")
+        self.callbacks = Callbacks(callbacks)
+        accelerator = self.accelerator = make_accelerator(log_with=trackers.build(args) or None,
+                                                          project_dir=args.output_dir,
+                                                          mixed_precision=args.mixed_precision)
         args.validate(accelerator.num_processes)
         self.algorithm = algorithm_for(args)
         self.plan = plan_step(args, accelerator.num_processes, shards_parameters(accelerator))
@@ -71,8 +82,9 @@ class RLTrainer:
         set_seed(args.seed, device_specific=True)  # every process draws different samples from the same prompts
 
         # --- models: the actor, PPO's critic (from the plain actor, before LoRA), the reference
-        self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code)
-        actor = load_causal_lm(model, args.dtype, args.trust_remote_code)
+        self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code,
+                                        args.model_init_kwargs.get("revision"))
+        actor = load_causal_lm(model, args.dtype, args.trust_remote_code, args.model_init_kwargs)
         eos_ids = eos_token_ids(actor, self.tokenizer)
         if args.chunked_lm_head:
             enable_token_scoring(actor)  # log-probs without [B, T, V] logits; the reference copy inherits it
@@ -106,16 +118,21 @@ class RLTrainer:
             timeout=args.reward_timeout)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails now, not at eval
-        self.train_dataset = as_dataset(train_dataset, "train_dataset")
+        self.train_dataset = as_dataset(train_dataset, "train_dataset", streaming=True)
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None:
-                check_reward_columns(self.reward_functions, dataset)
+                check_reward_columns(self.reward_functions, dataset_columns(dataset))
                 check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts)
+        streamed = isinstance(self.train_dataset, IterableDataset)
+        self.num_prompts = None if streamed else len(self.train_dataset)
+        # num_train_epochs, a fractional save_steps and warmup_ratio become steps now that the data is known
+        self.args = args = args.for_dataset(self.num_prompts)
         _warn_past_positions(actor, args)
         self.model_source = model if isinstance(model, str) else getattr(actor.config, "_name_or_path", "")
-        self.sampler = PromptSampler(len(self.train_dataset), args.prompts_per_step, args.seed,
-                                     accelerator.num_processes, accelerator.process_index)
+        self.sampler = (StreamSampler(args.prompts_per_step, accelerator.num_processes, accelerator.process_index)
+                        if streamed else PromptSampler(self.num_prompts, args.prompts_per_step, args.seed,
+                                                       accelerator.num_processes, accelerator.process_index))
 
         # --- Accelerate
         self.model, self.optimizer = accelerator.prepare(actor, make_optimizer(actor, args.learning_rate, args))
@@ -134,11 +151,12 @@ class RLTrainer:
         self.sampling = sampling_params(args)
         self.reduce = BatchReduce(accelerator)
         self.guard = NonFiniteGuard(args.max_nonfinite_updates, args.output_dir)
-        self.step = 0
+        self.state = new_state(args, accelerator, self.num_prompts)  # transformers' TrainerState: the step lives here
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
+        self._event("on_init_end")
 
     # ------------------------------------------------------------------ one step
     def make_rollout(self, step: int, metrics: StepMetrics | None = None,
@@ -150,13 +168,13 @@ class RLTrainer:
         timer = timer if timer is not None else PhaseTimer()
         self.model.eval()
         with timer("generate"):  # this process's prompts, num_generations completions each
-            rollout, texts = generate_rollout(self.policy, self.train_dataset[self.sampler.indices(step)],
+            rollout, texts = generate_rollout(self.policy, self.sampler.rows(self.train_dataset, step),
                                               self.sampling, args.num_generations)
         if args.mask_truncated_completions:
             rollout.loss_mask[rollout.truncated] = 0
-        with timer("score"):  # the whole batch's rewards, [B_global]
+        with timer("score"):  # the whole batch's rewards, [B_global]; trainer_state, log_metric, log_extra as in TRL
             rewards = score_rollout(self.reward_functions, self.reward_weights, texts, accelerator,
-                                    args.num_generations, metrics)
+                                    args.num_generations, metrics, RewardContext(self.state))
         with timer("reference"):
             if plan.kl_in is not None:
                 rollout.ref_logprobs = reference_logprobs(self.ref_model, self.model, rollout, plan, args.temperature,
@@ -173,8 +191,9 @@ class RLTrainer:
         log_rollout(rollout, accelerator, metrics)
         return rollout, texts
 
-    def training_step(self) -> dict[str, float]:
-        """One rollout batch, start to finish. Returns global metrics (identical on every process)."""
+    def training_step(self, samples: CompletionSamples | None = None) -> dict[str, float]:
+        """One rollout batch, start to finish. Returns global metrics (identical on every process); ``samples``, when
+        given, keeps a few of the step's completions with their rewards for the completions table."""
         args = self.args
         timer, metrics = PhaseTimer(), StepMetrics()
         start = time.perf_counter()
@@ -193,45 +212,65 @@ class RLTrainer:
         if self.plan.kl_in is not None:
             out["kl_coef"] = self.kl.coef
         self.kl.update_coef(out.get("kl/sequence"), args.rollout_batch_size)
+        if samples is not None:
+            samples.record(self.step + 1, texts, rollout)
         return out
 
     # ------------------------------------------------------------------ the run
-    def train(self) -> list[dict]:
-        """Run until ``max_steps``; returns the logged metric records."""
-        args = self.args
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
+        """Run until ``max_steps`` or until a callback stops it. ``resume_from_checkpoint`` (as in TRL): a checkpoint
+        directory, or True for the newest one in ``output_dir``. Returns the logged metric records: a list that also
+        carries ``global_step``, ``training_loss`` and ``metrics``, as transformers' TrainOutput does."""
+        args, accelerator = self.args, self.accelerator
+        if resume_from_checkpoint:
+            self.load_checkpoint("latest" if resume_from_checkpoint is True else resume_from_checkpoint)
         if self.step >= args.max_steps:
-            self.accelerator.print(f"Training already finished: step {self.step} of max_steps={args.max_steps}. "
-                                   "Nothing to do; raise max_steps to train further.")
-            return []
-        if args.report_to:
-            self.accelerator.init_trackers(args.run_name or os.path.basename(os.path.normpath(args.output_dir)),
-                                           config=args.to_dict())
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        if self.step == 0 and self.accelerator.is_main_process and os.path.exists(metrics_path):
-            logger.warning("Starting a new run in %s: replacing its metrics.jsonl.", args.output_dir)
-            os.remove(metrics_path)
-        metrics_logger = MetricsLogger(args.output_dir, self.accelerator, args.max_steps, self.step, args.disable_tqdm)
+            accelerator.print(f"Training already finished: step {self.step} of max_steps={args.max_steps}. "
+                              "Nothing to do; raise max_steps to train further.")
+            return TrainResult([], self.step)
+        started, first_step = time.perf_counter(), self.step
+        trackers.start(accelerator, args)
+        run_log = RunLog(args, accelerator, self.state, [f.name for f in self.reward_functions], self._event)
         records = []
+        self._event("on_train_begin")
         evaluating = args.eval_steps > 0 and self.eval_dataset is not None
         if evaluating and self.step == 0:
-            records.append(metrics_logger.write(0, self.evaluate()))
+            records.append(run_log.log_eval(self.step, self.evaluate()))
         while self.step < args.max_steps:
-            metrics_logger.accumulate(self.training_step())
+            self._event("on_step_begin")
+            run_log.accumulate(self.training_step(run_log.samples))
             self.step += 1
-            if self.step % args.logging_steps == 0 or self.step == args.max_steps:
-                records.append(metrics_logger.log(self.step))
-            if evaluating and (self.step % args.eval_steps == 0 or self.step == args.max_steps):
-                records.append(metrics_logger.write(self.step, self.evaluate()))
-            if args.save_steps and (self.step % args.save_steps == 0 or self.step == args.max_steps):
+            self.state.epoch = epoch_at(self.step, args.prompts_per_step, self.num_prompts)
+            self._event("on_step_end")
+            stop = self.callbacks.requested("should_training_stop", accelerator)
+            last = stop or self.step == args.max_steps
+            if self._due("should_log", self.step % args.logging_steps == 0 or last):
+                records.append(run_log.log(self.step))
+            if self._due("should_evaluate", evaluating and (self.step % args.eval_steps == 0 or last)):
+                records.append(run_log.log_eval(self.step, self.evaluate()))
+            if self._due("should_save", args.save_steps and (self.step % args.save_steps == 0 or last)):
                 self.save_checkpoint()
-            metrics_logger.advance()
-        metrics_logger.close()
-        if args.write_report and self.accelerator.is_main_process:
-            _write_report(self.accelerator, args.output_dir)
-        # Not accelerator.end_training(): it would also destroy the process group that save_model still needs.
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-        return records
+                self._event("on_save")
+            run_log.advance()
+            if stop and self.step < args.max_steps:
+                run_log.print(f"Stopped by a callback at step {self.step} of {args.max_steps}.")
+                break
+        run_log.close()
+        self._event("on_train_end")
+        if args.write_report and accelerator.is_main_process:
+            _write_report(accelerator, args.output_dir)
+        trackers.finish(accelerator)
+        return TrainResult(records, self.step, time.perf_counter() - started, self.state.epoch, self.step - first_step)
+
+    # ------------------------------------------------------------------ callbacks
+    def _event(self, event: str, **kwargs):
+        return self.callbacks.fire(event, self.args, self.state, model=self.unwrapped_model,
+                                   processing_class=self.tokenizer, optimizer=self.optimizer,
+                                   lr_scheduler=self.scheduler, train_dataloader=None, eval_dataloader=None, **kwargs)
+
+    def _due(self, flag: str, scheduled: bool) -> bool:
+        """Whether to log / evaluate / save now: on schedule, or because a callback asked (asked first: it clears)."""
+        return self.callbacks.requested(flag, self.accelerator) or bool(scheduled)
 
     def evaluate(self, dataset=None, step: int | None = None, output_dir: str | None = None) -> dict[str, float]:
         """Greedy (and sampled) evaluation on ``dataset`` (default: ``eval_dataset``); see ``rlhf.evaluation``."""
@@ -239,9 +278,18 @@ class RLTrainer:
         if dataset is None:
             raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
         return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args,
-                        self.step if step is None else step, output_dir)
+                        self.step if step is None else step, output_dir, self.state)
 
     # ------------------------------------------------------------------ saving and resuming
+    @property
+    def step(self) -> int:
+        """Steps done (rollout batches): ``state.global_step``."""
+        return self.state.global_step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.global_step = value
+
     @property
     def unwrapped_model(self):
         return self.accelerator.unwrap_model(self.model)
@@ -260,8 +308,9 @@ class RLTrainer:
 
     def save_model(self, path: str | None = None) -> str:
         """Write the actor and tokenizer (safetensors) so that ``from_pretrained(path)`` loads them; a LoRA actor
-        writes its adapter, or with ``save_merged_lora`` the merged model. Default: ``output_dir/model``."""
-        return checkpointing.save_model(path or os.path.join(self.args.output_dir, "model"), self.accelerator,
+        writes its adapter, or with ``save_merged_lora`` the merged model. Default, as in TRL: ``output_dir`` itself
+        (metrics, checkpoints and other files there stay)."""
+        return checkpointing.save_model(path or self.args.output_dir, self.accelerator,
                                         self.model, self.tokenizer, self.args.save_merged_lora)
 
     def save_checkpoint(self) -> str:
@@ -278,6 +327,10 @@ class RLTrainer:
         state = checkpointing.load_checkpoint(path, self.accelerator, self.trained_models)
         self.step = state["step"]
         self.kl.coef = state["kl_coef"]
+        self.state.epoch = epoch_at(self.step, self.args.prompts_per_step, self.num_prompts)
+        metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")  # the history up to the checkpoint
+        self.state.log_history = [r for r in (read_metrics(metrics_path) if os.path.exists(metrics_path) else [])
+                                  if r.get("step", 0) <= self.step]
         self.accelerator.print(f"Resumed from {path} at step {self.step}.")
 
 
@@ -363,3 +416,4 @@ def _write_report(accelerator, output_dir: str) -> None:
     except Exception as error:  # noqa: BLE001 - a broken plot must not cost the trained model
         logger.warning("Could not write the report (%s: %s); python -m rlhf.report %s retries.",
                        type(error).__name__, error, output_dir)
+
