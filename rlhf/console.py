@@ -29,13 +29,11 @@ def train_line(step: int, max_steps: int, record: dict, reward_names: list[str])
     parts = [f"step {step}/{max_steps}"]
     for label, key, spec in TRAIN_FIELDS:
         shown = _number(record.get(key), spec)
-        if shown is None:
-            continue
-        if label == "±":
+        if shown is not None and label == "±":
             parts[-1] += f" ± {shown}"
-            continue
-        parts.append(f"{label} {shown}")
-        if key == "reward/mean" and len(reward_names) > 1:
+        elif shown is not None:
+            parts.append(f"{label} {shown}")
+        if key == "reward/std" and len(reward_names) > 1:  # each function's mean after the total
             parts += [f"{name} {value}" for name in reward_names
                       if (value := _number(record.get(f"reward/{name}/mean"), ".3f")) is not None]
     seconds = _number(record.get("time/step"), ".2f")

@@ -258,8 +258,11 @@ def _summary_html(rows: list[dict]) -> str:
 
 
 def _charts_html(images: list[tuple[str, bytes]]) -> str:
-    return "".join(f'<img alt="{html.escape(title)}" title="{html.escape(title)}" '
-                   f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">' for title, png in images)
+    units = {panel.title: panel.unit for panel in [*PANELS, OTHER]}
+    described = [(title, f"{title} ({units.get(title, '')})", png) for title, png in images]
+    return "".join(f'<img alt="{html.escape(title)}" title="{html.escape(hover)}" '
+                   f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+                   for title, hover, png in described)
 
 
 def _samples_html(path: str | None) -> str:

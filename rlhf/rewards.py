@@ -126,13 +126,14 @@ class RewardContext:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if not isinstance(name, str) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise RewardError(f"log_metric({name!r}, {_preview(value)}): give a metric name and one finite number.")
+            raise RewardError(f"log_metric({name!r}, {_preview(repr(value))}): give a metric name and one finite "
+                              "number.")
         self.metrics.setdefault(name, []).append(float(value))
 
     def log_extra(self, column: str, values) -> None:
         """One value per completion of the batch, a column of the completions table (TRL's ``log_extra``)."""
         if not isinstance(column, str) or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-            raise RewardError(f"log_extra({column!r}, {_preview(values)}): give a column name and a list with one "
+            raise RewardError(f"log_extra({column!r}, {_preview(repr(values))}): give a column name and a list with one "
                               "value per completion.")
         self.extra.setdefault(column, []).extend(values.tolist() if hasattr(values, "tolist") else list(values))
 

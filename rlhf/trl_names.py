@@ -236,7 +236,7 @@ TABLE: list[TRLName] = [
     _default_only("label_smoothing_factor", (0.0, 0), "not supported."),
     _default_only("auto_find_batch_size", (False,), "lower micro_batch_size instead."),
     _default_only("load_best_model_at_end", (False,), "keep checkpoints (save_steps) and pick one after training."),
-    _default_only("use_cpu", (False,), "hide the GPUs (CUDA_VISIBLE_DEVICES=) or use accelerate launch --cpu."),
+    _default_only("use_cpu", (False,), "hide the GPUs: CUDA_VISIBLE_DEVICES= before the command."),
     _default_only("max_tool_calling_iterations", (None,), "tool calling is not supported."),
     _default_only("router_aux_loss_coef", (None,), "not supported."),
     _default_only("cast_lm_head_to_fp32", (False,), "log-probs are already computed in fp32 from the head."),
