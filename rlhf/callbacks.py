@@ -33,7 +33,9 @@ class Callbacks:
 
     def fire(self, event: str, args, state: TrainerState, **kwargs) -> TrainerControl:
         """Call ``event`` on every callback that has it; a callback that returns a control replaces the shared one
-        (as transformers' CallbackHandler does)."""
+        (as transformers' CallbackHandler does). A run starts with no stop requested."""
+        if event == "on_train_begin":
+            self.control.should_training_stop = False
         for callback in self.callbacks:
             method = getattr(callback, event, None)
             if method is not None:

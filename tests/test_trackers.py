@@ -3,7 +3,6 @@ offline run file (a LevelDB-style log of protobuf records)."""
 
 import glob
 import json
-import os
 import struct
 
 import pytest

@@ -175,3 +175,18 @@ def test_callbacks_and_optimizers_that_cannot_work_are_refused(tmp_path):
         make_trainer(tmp_path, trainer_kwargs={"callbacks": [object()]})
     with pytest.raises(ValueError, match="optimizers: the trainer builds its own AdamW"):
         make_trainer(tmp_path, trainer_kwargs={"optimizers": (torch.optim.SGD([torch.zeros(1)], lr=1), None)})
+
+
+def test_bf16_sets_the_autocast_precision(tmp_path):
+    """TRL's bf16=True is Accelerate's bf16 autocast (one state per process: reset around the test)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer = make_trainer(tmp_path, bf16=True, max_steps=1)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        assert trainer.training_step()["reward/mean"] >= 0
+        with pytest.raises(ValueError, match=r"mixed_precision='fp16' \(TRL's bf16 / fp16\): Accelerate was already"):
+            make_trainer(tmp_path, fp16=True)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -53,7 +53,7 @@ def trl_tables() -> str:
 
     same = ", ".join(f"`{name}`" for name in trl_names.SAME_NAMES)
     return "\n".join([
-        "TRL's names and what they become here (`rlhf/trl_names.py`; in Python, YAML and on the command line):",
+        "TRL's names and what they become here (`rlhf/trl_table.py`; in Python, YAML and on the command line):",
         "", trl_names.markdown_table(), "", f"The same name and meaning in both: {same}.", "",
         "Defaults that differ from TRL's `GRPOConfig`:", "", trl_names.defaults_table()])
 

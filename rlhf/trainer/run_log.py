@@ -59,6 +59,19 @@ class RunLog:
     def close(self) -> None:
         self.metrics.close()
 
+    def write_report(self) -> None:
+        """output_dir/report.html (with ``write_report``). A failure here is logged, never raised: the run itself has
+        succeeded, and the model still has to be saved."""
+        if not (self.args.write_report and self.accelerator.is_main_process):
+            return
+        from rlhf.report import write_report
+
+        try:
+            self.accelerator.print(f"Report: {write_report(self.args.output_dir)}")
+        except Exception as error:  # noqa: BLE001 - a broken plot must not cost the trained model
+            logger.warning("Could not write the report (%s: %s); python -m rlhf.report %s retries.",
+                           type(error).__name__, error, self.args.output_dir)
+
 
 def start_fresh(output_dir: str) -> None:
     """A run from step 0 replaces the metrics and completions an earlier run left in ``output_dir``."""

@@ -257,8 +257,7 @@ class RLTrainer:
                 break
         run_log.close()
         self._event("on_train_end")
-        if args.write_report and accelerator.is_main_process:
-            _write_report(accelerator, args.output_dir)
+        run_log.write_report()
         trackers.finish(accelerator)
         return TrainResult(records, self.step, time.perf_counter() - started, self.state.epoch, self.step - first_step)
 
@@ -404,16 +403,3 @@ def _warn_past_positions(actor, args: RLConfig) -> None:
     if positions is not None and longest > positions:
         logger.warning("max_prompt_length + max_new_tokens = %d exceeds the model's max_position_embeddings=%d; "
                        "positions past it are out of the range the model was trained on.", longest, positions)
-
-
-def _write_report(accelerator, output_dir: str) -> None:
-    """output_dir/report.html. A failure here is logged, never raised: the run itself has succeeded, and the model
-    still has to be saved."""
-    from rlhf.report import write_report
-
-    try:
-        accelerator.print(f"Report: {write_report(output_dir)}")
-    except Exception as error:  # noqa: BLE001 - a broken plot must not cost the trained model
-        logger.warning("Could not write the report (%s: %s); python -m rlhf.report %s retries.",
-                       type(error).__name__, error, output_dir)
-
