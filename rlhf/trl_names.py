@@ -14,9 +14,11 @@ table is generated from ``rlhf.trl_table.TABLE`` (``python -m rlhf.extras.docs``
 code.
 """
 
+import dataclasses
 import difflib
 import logging
 import os
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -83,6 +85,9 @@ def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[s
         else:
             unknown.append(key)
     notes: list[str] = []
+    for key in [k for k, v in ours.items() if v is None and k in SAME_NAMES and not _optional(fields[k])]:
+        del ours[key]  # TRL's None for "its default" (disable_tqdm, eval_steps): ours
+        notes.append(f"{key}=None -> the default here, {defaults.get(key)!r}")
     out = dict(ours)
     explicit = set(ours)
 
@@ -112,7 +117,9 @@ def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[s
     if batch:
         try:
             batch = {k: _number(convert(v, int, k), k, int) for k, v in batch.items()}
-            mapped, note = batch_geometry(batch, out.get("num_generations", defaults.get("num_generations", 8)))
+            generations = convert(out.get("num_generations", defaults.get("num_generations", 8)), int,
+                                  "num_generations")
+            mapped, note = batch_geometry(batch, _number(generations, "num_generations", int))
             for name, value in mapped.items():
                 give(name, value, "TRL's batch sizes")
             notes.append(note)
@@ -140,6 +147,10 @@ def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[s
         errors.append(f"unknown option '{key}'{f' in {source}' if source else ''}."
                       + (f" Did you mean '{close[0]}'?" if close else ""))
     return Translation(out, notes, errors)
+
+
+def _optional(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
 
 
 def _shown(value):
@@ -292,9 +303,6 @@ class AcceptsTRLNames(type):
     before the dataclass sees them, and reports every key it does not know at once."""
 
     def __call__(cls, *args, **kwargs):
-        import dataclasses
-        import typing
-
         if kwargs:
             hints = typing.get_type_hints(cls)
             fields = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}

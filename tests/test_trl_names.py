@@ -188,6 +188,7 @@ def test_other_shared_names_take_trls_values():
     assert (config.temperature, config.top_k, config.min_p) == (0.7, 5, 0.1)
     assert config.save_steps == 0 and config.eval_steps == 0
     assert GRPOConfig(save_strategy="steps").save_steps == 500  # TRL's default save_steps
+    assert GRPOConfig(disable_tqdm=None, eval_steps=None) == GRPOConfig()  # TRL's "unset" is our default
 
 
 def test_settings_without_equivalent_and_unknown_keys_are_reported_together():
@@ -243,6 +244,9 @@ def test_yaml_and_command_line_take_trl_names(tmp_path):
     assert config.save_steps == 0  # save_strategy "no" decides over save_steps, as in TRL
     assert config.eval_steps == 5 and config.warmup_ratio == 0.1
     assert parse_args([GRPOConfig], ["--save_steps", "0.5"])[0].save_steps == 0.5
+    (flags,) = parse_args([GRPOConfig], ["--per_device_train_batch_size", "4", "--num_generations", "2",
+                                         "--steps_per_generation", "2", "--beta", "0.1"])
+    assert (flags.micro_batch_size, flags.prompts_per_step, flags.kl_coef) == (4, 4, 0.1)
 
 
 def test_command_line_reports_every_unknown_key_at_once(tmp_path):
