@@ -1,6 +1,6 @@
 """GRPO from a YAML config.
 
-    accelerate launch recipes/grpo.py --config recipes/configs/demo_grpo.yaml [--field value ...]
+    accelerate launch --config_file recipes/accelerate/one_process.yaml recipes/grpo.py --config recipes/configs/demo_grpo.yaml [--field value ...]
 
 Every field of ScriptArguments (model, data, reward functions) and of GRPOConfig can be set in the
 YAML file or overridden on the command line; `--help` lists them. The final model is written to

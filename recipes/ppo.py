@@ -1,6 +1,6 @@
 """PPO with a separate critic from a YAML config.
 
-    accelerate launch recipes/ppo.py --config recipes/configs/demo_ppo.yaml [--field value ...]
+    accelerate launch --config_file recipes/accelerate/one_process.yaml recipes/ppo.py --config recipes/configs/demo_ppo.yaml [--field value ...]
 
 Every field of PPOScriptArguments (model, critic, data, reward functions) and of PPOConfig can be set
 in the YAML file or overridden on the command line; `--help` lists them. The final actor is written

@@ -1,6 +1,6 @@
 """REINFORCE / RLOO / REINFORCE++ from a YAML config.
 
-    accelerate launch recipes/reinforce.py --config recipes/configs/demo_reinforce.yaml [--baseline reinforce++]
+    accelerate launch --config_file recipes/accelerate/one_process.yaml recipes/reinforce.py --config recipes/configs/demo_reinforce.yaml [--baseline reinforce++]
 
 Every field of ScriptArguments (model, data, reward functions) and of ReinforceConfig can be set in
 the YAML file or overridden on the command line; `--help` lists them. The final model is written to

@@ -1,6 +1,6 @@
 """Train a Bradley-Terry reward model on preference pairs.
 
-    accelerate launch recipes/train_reward_model.py --config recipes/configs/reward_model_synthetic.yaml
+    accelerate launch --config_file recipes/accelerate/one_process.yaml recipes/train_reward_model.py --config recipes/configs/reward_model_synthetic.yaml
 
 The data has `chosen` and `rejected` columns (text or chat messages), optionally `prompt` and
 `margin`. The model is written to `<output_dir>/model` (loadable with

@@ -153,3 +153,61 @@ def make_repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0) -> C
 
     repetition_penalty.__name__ = f"repetition_penalty[{ngram_size}]"
     return repetition_penalty
+
+
+# ---------------------------------------------------------------------------------------------------- TRL's names
+# TRL's built-in rewards (trl.rewards) under their names and signatures, so that a TRL script runs with its import
+# changed; the TRL-style recipe YAML names them too (rlhf.cli).
+
+
+@correctness
+def accuracy_reward(completions, solution, log_extra=None, **kwargs) -> list[float | None]:
+    r"""TRL's ``accuracy_reward`` on the ``solution`` column: 1.0 when the completion's answer (its last ``\boxed{}``,
+    else its last number) equals the solution's (its last ``\boxed{}``, else the whole text), numerically or as the
+    same text; None when the solution holds no answer. TRL parses LaTeX with math_verify; this compares the extracted
+    answers, so equivalent but differently written expressions (1/2 and 0.5 aside) count as different.
+
+    >>> accuracy_reward([[{"role": "assistant", "content": r"My answer is \boxed{\frac{1}{3}}"}],
+    ...                  [{"role": "assistant", "content": r"My answer is \boxed{\frac{1}{2}}"}]],
+    ...                 solution=[r"\frac{1}{3}", r"\frac{1}{3}"])
+    [1.0, 0.0]
+    """
+    rewards, gold_answers, found_answers = [], [], []
+    for completion, gold in zip(completions, solution):
+        gold_text = str(gold).strip()
+        expected = boxed(gold_text) if boxed(gold_text) is not None else gold_text
+        text = completion_text(completion)
+        found = boxed(text) if boxed(text) is not None else last_number_text(text)
+        rewards.append(float(_same_answer(found, expected)) if expected else None)
+        gold_answers.append(expected or "[unparseable]")
+        found_answers.append(found if found is not None else "[unparseable]")
+    if log_extra is not None:
+        log_extra("solution", list(solution))
+        log_extra("gold_parsed", gold_answers)
+        log_extra("answer_parsed", found_answers)
+    return rewards
+
+
+def think_format_reward(completions, **kwargs) -> list[float]:
+    """TRL's ``think_format_reward``: 1.0 when the completion starts with one ``<think>...</think>`` block.
+
+    >>> think_format_reward([[{"content": "<think>\\nreasoning\\n</think>\\nanswer"}], [{"content": "<think>no end"}]])
+    [1.0, 0.0]
+    """
+    pattern = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL | re.MULTILINE)
+    return [1.0 if pattern.match(completion_text(c)) else 0.0 for c in completions]
+
+
+def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> Callable:
+    """TRL's name for DAPO's soft overlong punishment: ``make_soft_overlong_penalty(max_completion_len,
+    soft_punish_cache)``.
+
+    >>> get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)(completion_ids=[[1] * 90])
+    [-0.5]
+    """
+    penalty = make_soft_overlong_penalty(max_completion_len, soft_punish_cache)
+
+    def soft_overlong_punishment_reward(completion_ids, **kwargs) -> list[float]:
+        return penalty(None, [None] * len(completion_ids), completion_ids=completion_ids)
+
+    return soft_overlong_punishment_reward

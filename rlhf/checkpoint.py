@@ -46,8 +46,12 @@ def staged_directory(path: str):
 
 
 def save_pretrained_model(model, tokenizer, directory: str, state_dict=None) -> None:
-    """save_pretrained in safetensors (with the tokenizer) into an existing directory."""
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    """save_pretrained in safetensors (with the tokenizer) into an existing directory, without transformers' progress
+    bar (it would break a training run's bar)."""
+    from rlhf.models import quiet_progress_bars
+
+    with quiet_progress_bars():
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

@@ -1,12 +1,12 @@
 """Command line and YAML for recipes: ``--config file.yaml`` sets any field, ``--field value`` overrides it.
 
 Fields are looked up across several dataclasses (the recipe's ``ScriptArguments`` and the trainer
-config); an unknown key is an error with a did-you-mean. Values are converted and checked against
-the field's annotation.
+config). TRL's names (the config fields and those of ``trl/scripts/grpo.py``) are translated first
+(``rlhf.trl_names``); then every key still unknown is reported at once, each with a did-you-mean. Values
+are converted and checked against the field's annotation.
 """
 
 import dataclasses
-import difflib
 import os
 import sys
 import types
@@ -19,6 +19,7 @@ from rlhf.checkpoint import model_source
 from rlhf.configs import field_docs
 from rlhf.dataset_adapters import DataArguments
 from rlhf.imports import OPT_IN, import_object
+from rlhf.trl_names import log_notes, translate
 
 
 @dataclass
@@ -78,11 +79,17 @@ def convert(value, annotation, name: str):
     """``value`` (a YAML value, or a string or list of strings from the command line) as ``annotation``."""
     inner, optional = _unwrap_optional(annotation)
     origin = typing.get_origin(inner)
-    if typing.get_origin(inner) in (typing.Union, types.UnionType):  # e.g. str | dict: keep a value of either type
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):  # str | dict, int | float: the first arm that fits
         arms = typing.get_args(inner)
         if dict in arms and isinstance(value, dict):
             return value
-        return convert(value, next(a for a in arms if a is not dict), name)
+        failures = []
+        for arm in (a for a in arms if a is not dict):
+            try:
+                return convert(value, arm, name)
+            except ConfigError as error:
+                failures.append(error)
+        raise failures[0]
     if isinstance(value, list) and origin not in (list, dict):
         if len(value) != 1:
             raise ConfigError(f"{name} takes one value, got {value}.")
@@ -184,7 +191,8 @@ SECURITY_NOTE = (
 
 
 def help_text(classes) -> str:
-    lines = [SECURITY_NOTE, "", "Options (set in --config YAML or as --field value):"]
+    lines = [SECURITY_NOTE, "", "Options (set in --config YAML or as --field value; TRL's names work too, see the "
+             "README's 'Coming from TRL'):"]
     for cls in classes:
         docs = field_docs(cls)
         lines.append(f"\n{cls.__name__}:")
@@ -208,19 +216,26 @@ def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) ->
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_path} must hold a mapping of field: value.")
         values.update({k: (v, f"{config_path}") for k, v in loaded.items()})
-    values.update({k: (v, "the command line") for k, v in pairs})
-
     owners = {f.name: (cls, f) for cls in classes for f in dataclasses.fields(cls)}
+    hints = {name: typing.get_type_hints(cls)[name] for name, (cls, _) in owners.items()}
+    for key, value in pairs:  # --flag without a value: true for a true/false option (TRL's --bf16 too)
+        values[key] = (value if value is not None else _bare_flag(key, hints[key]) if key in owners else True,
+                       "the command line")
+
+    defaults = {name: f.default for name, (_, f) in owners.items() if f.default is not dataclasses.MISSING}
+    given = {key: value for key, (value, _) in values.items() if key in owners or key not in ignore}
+    translation = translate(given, hints, defaults, convert=convert,
+                            where={key: source for key, (_, source) in values.items()})
+    errors = list(translation.errors)
     kwargs: dict[type, dict] = {cls: {} for cls in classes}
-    for key, (value, source) in values.items():
-        if key not in owners and key in ignore:
-            continue
-        if key not in owners:
-            close = difflib.get_close_matches(key, owners, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown option '{key}' in {source}.{hint} (--help lists them)")
-        cls, f = owners[key]
-        kwargs[cls][key] = _bare_flag(key, f.type) if value is None else convert(value, f.type, key)
+    for key, value in translation.values.items():
+        try:
+            kwargs[owners[key][0]][key] = convert(value, hints[key], key)
+        except ConfigError as error:
+            errors.append(str(error))
+    if errors:
+        raise ConfigError("\n  - ".join(["the configuration has problems (--help lists every option):", *errors]))
+    log_notes(translation.notes)
     return [cls(**kwargs[cls]) for cls in classes]
 
 
@@ -252,8 +267,9 @@ def trainer_inputs(script: ScriptArguments) -> dict:
 
 
 def reward_functions_from_specs(specs: list) -> list:
-    """Reward models for directories, imported functions for ``module:function`` paths, and the result of
-    ``factory(**kwargs)`` for ``{factory: module:function, kwargs: {...}}``."""
+    """Reward models for directories, imported functions for ``module:function`` paths (or TRL's dotted
+    ``module.function``, and the names of TRL's built-in rewards), and the result of ``factory(**kwargs)`` for
+    ``{factory: module:function, kwargs: {...}}``."""
     functions = []
     for i, spec in enumerate(specs):
         if isinstance(spec, dict):
@@ -266,11 +282,26 @@ def reward_functions_from_specs(specs: list) -> list:
             except TypeError as error:
                 raise ConfigError(f"reward_funcs[{i}]: {spec['factory']} does not take kwargs "
                                   f"{spec.get('kwargs')}: {error}") from None
-        elif ":" in spec and not os.path.exists(spec):
+        elif os.path.exists(spec):  # a reward model's directory; the trainer checks it and names what is wrong
+            functions.append(spec)
+        elif spec in TRL_REWARDS:
+            functions.append(TRL_REWARDS[spec]())
+        elif ":" in spec:
             functions.append(import_object(spec))
-        else:  # a reward model: a directory (or a hub id); the trainer checks it and names what is wrong
+        elif "." in spec and "/" not in spec:  # TRL's scripts write dotted paths: my_lib.rewards.custom_reward
+            functions.append(import_object(":".join(spec.rsplit(".", 1))))
+        else:  # a hub id of a reward model
             functions.append(spec)
     return functions
+
+
+# The reward names trl/scripts/grpo.py accepts, with the settings it uses.
+TRL_REWARDS = {
+    "accuracy_reward": lambda: import_object("reward_models.rules:accuracy_reward"),
+    "think_format_reward": lambda: import_object("reward_models.rules:think_format_reward"),
+    "get_soft_overlong_punishment": lambda: import_object("reward_models.rules:get_soft_overlong_punishment")(
+        max_completion_len=1280, soft_punish_cache=256),
+}
 
 
 def recipe_tokenizer(script: ScriptArguments):

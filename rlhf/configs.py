@@ -15,14 +15,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.core import ImportanceLevel, KLEstimator, LossAgg, PolicyLossType, RewardScale, RolloutCorrection
+from rlhf.core import LOSS_AGG_MODES, ImportanceLevel, KLEstimator, PolicyLossType, RewardScale, RolloutCorrection
+from rlhf.trl_names import AcceptsTRLNames
 
 KLPlacement = Literal["reward", "loss"]
+# rlhf.core's modes, and TRL's bnpo: each micro-batch's token mean, micro-batches weighted equally (the loss then
+# depends on micro_batch_size, by definition; rlhf/trainer/update.py).
+LossAggregation = Literal[LOSS_AGG_MODES + ("micro-batch-token-mean",)]
 
 
 @dataclass
-class RLConfig:
-    """Fields shared by every trainer."""
+class RLConfig(metaclass=AcceptsTRLNames):
+    """Fields shared by every trainer. TRL's names are accepted too (``rlhf/trl_names.py``)."""
 
     # --- run -------------------------------------------------------------------------------
     output_dir: str = "outputs/run"
@@ -31,10 +35,14 @@ class RLConfig:
     """Seed for sampling, shuffling and initialisation; each process adds its rank."""
     max_steps: int = 100
     """Number of training steps (one rollout batch each)."""
+    num_train_epochs: float | None = None
+    """Passes over the training prompts; when set, it decides max_steps = ceil(num_train_epochs x prompts /
+    prompts_per_step) once the dataset is known (TRL's name; None: max_steps decides)."""
     logging_steps: int = 1
     """Log metrics (averaged over the steps since the last log) every this many steps."""
-    save_steps: int = 0
-    """Write a checkpoint to ``output_dir/checkpoint-<step>`` every this many steps (0: never)."""
+    save_steps: int | float = 0
+    """Write a checkpoint to ``output_dir/checkpoint-<step>`` every this many steps (0: never); a number in (0, 1) is
+    a fraction of max_steps, rounded up (as in TRL)."""
     save_total_limit: int | None = None
     """Keep only this run's newest N checkpoints, N >= 1 (None: keep all)."""
     resume_from_checkpoint: str | None = None
@@ -44,11 +52,17 @@ class RLConfig:
     """Let a new run start in an ``output_dir`` that holds another run's checkpoints, deleting them (otherwise an
     error)."""
     report_to: list[str] = field(default_factory=list)
-    """Accelerate trackers to log to, e.g. ["tensorboard"] or ["wandb"] (metrics.jsonl is always written)."""
+    """Trackers to log to: tensorboard (output_dir/runs/<run_name>), wandb, trackio, mlflow, ... or "all" installed
+    ones; a string, a list, or "none" (metrics.jsonl is always written; rlhf/trackers.py)."""
     run_name: str | None = None
     """Name of the run in trackers (default: the basename of ``output_dir``)."""
     disable_tqdm: bool = False
-    """Turn the progress bar off."""
+    """Turn the progress bar off (the console still gets a line per logging step)."""
+    log_completions: bool = False
+    """At every logging step, show a table of sampled training prompts, completions and their rewards per function on
+    the console and in the trackers (``output_dir/completions.jsonl`` and the report get them either way)."""
+    num_completions_to_print: int | None = 8
+    """Completions in that table (None: all of the step's completions on the main process)."""
     write_report: bool = True
     """At the end of training write ``output_dir/report.html``: curves of reward, eval accuracy, KL, entropy, length
     and clip fraction, and sample completions (``python -m rlhf.report <output_dir>`` writes it on demand)."""
@@ -79,6 +93,11 @@ class RLConfig:
     """Dtype the actor is loaded in when given as a path. Mixed precision is Accelerate's (--mixed_precision)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the repository."""
+    model_init_kwargs: dict[str, object] = field(default_factory=dict)
+    """More keyword arguments for ``from_pretrained`` when the actor is given as a path, e.g. {attn_implementation:
+    sdpa, revision: main}; its ``revision`` also applies to the tokenizer (TRL's name)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """Autocast precision of the forward passes (None: what accelerate launch says; TRL's bf16 / fp16 set it)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     share_prompt_prefix: bool = True
@@ -124,6 +143,9 @@ class RLConfig:
     """Nucleus sampling: keep the smallest set of tokens with this much probability (1.0: off)."""
     top_k: int = 0
     """Keep only the k most likely tokens when sampling (0: off)."""
+    min_p: float | None = None
+    """Keep only tokens at least this fraction as likely as the most likely one when sampling (None: off). Like
+    top_p and top_k it truncates the sampling distribution; the log-probs are those of the full tempered distribution."""
     static_kv_cache: bool = False
     """Generate with a preallocated (static) KV cache, which transformers compiles with CUDA graphs on a GPU: much
     faster decoding there after a one-time compilation; no gain on a CPU. Each prompt is then prefilled per completion."""
@@ -162,8 +184,8 @@ class RLConfig:
     """Adapt kl_coef towards this KL per sequence (Ziegler et al. 2019), a proportional controller (None: fixed kl_coef)."""
     kl_horizon: int = 10000
     """Horizon, in samples, of the adaptive KL controller."""
-    loss_agg: LossAgg = "token-mean"
-    """How per-token losses are reduced: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
+    loss_agg: LossAggregation = "token-mean"
+    """How per-token losses are reduced: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO), micro-batch-token-mean (TRL's bnpo)."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus (the loss subtracts entropy_coef * entropy)."""
     importance_sampling_level: ImportanceLevel = "token"
@@ -205,6 +227,8 @@ class RLConfig:
     """Schedule after warm-up: constant, linear decay to 0, or cosine decay to 0."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 to ``learning_rate``."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of the run's optimizer steps, rounded up; used when warmup_steps is 0 (TRL's name)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -243,6 +267,24 @@ class RLConfig:
     def optimizer_steps_per_step(self) -> int:
         return self.num_epochs * (self.rollout_batch_size // self.effective_mini_batch_size)
 
+    def for_dataset(self, num_prompts: int | None) -> "RLConfig":
+        """This config with the numbers that depend on the run's length made concrete, once the training data is
+        known (``num_prompts``; None for a stream): max_steps from num_train_epochs, save_steps from a fraction of
+        max_steps, warmup_steps from warmup_ratio (each rounded up)."""
+        changes: dict = {}
+        max_steps = self.max_steps
+        if self.num_train_epochs is not None:
+            if num_prompts is None:
+                raise ValueError(f"num_train_epochs={self.num_train_epochs} needs to know how many prompts there are; "
+                                 "a streamed IterableDataset does not say: set max_steps instead.")
+            max_steps = max(1, math.ceil(self.num_train_epochs * num_prompts / self.prompts_per_step))
+            changes.update(max_steps=max_steps, num_train_epochs=None)
+        if isinstance(self.save_steps, float):
+            changes["save_steps"] = max(1, math.ceil(self.save_steps * max_steps))
+        if self.warmup_ratio and not self.warmup_steps:
+            changes["warmup_steps"] = math.ceil(self.warmup_ratio * max_steps * self.optimizer_steps_per_step)
+        return dataclasses.replace(self, **changes) if changes else self
+
     def validate(self, num_processes: int = 1) -> None:
         """Check every field and the batch geometry; raise ValueError naming the field and the fix.
 
@@ -274,6 +316,14 @@ class RLConfig:
         need(0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}].")
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
+        need(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1] (or None).")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+        need(self.num_train_epochs is None or self.num_train_epochs > 0,
+             f"num_train_epochs={self.num_train_epochs} must be > 0 (or None to let max_steps decide).")
+        need(self.num_completions_to_print is None or self.num_completions_to_print >= 1,
+             f"num_completions_to_print={self.num_completions_to_print} must be >= 1 (or None for all).")
+        need(isinstance(self.save_steps, int) or 0 < self.save_steps < 1,
+             f"save_steps={self.save_steps} must be a whole number of steps, or a fraction of the run in (0, 1).")
         need(0 <= self.clip_eps_low < 1, f"clip_eps_low={self.clip_eps_low} must be in [0, 1).")
         need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be > 1 (or None).")
         need(self.dual_clip is None or self.policy_loss_type == "ppo",

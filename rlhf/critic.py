@@ -76,17 +76,20 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path: str, dtype=torch.float32, trust_remote_code: bool = False) -> "ValueModel":
         """Load a saved critic, or start one from any model directory: a causal LM or a reward model
         (whose score head then starts the value head)."""
-        adapter = os.path.exists(os.path.join(path, "adapter_config.json"))
-        if adapter:  # a LoRA critic: its base model, then the adapter
-            from peft import PeftConfig, PeftModel
+        from rlhf.models import quiet_progress_bars
 
-            check_adapter_weights(path)  # safetensors only: peft would fall back to a pickled adapter_model.bin
-            base = PeftConfig.from_pretrained(path).base_model_name_or_path
-            backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base, dtype=dtype, use_safetensors=True,
-                                                                           trust_remote_code=trust_remote_code), path)
-        else:
-            backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+        adapter = os.path.exists(os.path.join(path, "adapter_config.json"))
+        with quiet_progress_bars():
+            if adapter:  # a LoRA critic: its base model, then the adapter
+                from peft import PeftConfig, PeftModel
+
+                check_adapter_weights(path)  # safetensors only: peft would fall back to a pickled adapter_model.bin
+                base = PeftConfig.from_pretrained(path).base_model_name_or_path
+                backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(
+                    base, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code), path)
+            else:
+                backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
         critic = cls(backbone)
         head_path = os.path.join(path, VALUE_HEAD_FILE)
         head = load_file(head_path) if os.path.exists(head_path) else _reward_head(path)

@@ -3,26 +3,39 @@
 The order of prompts is a pure function of (seed, step): a per-epoch permutation of the dataset,
 cut into steps of ``prompts_per_step`` and then into one contiguous slice per process. No loader
 state exists, so resuming at step k only needs k, and every process agrees on the order. The refill
-rounds of dynamic sampling draw their prompts as a pure function of (seed, step, round).
+rounds of dynamic sampling draw their prompts as a pure function of (seed, step, round). A streamed
+``IterableDataset`` is read in its own order (shuffle it with ``dataset.shuffle(seed=...)`` if it should be),
+step k taking rows k x prompts_per_step onwards; every process reads the stream and keeps its slice.
 """
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Sequence
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 
-def as_dataset(data, name: str = "train_dataset") -> Dataset:
-    """A datasets.Dataset from a Dataset or a list of dicts, with a ``prompt`` column checked."""
+def as_dataset(data, name: str = "train_dataset", streaming: bool = False) -> Dataset | IterableDataset:
+    """A datasets.Dataset from a Dataset or a list of dicts, with a ``prompt`` column checked; with ``streaming``
+    an IterableDataset is accepted too."""
     if isinstance(data, list):
         data = Dataset.from_list(data)
+    if streaming and isinstance(data, IterableDataset):
+        first = next(iter(data), None)
+        if first is None:
+            raise ValueError(f"{name} is empty.")
+        if "prompt" not in first:
+            raise ValueError(f"{name} has no 'prompt' column (columns: {list(first)}); rename the column that holds "
+                             "the prompts, e.g. dataset.rename_column('question', 'prompt').")
+        return data
     if not isinstance(data, Dataset):
-        raise TypeError(f"{name} must be a datasets.Dataset or a list of dicts, got {type(data).__name__}.")
+        kinds = "a datasets.Dataset, an IterableDataset" if streaming else "a datasets.Dataset"
+        raise TypeError(f"{name} must be {kinds} or a list of dicts, got {type(data).__name__}.")
     if "prompt" not in data.column_names:
         raise ValueError(
             f"{name} has no 'prompt' column (columns: {data.column_names}); rename the column that holds "
@@ -136,6 +149,47 @@ class PromptSampler:
         prompts = self.global_indices(step) if round_index == 0 else self.refill_indices(step, round_index)
         return prompts[start : start + per_process]
 
+    def rows(self, dataset: Dataset, step: int, round_index: int = 0) -> dict[str, list]:
+        """This process's prompts at ``step`` (in refill round ``round_index``), as columns."""
+        return dataset[self.indices(step, round_index)]
+
+
+class StreamSampler:
+    """The prompts of each step from an IterableDataset, in the stream's order, over as many passes as the run
+    needs (``set_epoch`` before each, so a shuffled stream reshuffles). Reading step k after any other step
+    restarts the stream and skips to it: resuming at step k only needs k."""
+
+    def __init__(self, prompts_per_step: int, num_processes: int = 1, process_index: int = 0):
+        self.prompts_per_step = prompts_per_step
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self._stream, self._next_step = None, None
+
+    @staticmethod
+    def _passes(dataset: IterableDataset):
+        for epoch in itertools.count():
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            yield from dataset
+
+    def rows(self, dataset: IterableDataset, step: int, round_index: int = 0) -> dict[str, list]:
+        if round_index:  # the trainer refuses dynamic sampling's refill on a stream at construction
+            raise ValueError("a streamed dataset has no refill rounds (max_sampling_rounds=1).")
+        if self._stream is None or self._next_step != step:
+            self._stream = itertools.islice(self._passes(dataset), step * self.prompts_per_step, None)
+        batch = list(itertools.islice(self._stream, self.prompts_per_step))
+        self._next_step = step + 1
+        per_process = self.prompts_per_step // self.num_processes
+        mine = batch[self.process_index * per_process:(self.process_index + 1) * per_process]
+        return {key: [row[key] for row in mine] for key in mine[0]}
+
+
+def dataset_columns(dataset: Dataset | IterableDataset) -> list[str]:
+    """The column names of a dataset (of a stream: those of its first row)."""
+    if isinstance(dataset, IterableDataset):
+        return list(next(iter(dataset)))
+    return list(dataset.column_names)
+
 
 def render_prompts(prompts: Sequence, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], bool]:
     """Prompt texts, applying the chat template to conversational prompts. Returns (texts, is_chat)."""
@@ -199,7 +253,9 @@ def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBas
                   truncate: bool = False) -> None:
     """Before any training, every row: each prompt well-formed (``check_rows``), chat prompts need a chat template,
     and no prompt may exceed ``max_prompt_length`` (unless ``truncate``, which keeps each prompt's end, with a
-    warning)."""
+    warning). Of a stream, the first 1024 rows are checked here; every later prompt when its step tokenises it."""
+    if isinstance(dataset, IterableDataset):
+        dataset = Dataset.from_list(list(itertools.islice(dataset, 1024)))
     check_rows(dataset, name)
     render_prompts(dataset[:1]["prompt"], tokenizer)  # raises on chat prompts without a template
     if max_prompt_length is None:

@@ -19,7 +19,15 @@ def make_accelerator(**kwargs) -> Accelerator:
     --multi_gpu` (or a MULTI_GPU config with use_cpu) starts the processes, and Accelerate then needs
     ``cpu=True`` to join them over gloo instead of falling back to one process each."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
+    try:
+        return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
+    except ValueError as error:  # Accelerate's state is set once per process
+        if kwargs.get("mixed_precision") and "already been initialized" in str(error):
+            raise ValueError(
+                f"mixed_precision={kwargs['mixed_precision']!r} (TRL's bf16 / fp16): Accelerate was already set up in "
+                "this process with another precision, which it cannot change; run this trainer in a new process, or "
+                "leave mixed_precision unset (None) to keep the process's setting.") from error
+        raise
 
 
 def fill_deepspeed_config(config: dict, micro_batch: int, accumulation_steps: int,

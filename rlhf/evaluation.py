@@ -23,6 +23,7 @@ from rlhf.distributed import make_accelerator
 from rlhf.integrity import check_adapter_weights
 from rlhf.models import disable_dropout, eos_token_ids, load_causal_lm, load_tokenizer
 from rlhf.rewards import (
+    RewardContext,
     build_reward_functions,
     check_reward_columns,
     check_reward_weights,
@@ -72,7 +73,7 @@ def write_samples(path: str, step: int, samples: list[dict], names: list[str]) -
 
 
 def eval_rollouts(policy: Policy, dataset, reward_functions, params: SamplingParams, n: int,
-                  batch_size: int) -> EvalRollouts:
+                  batch_size: int, context: RewardContext | None = None) -> EvalRollouts:
     """``n`` completions per prompt of ``dataset`` (greedy when ``params`` says so), scored. Prompts are dealt to
     processes in batches; results are gathered, so every process returns the whole dataset's, grouped by
     prompt. ``samples`` holds the main process's first batch as dicts (prompt, completion, rewards, columns)."""
@@ -89,7 +90,7 @@ def eval_rollouts(policy: Policy, dataset, reward_functions, params: SamplingPar
             generate(policy, *encode_prompts(policy, dataset[:1]["prompt"])[:2], params)
             continue
         rollout, texts = generate_rollout(policy, dataset[start:start + prompts_per_batch], params, n)
-        per_function = reward_table(reward_functions, texts)
+        per_function = reward_table(reward_functions, texts, context=context)
         scores.append(per_function)
         lengths.append(rollout.completion_mask.sum(dim=1).cpu())
         truncated.append(rollout.truncated.cpu())
@@ -106,7 +107,7 @@ def eval_rollouts(policy: Policy, dataset, reward_functions, params: SamplingPar
 
 @torch.no_grad()
 def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[float], args: RLConfig, step: int,
-             output_dir: str | None = None) -> dict[str, float]:
+             output_dir: str | None = None, trainer_state=None) -> dict[str, float]:
     """Greedy completions for every prompt of ``dataset``, scored with the reward functions, plus
     ``args.eval_num_generations`` sampled ones per prompt for pass@k.
 
@@ -114,13 +115,21 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     correctness reward eval/accuracy (greedy) and eval/pass@k (sampled, unbiased estimator). The main process
     writes ``eval_log_samples`` greedy completions to ``<output_dir>/samples-<step>.jsonl``. Sampling is seeded
     from (seed, step, process) in a forked RNG: the training RNG stream is untouched, and the same model
-    evaluated at the same step gives the same result.
+    evaluated at the same step gives the same result. Reward functions get ``trainer_state``; what they give
+    ``log_metric`` on the greedy completions is reported as eval/<name>.
     """
     accelerator = policy.accelerator
+    context = RewardContext(trainer_state)
     accuracy = correctness_index(reward_functions, args.accuracy_reward)
     policy.model.eval()
     greedy_params = SamplingParams(args.max_new_tokens, do_sample=False, static_kv_cache=args.static_kv_cache)
-    greedy = eval_rollouts(policy, dataset, reward_functions, greedy_params, 1, args.eval_batch_size)
+    greedy = eval_rollouts(policy, dataset, reward_functions, greedy_params, 1, args.eval_batch_size, context)
+    logged = {name: (sum(values), len(values)) for name, values in context.metrics.items()}
+    totals: dict[str, list] = {}  # log_metric of the greedy pass, over every process: eval/<name>
+    for part in (gather_object([logged]) if accelerator.num_processes > 1 else [logged]):
+        for name, (total, count) in part.items():
+            totals.setdefault(f"eval/{name}", [0.0, 0])
+            totals[f"eval/{name}"] = [totals[f"eval/{name}"][0] + total, totals[f"eval/{name}"][1] + count]
     scores = greedy.scores
     out = {"eval/reward_mean": combine_rewards(scores, reward_weights).mean().item(),
            "eval/mean_length": greedy.lengths.double().mean().item(),
@@ -128,6 +137,7 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     for j, func in enumerate(reward_functions):
         present = scores[:, j][~scores[:, j].isnan()]
         out[f"eval/reward/{func.name}/mean"] = present.mean().item() if present.numel() else float("nan")
+    out.update({name: total / count for name, (total, count) in totals.items() if count})
     if accuracy is not None:
         out["eval/accuracy"] = (scores[:, accuracy] >= args.accuracy_threshold).double().mean().item()
     n = args.eval_num_generations
@@ -151,7 +161,7 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
 def sampling_params(args: RLConfig) -> SamplingParams:
     """The training sampling settings of a config."""
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                          min_new_tokens=args.min_new_tokens, static_kv_cache=args.static_kv_cache)
+                          min_new_tokens=args.min_new_tokens, min_p=args.min_p, static_kv_cache=args.static_kv_cache)
 
 
 def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = False,

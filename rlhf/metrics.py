@@ -1,13 +1,17 @@
 """Metrics: collected as (sum, count) pairs during a step, reduced across processes in one
-collective, averaged over the logging window, and written to metrics.jsonl, trackers and the bar."""
+collective, averaged over the logging window, and written to metrics.jsonl, trackers, the bar and a console
+line; and a few of each logged step's completions with their rewards (``CompletionSamples``)."""
 
 import json
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+
+from rlhf.console import emit
 
 
 class StepMetrics:
@@ -78,13 +82,15 @@ class PhaseTimer:
 
 
 class MetricsLogger:
-    """Averages step metrics over the logging window; the main process writes them out."""
+    """Averages step metrics over the logging window; the main process writes them out. ``describe(step, record,
+    kind)`` gives the console line of a record (kind "train" or "eval"; None: no line)."""
 
     def __init__(self, output_dir: str, accelerator, max_steps: int, initial_step: int = 0,
-                 disable_tqdm: bool = False):
+                 disable_tqdm: bool = False, describe: Callable[[int, dict, str], str | None] | None = None):
         self.accelerator = accelerator
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.events_path = os.path.join(output_dir, "alarms.jsonl")
+        self.describe = describe
         self._window: dict[str, list[float]] = defaultdict(list)
         self._bar = None
         if accelerator.is_main_process and not disable_tqdm:
@@ -100,9 +106,9 @@ class MetricsLogger:
         """Write the window's means for ``step`` and start a new window."""
         averaged = {key: sum(values) / len(values) for key, values in self._window.items()}
         self._window.clear()
-        return self.write(step, averaged)
+        return self.write(step, averaged, kind="train")
 
-    def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+    def write(self, step: int, metrics: dict[str, float], kind: str = "eval") -> dict[str, float]:
         """Write one record for ``step`` (main process only); returns it."""
         record = {"step": step, **metrics}
         if self.accelerator.is_main_process:
@@ -114,6 +120,8 @@ class MetricsLogger:
                          if k in record}
                 if shown:
                     self._bar.set_postfix(shown, refresh=False)
+            if self.describe is not None:
+                self.print(self.describe(step, record, kind))
         return record
 
     def write_event(self, record: dict) -> None:
@@ -123,6 +131,11 @@ class MetricsLogger:
             with open(self.events_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def print(self, text: str | None) -> None:
+        """A line on the console (main process), above the progress bar."""
+        if text and self.accelerator.is_main_process:
+            emit(text, self._bar)
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)
@@ -130,6 +143,48 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class CompletionSamples:
+    """A few completions of the latest step with their rewards per function, advantage and what reward functions gave
+    ``log_extra``: the rows of the completions table. ``flush`` appends them to ``output_dir/completions.jsonl``
+    (which the report reads) and returns them."""
+
+    FILE = "completions.jsonl"
+
+    def __init__(self, output_dir: str, limit: int | None):
+        self.path = os.path.join(output_dir, self.FILE)
+        self.limit = limit
+        self.rows: list[dict] = []
+
+    def record(self, step: int, texts, rollout) -> None:
+        """Rows spread over this process's completions of ``step`` (so that several prompts show, with more than one
+        completion each when the limit allows)."""
+        n = len(texts.completions)
+        k = n if self.limit is None else min(self.limit, n)
+        advantages = rollout.advantages
+        if advantages is not None and advantages.dim() == 2:  # per token: the mean over the completion
+            mask = rollout.completion_mask.to(advantages.dtype)
+            advantages = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        advantages = advantages.tolist() if advantages is not None else [None] * n
+        self.rows = [{"step": step, "prompt": texts.prompts[i], "completion": texts.completions[i],
+                      "rewards": {name: values[i] for name, values in texts.rewards.items()},
+                      "advantage": advantages[i],
+                      "extra": {column: values[i] for column, values in texts.extra.items() if len(values) == n}}
+                     for i in (j * n // k for j in range(k))]
+
+    def flush(self, accelerator) -> list[dict]:
+        rows, self.rows = self.rows, []
+        if rows and accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+        return rows
+
+
+def flat_row(row: dict) -> dict:
+    """A completions row as table columns: prompt, completion, one per reward function, advantage, extras."""
+    return {"prompt": row["prompt"], "completion": row["completion"], **row.get("rewards", {}),
+            "advantage": row.get("advantage"), **row.get("extra", {})}
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -1,6 +1,7 @@
 """Loading the actor and its tokenizer, switching dropout off, the frozen reference copy, LoRA, a distillation
 teacher."""
 
+import contextlib
 import copy
 import logging
 import os
@@ -26,23 +27,42 @@ def resolve_dtype(name: str):
     return _DTYPES[name]
 
 
-def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_remote_code: bool = False):
-    """A causal LM from a path or hub id (safetensors only), or the model object itself."""
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off for the block: inside a
+    training run they would break the run's progress bar into pieces."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_remote_code: bool = False,
+                   init_kwargs: dict | None = None):
+    """A causal LM from a path or hub id (safetensors only, unless ``init_kwargs`` says otherwise), or the model object
+    itself. ``init_kwargs``: more ``from_pretrained`` arguments (a config's ``model_init_kwargs``)."""
     if isinstance(model, nn.Module):
         return model
     if os.path.isdir(model):
         check_safetensors_files(model)  # a truncated file is named here, not as a bare SafetensorError
-    return AutoModelForCausalLM.from_pretrained(
-        model, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    settings = {"use_safetensors": True, **(init_kwargs or {})}
+    with quiet_progress_bars():
+        return AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype),
+                                                    trust_remote_code=trust_remote_code, **settings)
 
 
 def load_tokenizer(
     model: str | PreTrainedModel,
     processing_class: PreTrainedTokenizerBase | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> PreTrainedTokenizerBase:
-    """The given tokenizer, else the one saved with the model. Ensures a pad token (see below)."""
+    """The given tokenizer, else the one saved with the model (at ``revision``). Ensures a pad token (see below)."""
     if processing_class is not None:
         tokenizer = processing_class
     else:
@@ -52,7 +72,8 @@ def load_tokenizer(
                 "processing_class is required when the model is passed as an object without a saved path: "
                 "pass the tokenizer, e.g. processing_class=AutoTokenizer.from_pretrained(...)."
             )
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  **({"revision": revision} if revision else {}))
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(

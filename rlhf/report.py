@@ -1,8 +1,9 @@
 """A self-contained HTML training report from a run's output directory.
 
-Reads ``<output_dir>/metrics.jsonl`` (and, when present, the latest ``samples-<step>.jsonl`` and ``config.json``)
-and writes ``<output_dir>/report.html``: a summary table of key metrics, one PNG chart per panel embedded as
-base64, and a table of sample completions. The file needs no network and no JavaScript.
+Reads ``<output_dir>/metrics.jsonl`` (and, when present, the latest training completions in ``completions.jsonl``,
+the latest eval ``samples-<step>.jsonl`` and ``config.json``) and writes ``<output_dir>/report.html``: a summary
+table of key metrics, one PNG chart per panel embedded as base64 (each titled with what it plots, its y axis with
+the unit), and tables of sample completions. The file needs no network and no JavaScript.
 
     python -m rlhf.report <output_dir> [--title T]
 """
@@ -27,23 +28,30 @@ MAX_TEXT_CHARS = 600
 
 @dataclass(frozen=True)
 class Panel:
-    """One chart: every metric key that fully matches one of ``patterns`` (regular expressions), in pattern order."""
+    """One chart: every metric key that fully matches one of ``patterns`` (regular expressions), in pattern order;
+    ``unit`` labels the y axis."""
 
     title: str
     patterns: tuple[str, ...]
+    unit: str
 
 
 PANELS = [
-    Panel("Reward", (r"reward/mean", r"reward/[^/]+/mean")),
-    Panel("Evaluation", (r"eval/reward_mean", r"eval/accuracy", r"eval/pass@\d+")),
-    Panel("KL to reference", (r"kl", r"policy/approx_kl")),
-    Panel("Entropy", (r"entropy",)),
-    Panel("Completion length", (r"completions/mean_length", r"eval/mean_length")),
-    Panel("Clip fraction", (r"clip/low_frac", r"clip/high_frac")),
-    Panel("Critic loss", (r"loss/value",)),  # PPO only
-    Panel("Critic explained variance", (r"critic/explained_variance",)),
-    Panel("Speed", (r"time/step",)),
+    Panel("Reward", (r"reward/mean", r"reward/[^/]+/mean"), "reward"),
+    Panel("Evaluation", (r"eval/reward_mean", r"eval/accuracy", r"eval/pass@\d+"), "reward, or fraction correct"),
+    Panel("KL to the reference model", (r"kl",), "nats per token"),
+    Panel("KL of the updated policy to the rollout policy", (r"policy/approx_kl",), "nats per token"),
+    Panel("Entropy", (r"entropy",), "nats per token"),
+    Panel("Completion length", (r"completions/mean_length", r"eval/mean_length"), "tokens"),
+    Panel("Clip fraction", (r"clip/low_frac", r"clip/high_frac"), "fraction of tokens"),
+    Panel("Critic loss", (r"loss/value",), "squared error"),  # PPO only
+    Panel("Critic explained variance", (r"critic/explained_variance",), "fraction of the returns' variance"),
+    Panel("Speed", (r"time/step",), "seconds per step"),
 ]
+BUILTIN = (r"(reward|advantages|completions|clip|policy|time|guard|critic|kl|loss|eval)/.*", r"kl", r"entropy",
+           r"grad_norm", r"learning_rate", r"tokens_per_second", r"kl_coef")
+"""What the trainer logs itself; anything else (log_metric of a reward function, a callback's) gets its own panel."""
+OTHER = Panel("Logged by reward functions and callbacks", (), "as logged")
 
 SUMMARY_PATTERNS = (
     r"reward/mean", r"reward/[^/]+/mean", r"eval/reward_mean", r"eval/reward/[^/]+/mean", r"eval/accuracy",
@@ -133,12 +141,18 @@ def _higher_is_better(key: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- charts
 def panel_series(records: list[dict], panel: Panel) -> dict[str, list[tuple[int, float]]]:
     """The panel's keys that have at least one finite value, with their points."""
-    found = {key: series(records, key) for key in matching_keys(all_keys(records), panel.patterns)}
+    keys = all_keys(records)
+    if panel is OTHER:
+        chosen = sorted(k for k in keys if not any(re.fullmatch(p, k) for p in BUILTIN))
+    else:
+        chosen = matching_keys(keys, panel.patterns)
+    found = {key: series(records, key) for key in chosen}
     return {key: points for key, points in found.items() if points}
 
 
-def render_png(title: str, lines: dict[str, list[tuple[int, float]]]) -> bytes:
-    """A PNG line chart of ``lines`` (label -> points) against the step, with a legend when there are several."""
+def render_png(title: str, lines: dict[str, list[tuple[int, float]]], unit: str = "") -> bytes:
+    """A PNG line chart of ``lines`` (label -> points) against the step, with a legend when there are several and
+    ``unit`` on the y axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -149,7 +163,8 @@ def render_png(title: str, lines: dict[str, list[tuple[int, float]]]) -> bytes:
         steps, values = zip(*points)
         ax.plot(steps, values, label=label, marker="o" if len(points) < 30 else None, markersize=3)
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (one rollout batch each)")
+    ax.set_ylabel(unit)
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend(fontsize="small")
@@ -162,10 +177,10 @@ def render_png(title: str, lines: dict[str, list[tuple[int, float]]]) -> bytes:
 def charts(records: list[dict]) -> list[tuple[str, bytes]]:
     """(panel title, PNG) for every panel with data, in PANELS order."""
     out = []
-    for panel in PANELS:
+    for panel in [*PANELS, OTHER]:
         lines = panel_series(records, panel)
         if lines:
-            out.append((panel.title, render_png(panel.title, lines)))
+            out.append((panel.title, render_png(panel.title, lines, panel.unit)))
     return out
 
 
@@ -243,8 +258,11 @@ def _summary_html(rows: list[dict]) -> str:
 
 
 def _charts_html(images: list[tuple[str, bytes]]) -> str:
-    return "".join(f'<img alt="{html.escape(title)}" title="{html.escape(title)}" '
-                   f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">' for title, png in images)
+    units = {panel.title: panel.unit for panel in [*PANELS, OTHER]}
+    described = [(title, f"{title} ({units.get(title, '')})", png) for title, png in images]
+    return "".join(f'<img alt="{html.escape(title)}" title="{html.escape(hover)}" '
+                   f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+                   for title, hover, png in described)
 
 
 def _samples_html(path: str | None) -> str:
@@ -269,6 +287,31 @@ def _health_html(records: list[dict]) -> str:
                    "</td></tr>" for a in alarms)
     return (f"<h2>Training health: {len(alarms)} alarm(s)</h2>\n"
             f"<table><tr><th>step</th><th>alarm</th><th>what, why, what to try</th></tr>{rows}</table>")
+
+
+def latest_training_completions(output_dir: str, limit: int = SAMPLE_ROWS) -> list[dict]:
+    """The rows of the last step in ``completions.jsonl`` (what the trainer kept of each logged step), at most
+    ``limit``."""
+    path = os.path.join(output_dir, "completions.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = [row for row in read_samples(path, limit=10 ** 9) if isinstance(row.get("step"), int)]
+    last = max((row["step"] for row in rows), default=None)
+    return [row for row in rows if row["step"] == last][:limit]
+
+
+def _training_html(output_dir: str) -> str:
+    rows = latest_training_completions(output_dir)
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td class=\"text\">{_text(r.get('prompt', ''))}</td>"
+                   f"<td class=\"text\">{_text(r.get('completion', ''))}</td>"
+                   f"<td>{_rewards_text(r.get('rewards', {}))}</td>"
+                   f"<td class=\"num\">{_reward_text(r.get('advantage'))}</td>"
+                   f"<td>{_rewards_text(r.get('extra', {}))}</td></tr>" for r in rows)
+    return (f"<h2>Training completions (step {rows[0]['step']})</h2>"
+            "<table><tr><th>prompt</th><th>completion</th><th>rewards</th><th>advantage</th><th>logged by reward "
+            f"functions</th></tr>{body}</table>")
 
 
 def _config_html(output_dir: str) -> str:
@@ -296,6 +339,7 @@ def build_html(output_dir: str, records: list[dict], title: str) -> str:
         f"{_health_html(records)}\n"
         f"<h2>Summary</h2>\n{_summary_html(summarize(records))}\n"
         f"<h2>Charts</h2>\n<div class=\"charts\">{_charts_html(images)}</div>\n"
+        f"{_training_html(output_dir)}\n"
         f"{_samples_html(latest_samples_path(output_dir))}\n"
         "</body></html>\n"
     )

@@ -20,7 +20,7 @@ from transformers import (
 from rlhf.data import is_conversational
 from rlhf.forward import position_ids_from_mask
 from rlhf.integrity import check_safetensors_files
-from rlhf.models import resolve_dtype
+from rlhf.models import quiet_progress_bars, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,10 @@ def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str =
         check_reward_model_path(path)
         try:
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-                use_safetensors=True, output_loading_info=True)
+            with quiet_progress_bars():
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                    use_safetensors=True, output_loading_info=True)
         except OSError as error:
             raise OSError(f"reward model {path!r} could not be loaded: neither a complete local model directory nor "
                           f"a model on the hub ({str(error)[:300]}). A reward function is written "

@@ -7,9 +7,17 @@ A reward function follows TRL's convention::
 one value per completion; every dataset column other than ``prompt`` arrives as a keyword list
 (one entry per completion); ``None`` means "does not apply to this sample" and leaves that sample
 out of this function's contribution. Anything else that is not a finite number is an error that
-names the function and the sample.
+names the function and the sample. As in TRL, the trainer also passes ``trainer_state`` (its
+``transformers.TrainerState``: global_step, max_steps, epoch, log_history), ``log_metric(name, value)``
+(a scalar averaged over the logging window, written with the other metrics) and ``log_extra(column,
+values)`` (one value per completion, shown in the completions table). A function may be ``async def``:
+those of one batch are awaited concurrently. A list, tuple, numpy array or tensor of values is
+accepted. A function without ``**kwargs`` receives only the keywords it names; one that names a
+keyword nobody passes is an error when the trainer is built, not after the first generation.
 """
 
+import asyncio
+import difflib
 import inspect
 import logging
 import math
@@ -20,11 +28,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rlhf.reward_calls import (  # noqa: F401 - RewardContext and RewardError are part of this module's interface
+    CONTEXT_KEYWORDS,
+    STANDARD_KEYWORDS,
+    RewardContext,
+    RewardError,
+    _EventLoop,
+    _preview,
+    call_with_timeout,
+    is_async_callable,
+)
+
 logger = logging.getLogger(__name__)
-
-
-class RewardError(ValueError):
-    """A reward function misbehaved; the message names it and the sample."""
 
 
 # Largest |weight x reward| accepted. Advantages, returns and their statistics are computed in float32, where the
@@ -43,17 +58,12 @@ def reward_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _preview(value, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _as_float(value, name: str, index: int, prompts, completions) -> float:
     """One validated reward value (NaN stands for None)."""
     if value is None:
         return math.nan
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+    if getattr(value, "ndim", None) == 0 or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()  # a numpy scalar, a 0-d array or a one-element tensor
     if not isinstance(value, numbers.Real):
         raise RewardError(
             f"reward function {name!r} returned {_preview(value)} ({type(value).__name__}) for sample {index}; "
@@ -67,29 +77,6 @@ def _as_float(value, name: str, index: int, prompts, completions) -> float:
             f"completion: {_preview(completions[index])}"
         )
     return value
-
-
-def call_with_timeout(fn: Callable, timeout: float | None):
-    """``fn()``, or TimeoutError after ``timeout`` seconds. The call runs in a daemon thread, which
-    cannot be killed: a hung call is abandoned, and it never blocks the interpreter's exit."""
-    if timeout is None:
-        return fn()
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"did not return within {timeout} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def correctness(fn: Callable) -> Callable:
@@ -110,47 +97,106 @@ def is_correctness(fn: Callable) -> bool:
     return getattr(fn, "correctness", False) is True
 
 
+def _as_values(values):
+    """A list from what a reward function returned: lists and tuples as they are; 1-D numpy arrays and tensors
+    (anything with ``tolist`` and ``ndim``) as their values."""
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:
+        return values.tolist()
+    return values
+
+
 class RewardFunction:
     """A callable reward with a name, validated on every call; ``timeout`` (seconds) bounds one call."""
 
     def __init__(self, fn: Callable, name: str | None = None, timeout: float | None = None):
+        if inspect.isclass(fn):
+            raise TypeError(f"reward function {fn.__name__} is a class; pass an instance of it (e.g. "
+                            f"{fn.__name__}()), whose __call__ computes the rewards.")
         if not callable(fn):
             raise TypeError(f"reward function {fn!r} is not callable.")
         self.fn = fn
         self.name = name or reward_name(fn)
         self.timeout = timeout
+        self.is_async = is_async_callable(fn)
+        try:
+            parameters = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature: pass everything
+            parameters = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        self.takes_any_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters)
+        self.keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        self.required = {p.name for p in parameters
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty}
+        positional_only = [p.name for p in parameters if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
+        if positional_only:
+            raise TypeError(f"reward function {self.name!r} takes {positional_only} positional-only; the trainer "
+                            "passes everything by keyword (prompts=, completions=, completion_ids=, columns...).")
 
     def required_columns(self) -> set[str]:
-        """Keyword arguments without a default that are not part of the standard call."""
-        try:
-            parameters = inspect.signature(self.fn).parameters.values()
-        except (TypeError, ValueError):
-            return set()
-        standard = {"prompts", "completions", "completion_ids"}
-        return {
-            p.name for p in parameters
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in standard
-        }
+        """Keyword arguments without a default that are neither part of the standard call nor TRL's extras: the
+        dataset columns the function needs."""
+        return self.required - set(STANDARD_KEYWORDS) - set(CONTEXT_KEYWORDS)
 
-    def _call(self, prompts, completions, completion_ids, columns):
-        return self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    def check_signature(self, columns: Sequence[str]) -> None:
+        """Before any generation: every keyword the function requires is one the trainer passes."""
+        missing = sorted(self.required_columns() - set(columns))
+        if missing:
+            offered = [*STANDARD_KEYWORDS, *CONTEXT_KEYWORDS, *columns]
+            hints = [f"{name!r} -> did you mean {close[0]!r}?" for name in missing
+                     if (close := difflib.get_close_matches(name, offered, n=1))]
+            raise ValueError(
+                f"reward function {self.name!r} needs the dataset column(s) {missing}, which the dataset lacks "
+                f"(columns: {list(columns)}); besides the columns the trainer passes {list(STANDARD_KEYWORDS)} and "
+                f"{list(CONTEXT_KEYWORDS)}. " + (" ".join(hints) + " " if hints else "")
+                + "Add the column to the dataset, rename the parameter, or give it a default.")
+
+    def _call(self, prompts, completions, completion_ids, columns, context: RewardContext | None = None):
+        """The function's result for these samples (a coroutine for an async function)."""
+        keywords = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+        if context is not None:
+            keywords.update(context.keywords())
+        if not self.takes_any_keyword:
+            keywords = {k: v for k, v in keywords.items() if k in self.keywords}
+        return self.fn(**keywords)
+
+    def _run(self, prompts, completions, completion_ids, columns, context=None):
+        """Call the function and wait for its values (on the reward event loop when it is async)."""
+        if self.is_async:
+            return _EventLoop.run(self._call(prompts, completions, completion_ids, columns, context))
+        return self._call(prompts, completions, completion_ids, columns, context)
 
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence[Sequence[int]],
-                 columns: dict[str, Sequence]) -> torch.Tensor:
+                 columns: dict[str, Sequence], context: RewardContext | None = None) -> torch.Tensor:
         """Rewards [N] as float64, NaN where the function returned None."""
-        n = len(completions)
         try:
-            values = call_with_timeout(lambda: self._call(prompts, completions, completion_ids, columns), self.timeout)
+            values = call_with_timeout(lambda: self._run(prompts, completions, completion_ids, columns, context),
+                                       self.timeout)
         except TimeoutError as error:
             raise self._locate_timeout(prompts, completions, completion_ids, columns) from error
+        except RewardError:
+            raise
         except (Exception, SystemExit) as error:  # SystemExit: a stray sys.exit() must not end the run unnamed
             raise self._locate_exception(error, prompts, completions, completion_ids, columns) from error
-        if isinstance(values, torch.Tensor):
-            values = values.tolist()
+        return self.validate(values, prompts, completions)
+
+    async def acall(self, prompts, completions, completion_ids, columns, context=None):
+        """The raw values of an async function, bounded by ``timeout`` (for awaiting several concurrently)."""
+        return await asyncio.wait_for(self._call(prompts, completions, completion_ids, columns, context),
+                                      self.timeout)
+
+    def validate(self, values, prompts: Sequence, completions: Sequence) -> torch.Tensor:
+        """What the function returned as rewards [N] float64 (NaN for None), or a RewardError naming it."""
+        n = len(completions)
+        values = _as_values(values)
+        if inspect.isawaitable(values):
+            raise RewardError(f"reward function {self.name!r} returned an awaitable, not values; make it an async "
+                              "def (the trainer awaits those) or return the list itself.")
         if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+            shape = getattr(values, "shape", None)
             raise RewardError(
-                f"reward function {self.name!r} returned a {type(values).__name__}; it must return a list with "
-                f"one float (or None) per completion ({n} here)."
+                f"reward function {self.name!r} returned a {type(values).__name__}"
+                + (f" of shape {tuple(shape)}" if shape is not None else "")
+                + f"; it must return a list (or tuple, 1-D array, 1-D tensor) with one float (or None) per "
+                f"completion ({n} here)."
             )
         if len(values) != n:
             raise RewardError(
@@ -162,8 +208,8 @@ class RewardFunction:
         )
 
     def _sample_call(self, i, prompts, completions, completion_ids, columns):
-        return lambda: self._call(prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
-                                  {k: v[i:i + 1] for k, v in columns.items()})
+        return lambda: self._run(prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
+                                 {k: v[i:i + 1] for k, v in columns.items()}, RewardContext())
 
     def _locate_timeout(self, prompts, completions, completion_ids, columns) -> RewardError:
         """Run every sample alone, all at once, for one more ``timeout``: name those that do not finish."""
@@ -243,14 +289,11 @@ def check_reward_weights(weights, functions: list[RewardFunction]) -> list[float
 
 
 def check_reward_columns(functions: list[RewardFunction], dataset) -> None:
-    """Every column a reward function needs is in ``dataset``."""
+    """Every keyword a reward function requires is passed: a standard one, TRL's extras, or a column of ``dataset``
+    (a Dataset, or the column names)."""
+    columns = [c for c in (dataset if isinstance(dataset, (list, tuple)) else dataset.column_names) if c != "prompt"]
     for func in functions:
-        missing = func.required_columns() - set(dataset.column_names)
-        if missing:
-            raise ValueError(
-                f"reward function {func.name!r} needs the dataset column(s) {sorted(missing)}, which the dataset "
-                f"lacks (columns: {dataset.column_names}); add them or give those parameters a default."
-            )
+        func.check_signature(columns)
 
 
 def correctness_index(functions: list[RewardFunction], name: str | None) -> int | None:
@@ -266,12 +309,27 @@ def correctness_index(functions: list[RewardFunction], name: str | None) -> int 
     return marked[0] if marked else None
 
 
-def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float] | None = None) -> torch.Tensor:
+def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float] | None = None,
+                 context: RewardContext | None = None) -> torch.Tensor:
     """Every reward function's values for ``texts`` (a ``RolloutTexts``): [N, F] float64, NaN where a function
-    returned None. A value whose magnitude times its weight (default 1) exceeds ``MAX_ABS_REWARD`` is a
-    ``RewardError`` naming the function and the sample."""
-    table = torch.stack([func(texts.prompts, texts.completions, texts.completion_ids, texts.columns)
-                         for func in functions], dim=1)
+    returned None. Synchronous functions run one after the other, then the async ones concurrently (as in TRL).
+    A value whose magnitude times its weight (default 1) exceeds ``MAX_ABS_REWARD`` is a ``RewardError`` naming
+    the function and the sample."""
+    batch = (texts.prompts, texts.completions, texts.completion_ids, texts.columns)
+    context = context if context is not None else RewardContext()
+    columns = {j: func(*batch, context) for j, func in enumerate(functions) if not func.is_async}
+    waiting = [(j, func) for j, func in enumerate(functions) if func.is_async]
+    if waiting:
+        async def gather():
+            return await asyncio.gather(*(func.acall(*batch, context) for _, func in waiting), return_exceptions=True)
+
+        for (j, func), result in zip(waiting, _EventLoop.run(gather())):
+            if isinstance(result, asyncio.TimeoutError):
+                raise func._locate_timeout(*batch) from result
+            if isinstance(result, BaseException):
+                raise func._locate_exception(result, *batch) from result
+            columns[j] = func.validate(result, texts.prompts, texts.completions)
+    table = torch.stack([columns[j] for j in range(len(functions))], dim=1)
     weights = list(weights) if weights is not None else [1.0] * len(functions)
     for j, (func, weight) in enumerate(zip(functions, weights)):
         weighted = table[:, j] * weight
@@ -286,13 +344,33 @@ def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float
     return table
 
 
+def log_reward_metrics(context: RewardContext, accelerator, metrics) -> None:
+    """What reward functions gave ``log_metric``, averaged over the batch and the processes. Every process adds the
+    same names (the union over processes, a name it did not see with weight 0), so the metrics reduce in step."""
+    names = sorted(context.metrics)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        names = sorted({name for part in gather_object([names]) for name in part})
+    for name in names:
+        values = context.metrics.get(name, [])
+        metrics.add(name, sum(values) / len(values) if values else 0.0, float(len(values)))
+
+
 def score_rollout(functions: list[RewardFunction], weights: list[float], texts, accelerator, group_size: int,
-                  metrics) -> torch.Tensor:
+                  metrics, context: RewardContext | None = None) -> torch.Tensor:
     """Total rewards of the *whole* rollout batch (all processes, in process order), [B_global] float64.
 
     Each process scores its own completions; the table is gathered so that group and batch statistics
-    are exact everywhere. Reward-model scores marked ``normalize`` are whitened over the whole batch."""
-    per_function = reward_table(functions, texts, weights)  # [B_local, F]
+    are exact everywhere. Reward-model scores marked ``normalize`` are whitened over the whole batch.
+    ``texts.rewards`` and ``texts.extra`` receive this process's values per function and what the functions gave
+    ``log_extra``; ``log_metric`` values go to ``metrics``."""
+    context = context if context is not None else RewardContext()
+    per_function = reward_table(functions, texts, weights, context)  # [B_local, F]
+    texts.rewards = {func.name: [None if math.isnan(v) else v for v in per_function[:, j].tolist()]
+                     for j, func in enumerate(functions)}
+    texts.extra = dict(context.extra)
+    log_reward_metrics(context, accelerator, metrics)
     per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()
     for j, func in enumerate(functions):
         if getattr(func.fn, "normalize", False):

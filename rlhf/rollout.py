@@ -16,6 +16,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.generation import (
     LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -99,23 +100,32 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
 
 @dataclass
 class RolloutTexts:
-    """What reward functions see, one entry per completion (prompts repeated G times)."""
+    """What reward functions see, one entry per completion (prompts repeated G times), and, once they have run
+    (``rlhf.rewards.score_rollout``), what each returned and what they gave ``log_extra``."""
 
     prompts: list
     completions: list
     completion_ids: list[list[int]]
     columns: dict[str, list]
+    rewards: dict[str, list] = dataclasses.field(default_factory=dict)  # function name -> value per completion
+    extra: dict[str, list] = dataclasses.field(default_factory=dict)  # log_extra column -> value per completion
 
     def rows(self, index: list[int]) -> "RolloutTexts":
         return RolloutTexts([self.prompts[i] for i in index], [self.completions[i] for i in index],
                             [self.completion_ids[i] for i in index],
-                            {k: [v[i] for i in index] for k, v in self.columns.items()})
+                            {k: [v[i] for i in index] for k, v in self.columns.items()},
+                            {k: [v[i] for i in index] for k, v in self.rewards.items()},
+                            {k: [v[i] for i in index] for k, v in self.extra.items()})
 
 
 def concat_texts(texts: list[RolloutTexts]) -> RolloutTexts:
+    def joined(name: str) -> dict[str, list]:
+        keys = dict.fromkeys(k for t in texts for k in getattr(t, name))  # a log_extra column one round lacks: None
+        return {k: [v for t in texts for v in getattr(t, name).get(k, [None] * len(t.prompts))] for k in keys}
+
     return RolloutTexts([p for t in texts for p in t.prompts], [c for t in texts for c in t.completions],
-                        [ids for t in texts for ids in t.completion_ids],
-                        {k: [v for t in texts for v in t.columns[k]] for k in texts[0].columns})
+                        [ids for t in texts for ids in t.completion_ids], joined("columns"), joined("rewards"),
+                        joined("extra"))
 
 
 @dataclass
@@ -144,6 +154,7 @@ class SamplingParams:
     top_k: int = 0
     do_sample: bool = True
     min_new_tokens: int = 0
+    min_p: float | None = None
     static_kv_cache: bool = False
 
 
@@ -163,18 +174,17 @@ def generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int, w
                       ) -> GenerationConfig:
     """Every sampling knob set explicitly. Anything left unset would be filled from the model's own
     generation_config (a repetition penalty, a top-k of 20...) and the sampled distribution would no
-    longer be the one the log-probs are computed from. ``warpers=False`` leaves temperature, top-k and
-    top-p to the caller's own processors (``sampling_processors``)."""
-    sampling = {}
+    longer be the one the log-probs are computed from. ``warpers=False`` leaves temperature, top-k, top-p and
+    min-p to the caller's own processors (``sampling_processors``)."""
+    sampling = {"min_p": None}
     if params.do_sample:
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if warpers else dict(
-            temperature=1.0, top_p=1.0, top_k=0)
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                        min_p=params.min_p) if warpers else dict(temperature=1.0, top_p=1.0, top_k=0, min_p=None)
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         min_new_tokens=params.min_new_tokens,
         do_sample=params.do_sample,
         **sampling,
-        min_p=None,
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,
@@ -214,7 +224,8 @@ class SampledLogprobs(LogitsProcessor):
 
 
 def sampling_processors(params: SamplingParams) -> list[LogitsProcessor]:
-    """Temperature, top-k and top-p as ``generate`` builds them, in its order, for a list that must end after them."""
+    """Temperature, top-k, top-p and min-p as ``generate`` builds them, in its order, for a list that must end after
+    them."""
     processors = []
     if params.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(params.temperature))
@@ -222,6 +233,8 @@ def sampling_processors(params: SamplingParams) -> list[LogitsProcessor]:
         processors.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
     if params.top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+    if params.min_p is not None:
+        processors.append(MinPLogitsWarper(min_p=params.min_p, min_tokens_to_keep=1))
     return processors
 
 

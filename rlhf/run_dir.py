@@ -7,7 +7,10 @@ resumes from. Around that id:
 - **one run at a time**: the run holds ``output_dir/run.lock`` (``rlhf.dir_lock``) from construction
   until its process exits; a second run fails at once naming the holder.
 - **no new run over another run's checkpoints**: a fresh run in a directory that holds checkpoints is an
-  error, unless ``overwrite_output_dir`` (they are deleted) or the run resumes.
+  error, unless ``overwrite_output_dir`` (they are deleted) or the run resumes. The error is raised when the run
+  starts (``RunDirectory.start``: the first ``train()``, or a ``save_checkpoint()`` before it), not at
+  construction, so that TRL's ``trainer.train(resume_from_checkpoint=True)`` can still resume it; nothing in the
+  directory is touched before.
 - **latest** is the newest checkpoint of the run named in ``run.json`` whose manifest verifies (each one
   skipped is named, with the reason); rotation (``save_total_limit``) deletes only this run's checkpoints.
 - **resuming from an older checkpoint** moves this run's newer checkpoints, and the metrics.jsonl records
@@ -169,12 +172,15 @@ class RunDirectory:
         self.claimed = checkpoint  # resolved by claim(), handed out once by resolve()
         self.lock = lock  # on the main process only
         self.accelerator = accelerator
+        self.conflict: str | None = None  # why a new run may not start here (another run's checkpoints)
+        self.started = False  # start() or resume() has run
 
     @classmethod
     def claim(cls, output_dir: str, accelerator=None, resume_from: str | None = None,
               overwrite: bool = False) -> "RunDirectory":
-        """Lock ``output_dir``; find the checkpoint to resume from (verified) or make a new run id; refuse a
-        directory holding another run's checkpoints unless ``overwrite``."""
+        """Lock ``output_dir``; find the checkpoint to resume from (verified) or make a new run id. A directory
+        holding another run's checkpoints is refused now when resuming, and by ``start`` for a new run (unless
+        ``overwrite``: they are deleted)."""
         holder = []
 
         def decide():
@@ -184,23 +190,21 @@ class RunDirectory:
             run_id = read_state(checkpoint)["run_id"] if checkpoint else uuid.uuid4().hex
             others = [c for c in list_checkpoints(output_dir)
                       if c.run_id != run_id and (checkpoint is None or c.run_id is not None)]
-            if others and not overwrite:
-                names = ", ".join(os.path.basename(c.path) for c in others[:5]) + (", ..." if len(others) > 5 else "")
-                raise RunDirectoryError(
-                    f"output_dir {output_dir} holds {len(others)} checkpoint(s) of another run ({names}). A new run "
-                    "there would mix its checkpoints with them, and resume_from_checkpoint='latest' could pick the "
-                    "wrong run. Resume that run (resume_from_checkpoint='latest'), give this run another "
-                    "output_dir, or set overwrite_output_dir=True to delete them.")
-            return run_id, checkpoint, [c.path for c in others]
+            conflict = _conflict(output_dir, others) if others and not overwrite else None
+            if conflict and checkpoint is not None:
+                raise RunDirectoryError(conflict)
+            return run_id, checkpoint, [c.path for c in others], conflict
 
         try:
-            run_id, checkpoint, others = _on_main(accelerator, decide)
+            run_id, checkpoint, others, conflict = _on_main(accelerator, decide)
         except BaseException:
             for lock in holder:
                 lock.release()
             raise
         run = cls(output_dir, run_id, checkpoint, holder[0] if holder else None, accelerator)
-        run._main(lambda: _delete(others, "overwrite_output_dir=True"))
+        run.conflict = conflict
+        if conflict is None:
+            run._main(lambda: _delete(others, "overwrite_output_dir=True"))
         return run
 
     def _main(self, fn):
@@ -214,15 +218,24 @@ class RunDirectory:
         return self._main(lambda: resolve_checkpoint(spec, self.output_dir))
 
     def start(self, trainer: str) -> None:
-        """A new run: write run.json."""
+        """A new run: write run.json, or refuse (``RunDirectoryError``) a directory holding another run's
+        checkpoints."""
+        if self.conflict is not None:
+            raise RunDirectoryError(self.conflict)
         self._main(lambda: self._write_owner(trainer))
+        self.started = True
 
     def resume(self, path: str, state: dict, trainer: str) -> None:
         """After a checkpoint has loaded: continue its run. This run's checkpoints after its step, and the
         metrics.jsonl records after it, are moved to ``abandoned/`` (all of metrics.jsonl if another run wrote it)."""
         self.run_id = state["run_id"]
         self.checkpoint = path
+        others = [c for c in list_checkpoints(self.output_dir) if c.run_id not in (self.run_id, None)]
+        if others and self.conflict is not None:  # resumed after construction: claim() could not check this
+            raise RunDirectoryError(_conflict(self.output_dir, others))
+        self.conflict = None
         self._main(lambda: self._resume(state["step"], trainer))
+        self.started = True
 
     def _resume(self, step: int, trainer: str) -> None:
         foreign_metrics = directory_owner(self.output_dir) not in (None, self.run_id)
@@ -231,6 +244,7 @@ class RunDirectory:
         aside = os.path.join(self.output_dir, ABANDONED_DIR, f"{time.strftime('%Y%m%d-%H%M%S')}-resumed-at-{step}")
         moved = [_move(path, aside) for path in newer]
         cut = _cut_metrics(os.path.join(self.output_dir, METRICS_FILE), None if foreign_metrics else step, aside)
+        _cut_metrics(os.path.join(self.output_dir, "alarms.jsonl"), None if foreign_metrics else step, aside)
         if moved or cut:
             logger.warning("Resuming at step %d: moved %s to %s, so that nothing after step %d is resumed or "
                            "logged twice.", step, ", ".join(
@@ -251,6 +265,14 @@ class RunDirectory:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+def _conflict(output_dir: str, others: list[Checkpoint]) -> str:
+    names = ", ".join(os.path.basename(c.path) for c in others[:5]) + (", ..." if len(others) > 5 else "")
+    return (f"output_dir {output_dir} holds {len(others)} checkpoint(s) of another run ({names}). A new run there "
+            "would mix its checkpoints with them, and resume_from_checkpoint='latest' could pick the wrong run. "
+            "Resume that run (resume_from_checkpoint='latest'), give this run another output_dir, or set "
+            "overwrite_output_dir=True to delete them.")
 
 
 def _delete(paths: list[str], why: str) -> None:
@@ -283,7 +305,7 @@ def _cut_metrics(path: str, step: int | None, aside: str) -> int:
         (keep if step is not None and isinstance(record_step, int) and record_step <= step else cut).append(line)
     if cut:
         os.makedirs(aside, exist_ok=True)
-        with open(os.path.join(aside, METRICS_FILE), "a", encoding="utf-8") as f:
+        with open(os.path.join(aside, os.path.basename(path)), "a", encoding="utf-8") as f:
             f.writelines(line if line.endswith("\n") else line + "\n" for line in cut)
         atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in keep))
     return len(cut)

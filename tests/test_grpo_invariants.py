@@ -74,6 +74,26 @@ def test_naive_per_micro_batch_normalisation_differs(tmp_path):
     assert relative_error(flat_grad(model), whole) > 1e-2
 
 
+def test_bnpo_is_the_mean_of_each_micro_batchs_token_mean(tmp_path):
+    """TRL's loss_type="bnpo" (loss_agg micro-batch-token-mean): every micro-batch (TRL: per-device batch) is
+    normalised by its own tokens and micro-batches weigh the same (TRL divides by gradient_accumulation_steps). The
+    reference scores each micro-batch's sequences one by one; with one micro-batch it is the token mean."""
+    from rlhf.trainer.update import length_order
+
+    trainer = make_trainer(tmp_path, loss_type="bnpo")
+    batch, _ = trainer.make_rollout(0)
+    trainer.args.micro_batch_size = 2
+    grad = gradient(trainer, batch)
+    order = length_order(batch, 1)  # how the update forms micro-batches: by length (rows of similar length)
+    parts = [batch.rows(order[i:i + 2]) for i in range(0, batch.size, 2)]
+    references = [policy_gradient_reference(trainer.model, part)[0] for part in parts]
+    assert relative_error(grad, torch.stack(references).mean(dim=0)) < 1e-5
+    token_mean, _ = policy_gradient_reference(trainer.model, batch)
+    assert relative_error(grad, token_mean) > 1e-2  # it is not the token mean of the whole mini-batch
+    trainer.args.micro_batch_size = batch.size
+    assert relative_error(gradient(trainer, batch), token_mean) < 1e-5
+
+
 def test_old_logprobs_are_computed_once_before_any_update(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, num_epochs=3, mini_batch_size=8, micro_batch_size=4)
     calls = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.report import PANELS, main, write_report
+from rlhf.report import OTHER, PANELS, main, panel_series, write_report
 
 EVAL_ACCURACY = {0: 0.25, 5: 0.625, 10: 0.5}
 
@@ -57,10 +57,12 @@ def test_report_has_one_chart_per_panel_with_data(run_dir):
     assert path == str(run_dir / "report.html") and os.path.isfile(path)
     text = Path(path).read_text(encoding="utf-8")
     assert "<h1>my-run</h1>" in text and "Steps: 10" in text
-    expected = ["Reward", "Evaluation", "KL to reference", "Entropy", "Completion length", "Clip fraction", "Speed"]
+    expected = ["Reward", "Evaluation", "KL to the reference model", "Entropy", "Completion length", "Clip fraction",
+                "Speed"]
     for title in expected:
         assert f'<img alt="{title}"' in text
-    assert [p.title for p in PANELS if p.title not in expected] == ["Critic loss", "Critic explained variance"]
+    assert [p.title for p in PANELS if p.title not in expected] == [
+        "KL of the updated policy to the rollout policy", "Critic loss", "Critic explained variance"]
     assert '<img alt="Critic' not in text
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(images) == text.count("data:image/png;base64,") == len(expected)
@@ -128,3 +130,42 @@ def test_cli_without_metrics_is_a_clear_error(tmp_path):
     assert str(tmp_path / "metrics.jsonl") in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_each_chart_says_what_it_plots_and_the_unit_of_its_axis(tmp_path, monkeypatch):
+    """Without a reference model the trainer logs only the rollout-policy KL: the report titles that chart so,
+    instead of calling it the KL to the reference; every axis is labelled with its unit."""
+    from matplotlib.axes import Axes
+
+    labels = []
+    original = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, label, *a, **k: (labels.append(label),
+                                                                         original(self, label, *a, **k))[1])
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "reward/mean": 0.5, "policy/approx_kl": 0.01, "entropy": 1.0}) + "\n")
+    text = Path(write_report(str(tmp_path))).read_text(encoding="utf-8")
+    assert 'alt="KL of the updated policy to the rollout policy" ' in text and "to the reference" not in text
+    assert 'title="KL of the updated policy to the rollout policy (nats per token)"' in text
+    assert labels == ["reward", "nats per token", "nats per token"]
+    assert all(panel.unit for panel in [*PANELS, OTHER])
+
+
+def test_metrics_logged_by_reward_functions_get_their_own_chart():
+    records = [{"step": 1, "reward/mean": 1.0, "grad_norm": 2.0, "learning_rate": 1e-6, "judge/score": 0.3,
+                "format_rate": 0.9, "time/generate": 1.0, "eval/judge/score": 0.2}]
+    assert sorted(panel_series(records, OTHER)) == ["format_rate", "judge/score"]
+
+
+def test_training_completions_are_shown_without_an_eval_set(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 2, "reward/mean": 0.5}) + "\n")
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "prompt": f"p{step}", "completion": "<b>c</b>",
+                                "rewards": {"correct": 1.0, "format": None}, "advantage": 0.5,
+                                "extra": {"parsed": "42"}}) + "\n")
+    text = Path(write_report(str(tmp_path))).read_text(encoding="utf-8")
+    section = text.split("Training completions (step 2)", 1)[1]
+    assert "p2" in section and "p1" not in section and "&lt;b&gt;c&lt;/b&gt;" in section
+    assert "correct: 1<br>format: \u2014" in section and "parsed: 42" in section and "0.5" in section

@@ -72,3 +72,107 @@ def test_required_columns_come_from_the_signature():
 
     assert RewardFunction(needs).required_columns() == {"answer", "difficulty"}
     assert RewardFunction(lambda prompts, completions, **kw: []).required_columns() == set()
+
+
+# ---------------------------------------------------------------------------------------------------- TRL's features
+import asyncio  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from rlhf.rewards import RewardContext, reward_table  # noqa: E402
+from rlhf.rollout import RolloutTexts  # noqa: E402
+
+TEXTS = RolloutTexts(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=IDS, columns=COLUMNS)
+
+
+def test_async_functions_are_awaited_concurrently():
+    async def slow_exact(prompts, completions, answer, **kwargs):
+        await asyncio.sleep(0.4)
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    async def slow_length(completions, **kwargs):
+        await asyncio.sleep(0.4)
+        return [float(len(c)) for c in completions]
+
+    functions = [RewardFunction(slow_exact), RewardFunction(exact), RewardFunction(slow_length)]
+    start = time.perf_counter()
+    table = reward_table(functions, TEXTS)
+    elapsed = time.perf_counter() - start
+    assert table.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    assert 0.4 <= elapsed < 0.75, elapsed  # one sleep, not two
+    assert RewardFunction(slow_exact)(PROMPTS, COMPLETIONS, IDS, COLUMNS).tolist() == [1.0, 0.0, 1.0]  # alone too
+
+
+def test_async_failures_are_traced_like_sync_ones():
+    async def fragile(completions, **kwargs):
+        return [1.0 / (int(c) - 5) for c in completions]
+
+    with pytest.raises(RewardError, match=r"'fragile' raised ZeroDivisionError.* on sample 1"):
+        reward_table([RewardFunction(fragile)], TEXTS)
+
+    async def hangs(completions, **kwargs):
+        await asyncio.sleep(30 if "5" in completions else 0)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"'hangs' took longer than reward_timeout=0.2 s.*sample 1"):
+        reward_table([RewardFunction(hangs, timeout=0.2)], TEXTS)
+
+
+@pytest.mark.parametrize("values", [(1.0, 0.0, 1.0), np.array([1.0, 0.0, 1.0]), np.array([1, 0, 1]),
+                                    torch.tensor([1.0, 0.0, 1.0]), [np.float32(1), np.int64(0), np.bool_(True)],
+                                    [torch.tensor(1.0), np.array(0.0), 1]])
+def test_tuples_arrays_and_tensors_are_rewards(values):
+    assert call(lambda **kw: values).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_a_two_dimensional_array_is_an_error_with_its_shape():
+    with pytest.raises(RewardError, match=r"returned a ndarray of shape \(3, 1\); it must return a list"):
+        call(lambda **kw: np.ones((3, 1)))
+
+
+def test_trainer_state_log_metric_and_log_extra_are_passed():
+    seen = {}
+
+    def spy(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):
+        seen["state"] = trainer_state
+        log_metric("spy/mean_length", sum(map(len, completions)) / len(completions))
+        log_extra("doubled", [c * 2 for c in completions])
+        return [0.0] * len(completions)
+
+    context = RewardContext(trainer_state="the state")
+    RewardFunction(spy)(PROMPTS, COMPLETIONS, IDS, COLUMNS, context)
+    assert seen["state"] == "the state"
+    assert context.metrics == {"spy/mean_length": [1.0]} and context.extra == {"doubled": ["22", "55", "66"]}
+    with pytest.raises(RewardError, match=r"log_metric\('x', 'high'\): give a metric name and one finite number"):
+        RewardContext().log_metric("x", "high")
+
+
+def test_a_function_without_kwargs_gets_only_what_it_names():
+    def narrow(completions, answer):
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    assert RewardFunction(narrow)(PROMPTS, COMPLETIONS, IDS, COLUMNS, RewardContext()).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_misuse_is_caught_from_the_signature():
+    class Judge:
+        def __call__(self, completions, **kwargs):
+            return [0.0] * len(completions)
+
+    with pytest.raises(TypeError, match=r"reward function Judge is a class; pass an instance of it \(e.g. Judge\(\)\)"):
+        RewardFunction(Judge)
+    assert RewardFunction(Judge()).name == "Judge"
+
+    def positional(completions, /, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(TypeError, match=r"takes \['completions'\] positional-only"):
+        RewardFunction(positional)
+
+    def reward_func(completions_ids, **kwargs):  # TRL's documentation, example 1 (TRL fails at the first step)
+        return [float(len(ids)) for ids in completions_ids]
+
+    with pytest.raises(ValueError, match=r"'reward_func' needs the dataset column\(s\) \['completions_ids'\].*"
+                                         r"'completions_ids' -> did you mean 'completion_ids'\?"):
+        RewardFunction(reward_func).check_signature(["answer"])

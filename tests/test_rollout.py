@@ -145,3 +145,86 @@ def test_static_kv_cache_generates_the_same_completions(do_sample):
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
     assert generation_config(SamplingParams(4, static_kv_cache=True), [EOS_ID], PAD_ID).cache_implementation == "static"
+
+
+# ---------------------------------------------------------------------------------------------------- TRL's options
+def _one_token_samples(model, prompt, params, n=4000):
+    torch.manual_seed(0)
+    ids, _, _ = sample_completions(model, prompt.repeat(n, 1), torch.ones(n, prompt.shape[1], dtype=torch.long),
+                                   params, [EOS_ID], PAD_ID)
+    return torch.bincount(ids[:, 0], minlength=model.config.vocab_size).double() / n
+
+
+def _scored(model, prompt, temperature):
+    """exp(log p) of every candidate first token, as the trainer scores it (the tempered distribution)."""
+    candidates = torch.arange(model.config.vocab_size).unsqueeze(1)
+    with torch.no_grad():
+        scored, _ = completion_logprobs(model, prompt.repeat(len(candidates), 1),
+                                        torch.ones(len(candidates), prompt.shape[1], dtype=torch.long), candidates,
+                                        torch.ones_like(candidates), temperature)
+    return scored[:, 0].double().exp()
+
+
+def test_min_p_samples_the_scored_distribution_on_its_kept_tokens():
+    """min_p keeps the tokens at least min_p times as likely as the most likely one (as TRL and transformers define
+    it) and samples them in proportion to the scored tempered probabilities: the same distribution the log-probs
+    describe, up to the mass of the dropped tail (the same truncation as top_p and top_k)."""
+    model = _peaky_model(seed=3)
+    prompt, temperature, min_p = torch.tensor([[1, 40, 41, 42]]), 2.0, 0.05
+    p = _scored(model, prompt, temperature)
+    kept = p >= min_p * p.max()
+    assert 2 <= kept.sum() < len(p) and p[~kept].sum() > 0.05  # the truncation matters here
+    empirical = _one_token_samples(model, prompt, SamplingParams(max_new_tokens=1, temperature=temperature,
+                                                                 min_p=min_p))
+    assert empirical[~kept].sum() == 0
+    expected = torch.where(kept, p, 0) / p[kept].sum()
+    total_variation = 0.5 * (empirical - expected).abs().sum()
+    assert total_variation < 0.05
+    assert 0.5 * (empirical - p).abs().sum() > 2 * total_variation  # min_p did change what was sampled
+
+
+def test_repetition_penalty_would_sample_another_distribution_than_the_scored_one():
+    """Why repetition_penalty is refused: transformers lowers the logits of every token already in the context,
+    so what is sampled is not what the log-probs (and so the ratio and the KL) describe."""
+    from rlhf import GRPOConfig
+    from rlhf.trl_names import ConfigNameError
+
+    model = _peaky_model(seed=3)
+    prompt, temperature = torch.tensor([[1, 40, 41, 42]]), 2.0
+    p = _scored(model, prompt, temperature)
+    seen = torch.tensor([1, 40, 41, 42])
+    assert p[seen].sum() > 0.1  # the prompt's own tokens are likely here, so the penalty bites
+    config = generation_config(SamplingParams(max_new_tokens=1, temperature=temperature), [EOS_ID], PAD_ID)
+    config.repetition_penalty = 3.0
+    torch.manual_seed(0)
+    n = 4000
+    with torch.no_grad():
+        ids = model.generate(input_ids=prompt.repeat(n, 1), attention_mask=torch.ones(n, 4, dtype=torch.long),
+                             generation_config=config)[:, -1]
+    penalised = torch.bincount(ids, minlength=len(p)).double() / n
+    assert 0.5 * (penalised - p).abs().sum() > 0.1
+    with pytest.raises(ConfigNameError, match=r"repetition_penalty=1.2: it rescales the logits .*"
+                                              r"make_repetition_penalty"):
+        GRPOConfig(repetition_penalty=1.2)
+    with pytest.raises(ConfigNameError, match="repetition_penalty=1.2"):
+        GRPOConfig(generation_kwargs={"repetition_penalty": 1.2})
+    assert GRPOConfig(repetition_penalty=1.0) == GRPOConfig()
+
+
+def test_generation_kwargs_reach_both_the_sampler_and_the_scorer(tmp_path):
+    """generation_kwargs' sampling options become the config's fields, which both generation and every log-prob
+    pass read: the old log-probs the update uses equal a direct scoring at the generation_kwargs temperature."""
+    from helpers import make_trainer
+
+    trainer = make_trainer(tmp_path, generation_kwargs={"temperature": 1.7, "top_k": 7, "min_p": 0.05,
+                                                        "use_cache": True}, num_epochs=2, max_new_tokens=4)
+    assert (trainer.sampling.temperature, trainer.sampling.top_k, trainer.sampling.min_p) == (1.7, 7, 0.05)
+    assert trainer.args.temperature == 1.7
+    config = generation_config(trainer.sampling, [EOS_ID], PAD_ID)
+    assert (config.temperature, config.top_k, config.min_p, config.repetition_penalty) == (1.7, 7, 0.05, 1.0)
+    rollout, _ = trainer.make_rollout(0)
+    with torch.no_grad():
+        direct, _ = completion_logprobs(trainer.model, rollout.prompt_ids, rollout.prompt_mask,
+                                        rollout.completion_ids, rollout.completion_mask, 1.7)
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(rollout.old_logprobs[mask], direct[mask], atol=1e-5)

@@ -1,4 +1,4 @@
-"""The README's config tables, generated from the dataclasses so that they cannot drift.
+"""The README's config tables and its table of TRL's names, generated from the code so that they cannot drift.
 
     python -m rlhf.extras.docs --write README.md    # regenerate (make docs)
     python -m rlhf.extras.docs --check README.md    # exit 1 if the README is stale (a test does this)
@@ -18,6 +18,7 @@ from rlhf.configs import (
 )
 
 START, END = "<!-- config-tables:start -->", "<!-- config-tables:end -->"
+TRL_START, TRL_END = "<!-- trl-names:start -->", "<!-- trl-names:end -->"
 # (config, the config it extends): each table lists the fields the config adds or whose default it changes.
 SECTIONS = [(GRPOConfig, RLConfig), (TokenRewardConfig, RLConfig), (PPOConfig, TokenRewardConfig),
             (ReinforceConfig, TokenRewardConfig)]
@@ -47,12 +48,26 @@ def config_tables() -> str:
     return "\n".join(parts)
 
 
+def trl_tables() -> str:
+    from rlhf import trl_names
+
+    same = ", ".join(f"`{name}`" for name in trl_names.SAME_NAMES)
+    return "\n".join([
+        "TRL's names and what they become here (`rlhf/trl_table.py`; in Python, YAML and on the command line):",
+        "", trl_names.markdown_table(), "", f"The same name and meaning in both: {same}.", "",
+        "Defaults that differ from TRL's `GRPOConfig`:", "", trl_names.defaults_table()])
+
+
+def _replace_block(readme: str, start: str, end: str, body: str) -> str:
+    if start not in readme or end not in readme:
+        raise ValueError(f"the README has no {start} ... {end} block")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def render(readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"the README has no {START} ... {END} block")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{config_tables()}\n{END}{tail}"
+    return _replace_block(_replace_block(readme, START, END, config_tables()), TRL_START, TRL_END, trl_tables())
 
 
 def main() -> int:
@@ -67,7 +82,7 @@ def main() -> int:
     updated = render(current)
     if args.check:
         if updated != current:
-            print(f"{path}: the config tables are stale; run `make docs`.", file=sys.stderr)
+            print(f"{path}: the config or TRL tables are stale; run `make docs`.", file=sys.stderr)
             return 1
         return 0
     with open(path, "w") as f:

@@ -23,6 +23,7 @@ from rlhf import checkpoint as ckpt
 from rlhf import run_dir
 from rlhf.critic import ValueModel
 from rlhf.integrity import write_manifest
+from rlhf.models import quiet_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = Fals
 
 def _save_weights(unwrapped, directory: str, state_dict, tokenizer) -> None:
     if isinstance(unwrapped, ValueModel):
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        with quiet_progress_bars():
+            unwrapped.save_pretrained(directory, state_dict=state_dict)
     else:
         ckpt.save_pretrained_model(unwrapped, tokenizer, directory, state_dict)
 

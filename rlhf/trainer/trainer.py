@@ -16,18 +16,21 @@ import weakref
 
 import torch
 from accelerate.utils import DistributedType, set_seed
+from datasets import IterableDataset
 from transformers import get_scheduler
 
+from rlhf import trackers
+from rlhf.callbacks import Callbacks, TrainResult, epoch_at, new_state
 from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
 from rlhf.core import rollout_correction
 from rlhf.critic import build_critic
-from rlhf.data import PromptSampler, as_dataset, check_prompts
+from rlhf.data import PromptSampler, StreamSampler, as_dataset, check_prompts, dataset_columns
 from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.fingerprints import dataset_fingerprint, model_fingerprint
 from rlhf.forward import enable_token_scoring
-from rlhf.metrics import MetricsLogger, PhaseTimer, StepMetrics
+from rlhf.metrics import CompletionSamples, PhaseTimer, StepMetrics, read_metrics
 from rlhf.monitor import HealthMonitor
 from rlhf.models import (
     apply_lora,
@@ -41,6 +44,7 @@ from rlhf.models import (
     resolve_dtype,
 )
 from rlhf.rewards import (
+    RewardContext,
     build_reward_functions,
     check_reward_columns,
     check_reward_weights,
@@ -51,6 +55,7 @@ from rlhf.run_dir import RunDirectory
 from rlhf.trainer import checkpointing
 from rlhf.trainer.algorithms import BatchReduce, algorithm_for
 from rlhf.trainer.kl import KLPenalty
+from rlhf.trainer.run_log import RunLog
 from rlhf.trainer.sampling import informative_rows, sample_groups
 from rlhf.trainer.scoring import frozen_logprobs, reference_logprobs, rollout_logprobs, rollout_values
 from rlhf.trainer.token_signals import high_entropy_tokens, log_mismatch, teacher_advantages
@@ -67,12 +72,17 @@ class RLTrainer:
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None,
-                 teacher_model=None, teacher_processing_class=None):
+                 teacher_model=None, teacher_processing_class=None, callbacks=None, optimizers=(None, None)):
         self.args = args = args if args is not None else self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}.")
-        accelerator = self.accelerator = make_accelerator(log_with=args.report_to or None,
-                                                          project_dir=args.output_dir)
+        if any(o is not None for o in optimizers):
+            raise ValueError("optimizers: the trainer builds its own AdamW and schedule from the config; set "
+                             "learning_rate, lr_scheduler_type, warmup_steps, weight_decay, adam_beta1/2 instead.")
+        self.callbacks = Callbacks(callbacks)
+        accelerator = self.accelerator = make_accelerator(log_with=trackers.build(args) or None,
+                                                          project_dir=args.output_dir,
+                                                          mixed_precision=args.mixed_precision)
         args.validate(accelerator.num_processes)
         # The output directory: locked for this run, refused if it holds another run's checkpoints (rlhf/run_dir.py).
         self.run = RunDirectory.claim(args.output_dir, accelerator, args.resume_from_checkpoint,
@@ -90,8 +100,9 @@ class RLTrainer:
         set_seed(args.seed, device_specific=True)  # every process draws different samples from the same prompts
 
         # --- models: the actor, PPO's critic (from the plain actor, before LoRA), the reference
-        self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code)
-        actor = load_causal_lm(model, args.dtype, args.trust_remote_code)
+        self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code,
+                                        args.model_init_kwargs.get("revision"))
+        actor = load_causal_lm(model, args.dtype, args.trust_remote_code, args.model_init_kwargs)
         initial_weights = model_fingerprint(actor)  # a resume must start from the same model (its reference)
         eos_ids = eos_token_ids(actor, self.tokenizer)
         if args.chunked_lm_head:
@@ -142,12 +153,16 @@ class RLTrainer:
             timeout=args.reward_timeout)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails now, not at eval
-        self.train_dataset = as_dataset(train_dataset, "train_dataset")
+        self.train_dataset = as_dataset(train_dataset, "train_dataset", streaming=True)
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None:
-                check_reward_columns(self.reward_functions, dataset)
+                check_reward_columns(self.reward_functions, dataset_columns(dataset))
                 check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts)
+        streamed = isinstance(self.train_dataset, IterableDataset)
+        self.num_prompts = None if streamed else len(self.train_dataset)
+        # num_train_epochs, a fractional save_steps and warmup_ratio become steps now that the data is known
+        self.args = args = args.for_dataset(self.num_prompts)
         _warn_past_positions(actor, args)
         self.model_source = model if isinstance(model, str) else getattr(actor.config, "_name_or_path", "")
         # What the run is made from, saved in its checkpoints and compared on resume (checkpointing.resume_changes).
@@ -156,8 +171,14 @@ class RLTrainer:
                          "train_dataset": dataset_fingerprint(self.train_dataset),
                          "eval_dataset": dataset_fingerprint(self.eval_dataset),
                          "reward_functions": [f.name for f in self.reward_functions]}
-        self.sampler = PromptSampler(len(self.train_dataset), args.prompts_per_step, args.seed,
-                                     accelerator.num_processes, accelerator.process_index)
+        if streamed and args.filter_zero_std_groups and args.max_sampling_rounds > 1:
+            raise ValueError(f"max_sampling_rounds={args.max_sampling_rounds} with a streamed train_dataset: dynamic "
+                             "sampling's refill rounds draw prompts at random, which a stream cannot do (and step k "
+                             "must read rows k x prompts_per_step onwards to resume). Pass a Dataset, or set "
+                             "max_sampling_rounds=1 (zero-variance groups are then only filtered).")
+        self.sampler = (StreamSampler(args.prompts_per_step, accelerator.num_processes, accelerator.process_index)
+                        if streamed else PromptSampler(self.num_prompts, args.prompts_per_step, args.seed,
+                                                       accelerator.num_processes, accelerator.process_index))
 
         # --- Accelerate
         self.model, self.optimizer = accelerator.prepare(actor, make_optimizer(actor, args.learning_rate, args))
@@ -176,11 +197,10 @@ class RLTrainer:
         self.sampling = sampling_params(args)
         self.reduce = BatchReduce(accelerator)
         self.guard = NonFiniteGuard(args.max_nonfinite_updates, args.output_dir, self.run.newest_checkpoint)
-        self.step = 0
+        self.state = new_state(args, accelerator, self.num_prompts)  # transformers' TrainerState: the step lives here
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
-        else:
-            self.run.start(type(self).__name__)
+        self._event("on_init_end")
 
     # ------------------------------------------------------------------ one step
     def make_rollout(self, step: int, metrics: StepMetrics | None = None,
@@ -191,10 +211,11 @@ class RLTrainer:
         metrics = metrics if metrics is not None else StepMetrics()
         timer = timer if timer is not None else PhaseTimer()
         self.model.eval()
-        # this process's prompts, num_generations completions each; the whole batch's rewards [B_global]
+        # this process's prompts, num_generations completions each; the whole batch's rewards [B_global], the reward
+        # functions given trainer_state, log_metric and log_extra as in TRL
         rollout, texts, rewards = sample_groups(self.policy, self.train_dataset, self.sampler, step, self.sampling,
                                                 args, self.reward_functions, self.reward_weights, accelerator,
-                                                metrics, timer)
+                                                metrics, timer, RewardContext(self.state))
         if args.mask_truncated_completions:
             rollout.loss_mask[rollout.truncated] = 0
         selecting = args.top_entropy_quantile < 1
@@ -233,9 +254,11 @@ class RLTrainer:
         log_rollout(rollout, accelerator, metrics)
         return rollout, texts
 
-    def training_step(self, timer: PhaseTimer | None = None) -> dict[str, float]:
+    def training_step(self, timer: PhaseTimer | None = None, samples: CompletionSamples | None = None
+                      ) -> dict[str, float]:
         """One rollout batch, start to finish. Returns global metrics (identical on every process); ``timer`` (e.g.
-        a profiler's) times the phases."""
+        a profiler's) times the phases; ``samples``, when given, keeps a few of the step's completions with their
+        rewards for the completions table."""
         args = self.args
         timer, metrics = timer if timer is not None else PhaseTimer(), StepMetrics()
         start = time.perf_counter()
@@ -254,58 +277,77 @@ class RLTrainer:
         if self.plan.kl_in is not None:
             out["kl_coef"] = self.kl.coef
         self.kl.update_coef(out.get("kl/sequence"), args.rollout_batch_size)
+        if samples is not None:
+            samples.record(self.step + 1, texts, rollout)
         return out
 
     # ------------------------------------------------------------------ the run
-    def train(self) -> list[dict]:
-        """Run until ``max_steps``; returns the logged metric records."""
-        args = self.args
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
+        """Run until ``max_steps`` or until a callback stops it. ``resume_from_checkpoint`` (as in TRL): a checkpoint
+        directory, or True for the newest one in ``output_dir``. Returns the logged metric records: a list that also
+        carries ``global_step``, ``training_loss`` and ``metrics``, as transformers' TrainOutput does."""
+        args, accelerator = self.args, self.accelerator
+        if resume_from_checkpoint:
+            self.load_checkpoint("latest" if resume_from_checkpoint is True else resume_from_checkpoint)
+        if not self.run.started:  # a new run; refused here if output_dir holds another run's checkpoints
+            self.run.start(type(self).__name__)
         if self.step >= args.max_steps:
-            self.accelerator.print(f"Training already finished: step {self.step} of max_steps={args.max_steps}. "
-                                   "Nothing to do; raise max_steps to train further.")
-            return []
-        if args.report_to:
-            self.accelerator.init_trackers(args.run_name or os.path.basename(os.path.normpath(args.output_dir)),
-                                           config=args.to_dict())
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        if self.step == 0 and self.accelerator.is_main_process and os.path.exists(metrics_path):
-            logger.warning("Starting a new run in %s: replacing its metrics.jsonl.", args.output_dir)
-            os.remove(metrics_path)
-        metrics_logger = MetricsLogger(args.output_dir, self.accelerator, args.max_steps, self.step, args.disable_tqdm)
+            accelerator.print(f"Training already finished: step {self.step} of max_steps={args.max_steps}. "
+                              "Nothing to do; raise max_steps to train further.")
+            return TrainResult([], self.step)
+        started, first_step = time.perf_counter(), self.step
+        trackers.start(accelerator, args)
+        run_log = RunLog(args, accelerator, self.state, [f.name for f in self.reward_functions], self._event)
         records = []
         monitor = HealthMonitor(args.num_generations, args.max_grad_norm) if args.health_monitor else None
+        self._event("on_train_begin")
         evaluating = args.eval_steps > 0 and self.eval_dataset is not None
         if evaluating and self.step == 0:
-            records.append(metrics_logger.write(0, self.evaluate()))
+            records.append(run_log.log_eval(self.step, self.evaluate()))
         while self.step < args.max_steps:
-            step_metrics = self.training_step()
-            metrics_logger.accumulate(step_metrics)
+            self._event("on_step_begin")
+            step_metrics = self.training_step(samples=run_log.samples)
+            run_log.accumulate(step_metrics)
             self.step += 1
+            self.state.epoch = epoch_at(self.step, args.prompts_per_step, self.num_prompts)
+            self._event("on_step_end")
             alarms = monitor.observe(self.step, step_metrics) if monitor else []
-            if self.step % args.logging_steps == 0 or self.step == args.max_steps:
-                records.append(metrics_logger.log(self.step))
-            if evaluating and (self.step % args.eval_steps == 0 or self.step == args.max_steps):
+            stop = self.callbacks.requested("should_training_stop", accelerator)
+            last = stop or self.step == args.max_steps
+            if self._due("should_log", self.step % args.logging_steps == 0 or last):
+                records.append(run_log.log(self.step))
+            if self._due("should_evaluate", evaluating and (self.step % args.eval_steps == 0 or last)):
                 evaluation = self.evaluate()
-                records.append(metrics_logger.write(self.step, evaluation))
+                records.append(run_log.log_eval(self.step, evaluation))
                 alarms += monitor.observe_eval(self.step, evaluation) if monitor else []
             for alarm in alarms:  # said once: on the console, in alarms.jsonl, and so in the report
-                if self.accelerator.is_main_process:
-                    logger.warning(alarm.text())
-                metrics_logger.write_event(alarm.record())
-            if args.save_steps and (self.step % args.save_steps == 0 or self.step == args.max_steps):
+                run_log.alarm(alarm)
+            if self._due("should_save", args.save_steps and (self.step % args.save_steps == 0 or last)):
                 if step_metrics["guard/skipped_updates"] == 0:
                     self.save_checkpoint()
+                    self._event("on_save")
                 else:  # its weights may be what made the update non-finite: keep the last good checkpoint as latest
                     logger.warning("Step %d: an update was skipped as non-finite; no checkpoint is written for this "
                                    "step (the newest is %s).", self.step, self.run.newest_checkpoint())
-            metrics_logger.advance()
-        metrics_logger.close()
-        if args.write_report and self.accelerator.is_main_process:
-            _write_report(self.accelerator, args.output_dir)
-        # Not accelerator.end_training(): it would also destroy the process group that save_model still needs.
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-        return records
+            run_log.advance()
+            if stop and self.step < args.max_steps:
+                run_log.print(f"Stopped by a callback at step {self.step} of {args.max_steps}.")
+                break
+        run_log.close()
+        self._event("on_train_end")
+        run_log.write_report()
+        trackers.finish(accelerator)
+        return TrainResult(records, self.step, time.perf_counter() - started, self.state.epoch, self.step - first_step)
+
+    # ------------------------------------------------------------------ callbacks
+    def _event(self, event: str, **kwargs):
+        return self.callbacks.fire(event, self.args, self.state, model=self.unwrapped_model,
+                                   processing_class=self.tokenizer, optimizer=self.optimizer,
+                                   lr_scheduler=self.scheduler, train_dataloader=None, eval_dataloader=None, **kwargs)
+
+    def _due(self, flag: str, scheduled: bool) -> bool:
+        """Whether to log / evaluate / save now: on schedule, or because a callback asked (asked first: it clears)."""
+        return self.callbacks.requested(flag, self.accelerator) or bool(scheduled)
 
     def evaluate(self, dataset=None, step: int | None = None, output_dir: str | None = None) -> dict[str, float]:
         """Greedy (and sampled) evaluation on ``dataset`` (default: ``eval_dataset``); see ``rlhf.evaluation``."""
@@ -313,9 +355,18 @@ class RLTrainer:
         if dataset is None:
             raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
         return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args,
-                        self.step if step is None else step, output_dir)
+                        self.step if step is None else step, output_dir, self.state)
 
     # ------------------------------------------------------------------ saving and resuming
+    @property
+    def step(self) -> int:
+        """Steps done (rollout batches): ``state.global_step``."""
+        return self.state.global_step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.global_step = value
+
     @property
     def unwrapped_model(self):
         return self.accelerator.unwrap_model(self.model)
@@ -334,11 +385,14 @@ class RLTrainer:
 
     def save_model(self, path: str | None = None) -> str:
         """Write the actor and tokenizer (safetensors) so that ``from_pretrained(path)`` loads them; a LoRA actor
-        writes its adapter, or with ``save_merged_lora`` the merged model. Default: ``output_dir/model``."""
-        return checkpointing.save_model(path or os.path.join(self.args.output_dir, "model"), self.accelerator,
+        writes its adapter, or with ``save_merged_lora`` the merged model. Default, as in TRL: ``output_dir`` itself
+        (metrics, checkpoints and other files there stay)."""
+        return checkpointing.save_model(path or self.args.output_dir, self.accelerator,
                                         self.model, self.tokenizer, self.args.save_merged_lora)
 
     def save_checkpoint(self) -> str:
+        if not self.run.started:
+            self.run.start(type(self).__name__)
         state = {"step": self.step, "run_id": self.run.run_id, "config": self.args.to_dict(), "kl_coef": self.kl.coef,
                  **self.identity}
         return checkpointing.save_checkpoint(self.args.output_dir, self.step, self.accelerator, self.trained_models,
@@ -358,6 +412,10 @@ class RLTrainer:
         if changes:
             logger.warning("Resuming %s with changed settings, applied from step %d on: %s", path, self.step,
                            checkpointing.describe_changes(changes))
+        self.state.epoch = epoch_at(self.step, self.args.prompts_per_step, self.num_prompts)
+        metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")  # the history up to the checkpoint
+        self.state.log_history = [r for r in (read_metrics(metrics_path) if os.path.exists(metrics_path) else [])
+                                  if r.get("step", 0) <= self.step]
         self.accelerator.print(f"Resumed from {path} at step {self.step}.")
 
 
@@ -424,15 +482,3 @@ def _warn_past_positions(actor, args: RLConfig) -> None:
     if positions is not None and longest > positions:
         logger.warning("max_prompt_length + max_new_tokens = %d exceeds the model's max_position_embeddings=%d; "
                        "positions past it are out of the range the model was trained on.", longest, positions)
-
-
-def _write_report(accelerator, output_dir: str) -> None:
-    """output_dir/report.html. A failure here is logged, never raised: the run itself has succeeded, and the model
-    still has to be saved."""
-    from rlhf.report import write_report
-
-    try:
-        accelerator.print(f"Report: {write_report(output_dir)}")
-    except Exception as error:  # noqa: BLE001 - a broken plot must not cost the trained model
-        logger.warning("Could not write the report (%s: %s); python -m rlhf.report %s retries.",
-                       type(error).__name__, error, output_dir)

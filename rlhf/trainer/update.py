@@ -3,7 +3,9 @@ one optimizer step, accumulated over micro-batches; and the loss of one micro-ba
 
 Loss normalisation is global: the denominators of a mini-batch (its valid tokens and sequences, summed
 over processes) are counted before the first backward, so the gradient does not depend on how the
-mini-batch is split into micro-batches or processes (pitfall 6 in tests/README.md).
+mini-batch is split into micro-batches or processes (pitfall 6 in tests/README.md). The one exception is asked
+for by name: ``loss_agg="micro-batch-token-mean"`` (TRL's bnpo) takes each micro-batch's own token mean and
+weighs micro-batches equally, so its gradient depends on ``micro_batch_size`` by definition.
 """
 
 import logging
@@ -139,6 +141,7 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
     mask = micro.loss_mask
     stats = LossStats(tokens=mask.sum(), sequences=(mask.sum(dim=1) > 0).sum())
     loss = torch.zeros((), device=mask.device)
+    agg = "token-mean" if args.loss_agg == "micro-batch-token-mean" else args.loss_agg  # its denominators are per micro
     if critic is not None:
         values = completion_values(critic.model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
                                    micro.completion_mask, plan.share_group, critic.unwrapped)
@@ -156,7 +159,7 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
     )
     old_logprobs = logprobs.detach() if plan.on_policy else micro.old_logprobs
     loss_pg, pg = policy_loss(logprobs, old_logprobs, micro.advantages, mask, args.clip_eps_low, args.clip_eps_high,
-                              args.dual_clip, args.loss_agg, level=args.importance_sampling_level,
+                              args.dual_clip, agg, level=args.importance_sampling_level,
                               loss_type=args.policy_loss_type, weights=micro.correction_weights, **denominators)
     if micro.old_logprobs is None and micro.sampler_logprobs is not None:
         # On-policy without a scoring pass: these log-probs are the trainer's view of the sampling policy, so the
@@ -167,10 +170,10 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
         stats.maxima["rollout/max_abs_log_ratio"] = mismatch["max_abs_log_ratio"]
     loss = loss + loss_pg
     stats.losses["loss/policy"] = loss_pg.detach()
-    kl_loss, kl_stats = kl.in_loss(logprobs, micro.ref_logprobs, mask, args.loss_agg, denominators)
+    kl_loss, kl_stats = kl.in_loss(logprobs, micro.ref_logprobs, mask, agg, denominators)
     loss = loss + kl_loss
     if args.entropy_coef > 0:
-        loss = loss - args.entropy_coef * aggregate_loss(entropy, mask, args.loss_agg, **denominators)
+        loss = loss - args.entropy_coef * aggregate_loss(entropy, mask, agg, **denominators)
     stats.token_means.update(kl_stats)
     stats.token_means.update({
         "entropy": masked_mean(entropy.detach(), mask),
@@ -198,9 +201,11 @@ def accumulate_gradients(actor, critic, mini: Rollout, args, plan: StepPlan, kl:
     for start in starts:
         # accumulate() skips the gradient all-reduce (DDP) or the engine step (DeepSpeed) until the last
         # micro-batch of the mini-batch.
+        micro = mini.rows(slice(start, start + plan.micro_batch)).trimmed()
+        if args.loss_agg == "micro-batch-token-mean":  # TRL's bnpo: this micro-batch's tokens, micro-batches equal
+            denominators = {**denominators, "num_tokens": micro.loss_mask.sum().double() / share}
         with accelerator.accumulate(*trained):
-            loss, stats = micro_batch_loss(actor, critic, mini.rows(slice(start, start + plan.micro_batch)).trimmed(),
-                                           args, plan, kl, denominators)
+            loss, stats = micro_batch_loss(actor, critic, micro, args, plan, kl, denominators)
             accelerator.backward(loss * scale)
         for name, value in stats.losses.items():  # logged: the mini-batch loss, averaged over mini-batches
             metrics.add(name, value / share, share)

@@ -1,0 +1,314 @@
+"""TRL's config names, accepted and mapped to ours, so that a config written for TRL's GRPOTrainer runs here.
+
+``translate`` turns the keys a user gave (Python keywords, YAML, command line) into our fields:
+
+- a **renamed** TRL field becomes ours with the same meaning (``beta`` -> ``kl_coef``);
+- a **mapped** one becomes one or several of ours by a rule (``loss_type``, TRL's batch sizes, ``bf16``);
+- one that changes nothing here is **accepted with a note** (``do_train``, ``hub_model_id``, ``vllm_mode``);
+- one that asks for something we do not have is **accepted only at the value that matches what we do**
+  (``use_vllm=False``); any other value is an error that says what to do instead.
+
+Aliases are resolved before anything is called unknown, and every unknown key of one call is reported at
+once, each with a did-you-mean. What each TRL name became is logged once. The README's "Coming from TRL"
+table is generated from ``rlhf.trl_table.TABLE`` (``python -m rlhf.extras.docs``), so it cannot drift from this
+code.
+"""
+
+import dataclasses
+import difflib
+import logging
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from rlhf.trl_table import (  # noqa: F401 - the table's names, re-exported for the docs and the tests
+    BATCH_NAMES,
+    BY_NAME,
+    DIFFERENT_DEFAULTS,
+    OVERRIDING,
+    SAME_NAMES,
+    TABLE,
+    TRL_DEFAULTS,
+    TRLName,
+    _bool,
+    _number,
+    _strategy,
+    defaults_table,
+    markdown_table,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigNameError(TypeError):
+    """Keys a config does not know, or TRL settings without an equivalent here; the message lists them all."""
+
+
+# ---------------------------------------------------------------------------------------------------- translation
+@dataclass
+class Translation:
+    """The outcome of ``translate``: our fields, what each TRL name became, and what could not be understood."""
+
+    values: dict
+    notes: list[str]
+    errors: list[str]
+
+    def raise_errors(self, where: str) -> None:
+        if self.errors:
+            raise ConfigNameError(f"{where}:\n  - " + "\n  - ".join(self.errors))
+
+
+def world_size() -> int:
+    """The number of processes of this launch, as ``accelerate launch`` / torchrun announce it to every process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[str, object],
+              convert: Callable | None = None, where: str | Mapping[str, str] = "") -> Translation:
+    """Map ``values`` (keys as the user wrote them) onto ``fields`` (our field names -> annotations).
+
+    ``defaults`` are our fields' defaults (the batch rule needs num_generations); ``convert(value, annotation,
+    name)`` turns command-line strings into the annotated type (the command line passes it; Python values are
+    typed already); ``where`` says where the keys came from (one place, or one per key). Returns every error at
+    once rather than stopping at the first."""
+    convert = convert or (lambda value, annotation, name: value)
+    ours: dict = {}
+    trl: dict = {}
+    errors: list[str] = []
+    unknown: list[str] = []
+    for key, value in values.items():
+        if key in BY_NAME and (key not in fields or key in SHARED_RULES):
+            trl[key] = value
+        elif key in fields:
+            ours[key] = value
+        else:
+            unknown.append(key)
+    notes: list[str] = []
+    for key in [k for k, v in ours.items() if v is None and k in SAME_NAMES and not _optional(fields[k])]:
+        del ours[key]  # TRL's None for "its default" (disable_tqdm, eval_steps): ours
+        notes.append(f"{key}=None -> the default here, {defaults.get(key)!r}")
+    out = dict(ours)
+    explicit = set(ours)
+
+    def give(name: str, value, source: str) -> None:
+        """Set our field ``name`` from a TRL setting, unless the user set it as well (settings that decide over
+        another, as TRL's save_strategy over save_steps, or add to one, as reward_model_name_or_path, always set)."""
+        if name in explicit and out.get(name) != value and source not in OVERRIDING:
+            errors.append(f"{source} sets {name}={value!r}, but {name}={out[name]!r} is given too; keep one of them.")
+            return
+        if name not in fields:
+            errors.append(f"{source}: {name} is not a field here.")
+            return
+        out[name] = value
+
+    for key in [k for k in trl if k in SHARED_RULES]:  # TRL values for names we share
+        value = trl.pop(key)
+        try:
+            mapped = SHARED_RULES[key](value, trl, out, defaults)
+        except ValueError as error:
+            errors.append(str(error))
+            continue
+        for name, setting in mapped.items():
+            give(name, setting, key)
+        if mapped != {key: value}:
+            notes.append(f"{key}={value!r} -> " + ", ".join(f"{n}={v!r}" for n, v in mapped.items()))
+    batch = {k: trl.pop(k) for k in BATCH_NAMES if k in trl}
+    if batch:
+        try:
+            batch = {k: _number(convert(v, int, k), k, int) for k, v in batch.items()}
+            generations = convert(out.get("num_generations", defaults.get("num_generations", 8)), int,
+                                  "num_generations")
+            mapped, note = batch_geometry(batch, _number(generations, "num_generations", int))
+            for name, value in mapped.items():
+                give(name, value, "TRL's batch sizes")
+            notes.append(note)
+        except ValueError as error:
+            errors.append(str(error))
+    for key, value in trl.items():
+        entry = BY_NAME[key]
+        try:
+            mapped = _apply(entry, value, trl, out, convert)
+        except ValueError as error:
+            errors.append(str(error))
+            continue
+        for name, setting in mapped.items():
+            give(name, setting, key)
+        if entry.kind in ("renamed", "mapped", "script"):
+            notes.append(f"{key}={_shown(value)!r} -> " + (", ".join(f"{n}={_shown(v)!r}" for n, v in mapped.items())
+                                                           or "nothing"))
+        elif entry.kind == "accepted":
+            notes.append(f"{key}: {entry.becomes}")
+    if "epsilon" in trl and "epsilon_high" not in trl and "clip_eps_high" not in explicit and not errors:
+        out["clip_eps_high"] = out["clip_eps_low"]  # TRL: epsilon_high defaults to epsilon
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(fields) + list(BY_NAME), n=1)
+        source = where.get(key, "") if isinstance(where, Mapping) else where
+        errors.append(f"unknown option '{key}'{f' in {source}' if source else ''}."
+                      + (f" Did you mean '{close[0]}'?" if close else ""))
+    return Translation(out, notes, errors)
+
+
+def _optional(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _shown(value):
+    """A command-line value as the user typed it (one string, not a list of one)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) else value
+
+
+def _apply(entry: TRLName, value, trl: Mapping, out: dict, convert: Callable) -> dict:
+    if entry.name == "save_strategy":
+        if value == "steps" and "save_steps" not in out:
+            return {"save_steps": TRL_DEFAULTS["save_steps"]}
+        return _strategy("save_strategy", "save_steps")(value)
+    if entry.name == "eval_strategy":
+        if value == "steps" and not out.get("eval_steps"):  # TRL: eval_steps defaults to logging_steps (10)
+            return {"eval_steps": out.get("logging_steps", TRL_DEFAULTS["logging_steps"])}
+        return _strategy("eval_strategy", "eval_steps")(value)
+    if entry.name == "reward_model_name_or_path":
+        return {"reward_funcs": [*out.get("reward_funcs", []), value]} if value else {}
+    if entry.name in ("model_revision", "attn_implementation"):
+        key = "revision" if entry.name == "model_revision" else entry.name
+        return {"model_init_kwargs": {**out.get("model_init_kwargs", {}), key: value}} if value is not None else {}
+    if entry.name == "dataset_test_split":
+        evaluating = trl.get("eval_strategy", "no") not in ("no", False) and "eval_dataset_name" not in out
+        return {"eval_dataset_split": value, **({"eval_dataset_name": out["dataset_name"]}
+                                                if evaluating and out.get("dataset_name") else {})}
+    if entry.name == "epsilon":
+        value = convert(value, float, "epsilon")
+    if entry.apply is None:
+        return {}
+    return entry.apply(value)
+
+
+def batch_geometry(batch: Mapping[str, int], num_generations: int) -> tuple[dict, str]:
+    """Our batch fields from TRL's (``per_device_train_batch_size`` etc., which count completions), with TRL's
+    defaults for the ones not given, on ``world_size()`` processes."""
+    processes = world_size()
+    per_device = batch.get("per_device_train_batch_size", TRL_DEFAULTS["per_device_train_batch_size"])
+    accumulation = batch.get("gradient_accumulation_steps", TRL_DEFAULTS["gradient_accumulation_steps"])
+    for name, value in (("per_device_train_batch_size", per_device), ("gradient_accumulation_steps", accumulation)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1.")
+    global_batch = per_device * processes
+    if "steps_per_generation" in batch and "generation_batch_size" in batch:
+        raise ValueError("steps_per_generation and generation_batch_size cannot both be set (as in TRL); keep one.")
+    if "generation_batch_size" in batch:
+        generation = batch["generation_batch_size"]
+        if generation < 1 or generation % global_batch:
+            raise ValueError(f"generation_batch_size={generation} must be a positive multiple of "
+                             f"per_device_train_batch_size x processes = {per_device} x {processes}.")
+        steps = generation // global_batch
+    else:
+        steps = batch.get("steps_per_generation", accumulation)
+        generation = global_batch * steps
+    if steps % accumulation:
+        raise ValueError(f"steps_per_generation={steps} must be a multiple of gradient_accumulation_steps="
+                         f"{accumulation} here: every optimizer step uses completions of one rollout batch.")
+    if generation % num_generations:
+        raise ValueError(f"generation_batch_size={generation} (completions) must be divisible by num_generations="
+                         f"{num_generations}, so that every prompt gets all its completions.")
+    mapped = {"micro_batch_size": per_device, "mini_batch_size": per_device * accumulation * processes,
+              "prompts_per_step": generation // num_generations}
+    given = ", ".join(f"{k}={v}" for k, v in batch.items())
+    optimizer_steps = steps // accumulation
+    note = (f"{given} with num_generations={num_generations} on {processes} process(es) -> "
+            + ", ".join(f"{k}={v}" for k, v in mapped.items())
+            + f" (TRL's batch sizes count completions, prompts_per_step counts prompts; each step makes "
+              f"{optimizer_steps} optimizer step(s) per epoch, and max_steps counts steps, not optimizer steps)")
+    return mapped, note
+
+
+# Rules for names TRL and we share whose TRL values we translate: (value, the other TRL keys, our values so far)
+# -> our fields.
+def _report_to(value, trl, out, defaults) -> dict:
+    names = [value] if isinstance(value, str) else list(value or [])
+    names = [n for part in names for n in str(part).split(",") if n.strip()]
+    return {"report_to": [] if [n.lower() for n in names] in ([], ["none"]) else names}
+
+
+def _scale_rewards(value, trl, out, defaults) -> dict:
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return {"scale_rewards": "group" if _bool(value, "scale_rewards") else "none"}
+    return {"scale_rewards": value}
+
+
+def _output_dir(value, trl, out, defaults) -> dict:
+    return {"output_dir": "trainer_output" if value is None else value}
+
+
+def _max_steps(value, trl, out, defaults) -> dict:
+    """TRL's -1 means "run num_train_epochs" (3 by default). A max_steps other than our default, given with
+    num_train_epochs, decides the run's length, as in TRL (with the default, num_train_epochs decides: a config
+    rebuilt from its own fields, as ``dataclasses.replace`` does, keeps its meaning)."""
+    if value is not None and str(value).strip() == "-1":
+        return {"num_train_epochs": out.get("num_train_epochs") or TRL_DEFAULTS["num_train_epochs"]}
+    if out.get("num_train_epochs") is not None and str(value) != str(defaults.get("max_steps")):
+        logger.warning("max_steps=%s and num_train_epochs=%s are both set: max_steps decides the length of the run, "
+                       "as in TRL.", value, out["num_train_epochs"])
+        out["num_train_epochs"] = None
+    return {"max_steps": value}
+
+
+def _warmup_steps(value, trl, out, defaults) -> dict:
+    number = _number(value, "warmup_steps")
+    if 0 < number < 1:
+        return {"warmup_ratio": number, "warmup_steps": 0}
+    return {"warmup_steps": value}
+
+
+def _lr_scheduler(value, trl, out, defaults) -> dict:
+    return {"lr_scheduler_type": "constant" if value == "constant_with_warmup" else value}
+
+
+def _model_init_kwargs(value, trl, out, defaults) -> dict:
+    if value is None:
+        return {"model_init_kwargs": {}}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"model_init_kwargs={value!r} must be a mapping of from_pretrained keyword arguments.")
+    kwargs, fields = dict(value), {}
+    for key in ("dtype", "torch_dtype"):
+        if key in kwargs:
+            dtype = kwargs.pop(key)
+            fields["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+    if "trust_remote_code" in kwargs:
+        fields["trust_remote_code"] = _bool(kwargs.pop("trust_remote_code"), "model_init_kwargs['trust_remote_code']")
+    if "device_map" in kwargs:
+        raise ValueError("model_init_kwargs['device_map']: Accelerate places the model on each process's device; "
+                         "remove device_map.")
+    return {"model_init_kwargs": kwargs, **fields}
+
+
+SHARED_RULES: dict[str, Callable] = {"report_to": _report_to, "scale_rewards": _scale_rewards,
+                                     "output_dir": _output_dir, "max_steps": _max_steps,
+                                     "warmup_steps": _warmup_steps, "lr_scheduler_type": _lr_scheduler,
+                                     "model_init_kwargs": _model_init_kwargs}
+
+
+_logged: set[str] = set()
+
+
+def log_notes(notes: list[str]) -> None:
+    """Log what TRL names became, each line once per process, on the main process only."""
+    fresh = [note for note in notes if note not in _logged]
+    _logged.update(fresh)
+    if fresh and os.environ.get("RANK", "0") == "0":
+        logger.warning("TRL settings, as this library reads them:\n  " + "\n  ".join(fresh))
+
+
+class AcceptsTRLNames(type):
+    """Metaclass of the configs: ``GRPOConfig(beta=0.04, per_device_train_batch_size=4, ...)`` translates TRL's names
+    before the dataclass sees them, and reports every key it does not know at once."""
+
+    def __call__(cls, *args, **kwargs):
+        if kwargs:
+            hints = typing.get_type_hints(cls)
+            fields = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+            defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+            translation = translate(kwargs, fields, defaults, where=f"{cls.__name__}(...)")
+            translation.raise_errors(f"{cls.__name__} got settings it cannot use")
+            log_notes(translation.notes)
+            kwargs = translation.values
+        return super().__call__(*args, **kwargs)
