@@ -3,7 +3,7 @@ through the per-token reverse KL on the student's own samples. CPU only, no netw
 
     python recipes/distill.py [--seed 0]          # prepare teacher and student, distil, print held-out accuracy
     python recipes/distill.py --stage prepare     # only write outputs/distill/{teacher,student}
-    accelerate launch recipes/grpo.py --config recipes/configs/demo_distill.yaml   # the distillation on its own
+    accelerate launch --config_file recipes/accelerate/one_process.yaml recipes/grpo.py --config recipes/configs/demo_distill.yaml   # the distillation on its own
 
 1. Teacher: the demo's 4-layer Llama (hidden 128), trained supervised until --teacher_accuracy on a validation split
    (or --teacher: an existing one, such as the demo's RL-trained model).

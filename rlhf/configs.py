@@ -68,8 +68,9 @@ class RLConfig(metaclass=AcceptsTRLNames):
     and clip fraction, and sample completions (``python -m rlhf.report <output_dir>`` writes it on demand)."""
     health_monitor: bool = True
     """Watch the run for the failures users keep hitting (the learning signal drying up, entropy collapse, identical
-    rewards, updates too large, exploding gradients, truncation, over-optimisation, non-finite updates) and explain
-    each once, with likely causes and what to try, on the console, in alarms.jsonl and in the report (rlhf/monitor.py)."""
+    rewards, updates too large, exploding gradients, truncation, over-optimisation, a reward held down by the KL
+    penalty, non-finite updates) and explain each once, with likely causes and what to try, on the console, in
+    alarms.jsonl and in the report (rlhf/monitor.py)."""
     eval_steps: int = 0
     """Evaluate on ``eval_dataset`` (greedy completions, scored by the reward functions) before training,
     every this many steps and at the end (0: never)."""

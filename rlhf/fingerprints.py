@@ -6,9 +6,11 @@ the same path holding other weights, or a model object built differently, does n
 """
 
 import hashlib
+import itertools
 import json
 
 import torch
+from datasets import IterableDataset
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -29,9 +31,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def dataset_fingerprint(dataset) -> str | None:
-    """Every row of a ``datasets.Dataset``, in order (the prompt of step k depends on both); None for None."""
+    """Every row of a ``datasets.Dataset``, in order (the prompt of step k depends on both); of a streamed
+    ``IterableDataset``, its first 1024 rows (a stream cannot be read whole up front); None for None."""
     if dataset is None:
         return None
+    if isinstance(dataset, IterableDataset):
+        head = list(itertools.islice(dataset, 1024))
+        digest = hashlib.sha256(f"stream:{len(head)}".encode())
+        for row in head:
+            digest.update(json.dumps(row, sort_keys=True, default=_stable).encode())
+        return digest.hexdigest()
     digest = hashlib.sha256(f"{len(dataset)}:{sorted(dataset.column_names)}".encode())
     for batch in dataset.iter(batch_size=1024):
         digest.update(json.dumps(batch, sort_keys=True, default=_stable).encode())

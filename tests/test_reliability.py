@@ -150,7 +150,7 @@ def test_a_slow_reward_function_is_named_with_its_sample(tmp_path):
         return [0.0] * len(completions)
 
     trainer = make_trainer(tmp_path, reward=sluggish, reward_timeout=0.5)
-    trainer.sampler.indices = lambda step: [1, 0, 2, 3]  # the slow prompt is the second of this step
+    trainer.sampler.indices = lambda step, round_index=0: [1, 0, 2, 3]  # the slow prompt is the second of this step
     with pytest.raises(RewardError, match=r"'sluggish' took longer than reward_timeout=0.5 s on a batch of 16 "
                                           r"completions; sample 4 \(of 4 slow: \[4, 5, 6, 7\]\)"):
         trainer.training_step()

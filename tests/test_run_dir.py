@@ -38,8 +38,12 @@ def test_a_new_run_refuses_another_runs_checkpoints_unless_told_to_overwrite(tmp
     with pytest.raises(RunDirectoryError, match=r"holds 2 checkpoint\(s\) of another run \(checkpoint-3, "
                                                  r"checkpoint-4\).*resume_from_checkpoint='latest'.*another "
                                                  r"output_dir.*overwrite_output_dir=True"):
-        make_trainer(tmp_path, max_steps=2, save_steps=1, save_total_limit=2)
+        make_trainer(tmp_path, max_steps=2, save_steps=1, save_total_limit=2).train()
     assert checkpoints(tmp_path) == ["checkpoint-3", "checkpoint-4"]  # nothing touched
+    # TRL's way to resume: construct, then train(resume_from_checkpoint=True); the refusal waits for train()
+    resumed = make_trainer(tmp_path, max_steps=5, save_steps=1, save_total_limit=2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.run.run_id == old_id and checkpoints(tmp_path) == ["checkpoint-4", "checkpoint-5"]
 
     # The case: before, rotation kept the old run's higher steps and deleted the new run's checkpoints as
     # soon as they were written, and "latest" resumed the old run.
