@@ -23,7 +23,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo rlhf-demo bench bench-gpu gpu-wheels learn-bench docs clean
+.PHONY: help install test test-slow test-gpu demo rlhf-demo bench bench-gpu gpu-wheels learn-bench learn-bench-variants docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
@@ -34,6 +34,7 @@ help:
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
 	@echo "make bench      our GRPO step against TRL's: speed, and memory at a real vocabulary (DEVICE=cuda: GPU case)"
 	@echo "make learn-bench  our GRPO, PPO, RLOO, REINFORCE++ vs TRL's GRPO and RLOO, 2 tasks x 3 seeds (~40 min)"
+	@echo "make learn-bench-variants  GSPO, CISPO, entropy tokens, DAPO refill, rollout correction, REINFORCE++-baseline"
 	@echo "make bench-gpu  the whole GPU run (bench/gpu.sh); make gpu-wheels first where there is no registry"
 	@echo "make docs       regenerate the config tables in README.md"
 
@@ -86,6 +87,9 @@ gpu-wheels: $(STAMP)
 
 learn-bench: $(STAMP)
 	$(PY) bench/learn.py
+
+learn-bench-variants: $(STAMP)
+	$(PY) bench/learn.py --methods variants --report bench/LEARN_VARIANTS.md
 
 bench-gpu:
 	bash bench/gpu.sh

@@ -149,18 +149,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, a few steps")
     parser.add_argument("--tasks", default=",".join(learn_tasks.TASKS))
-    parser.add_argument("--methods", default=",".join(learn_tasks.METHODS))
+    parser.add_argument("--methods", default=",".join(learn_tasks.CORE),
+                        help="comma-separated names of bench/learn_tasks.py METHODS, or 'variants'")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick: 0)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "learn"))
     parser.add_argument("--report", default=None, help="markdown report path (default: bench/LEARN.md, or "
                                                        "<out>/LEARN.md with --quick)")
     args = parser.parse_args()
     args.tasks = args.tasks.split(",")
-    args.methods = args.methods.split(",")
+    args.methods = learn_tasks.VARIANTS if args.methods == "variants" else args.methods.split(",")
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     results = collect(args)
     report = args.report or (os.path.join(args.out, "LEARN.md") if args.quick else os.path.join(HERE, "LEARN.md"))
-    png = os.path.join(os.path.dirname(report), "learn_curves.png")
+    name = os.path.splitext(os.path.basename(report))[0].lower()  # LEARN.md -> learn_curves.png
+    png = os.path.join(os.path.dirname(report), f"{name}_curves.png")
     plot(results, png)
     text = (f"# Learning benchmark\n\n`make learn-bench` on {datetime.date.today()}, {cpu_name()}, "
             f"{os.cpu_count()} cores, {platform.platform()}; seeds {args.seeds}"

@@ -51,7 +51,19 @@ METHODS = {
     "grpo_2proc": ("grpo", {}),  # launched on two processes, same global batch
     "trl_grpo": ("trl_grpo", {}),
     "trl_rloo": ("trl_rloo", {}),
+    # The policy-gradient variants (`make learn-bench-variants`), each GRPO or REINFORCE with one switch.
+    "gspo": ("grpo", {"importance_sampling_level": "sequence"}),
+    "gspo_token": ("grpo", {"importance_sampling_level": "sequence_token"}),
+    "cispo": ("grpo", {"policy_loss_type": "cispo"}),
+    "entropy_top20": ("grpo", {"top_entropy_quantile": 0.2}),
+    "dapo_dynamic": ("grpo", {"filter_zero_std_groups": True, "max_sampling_rounds": 3}),
+    "rollout_correction": ("grpo", {"rollout_correction": "token_truncate"}),
+    "reinforce++_baseline": ("reinforce", {"baseline": "reinforce++-baseline"}),
 }
+# What `make learn-bench` runs; `make learn-bench-variants` runs VARIANTS (with grpo and trl_grpo to compare).
+CORE = ["grpo", "ppo", "rloo", "reinforce++", "grpo_2proc", "trl_grpo", "trl_rloo"]
+VARIANTS = ["grpo", "trl_grpo", "gspo", "gspo_token", "cispo", "entropy_top20", "dapo_dynamic", "rollout_correction",
+            "reinforce++_baseline"]
 
 
 def task_data(name: str):
