@@ -29,7 +29,7 @@ from rlhf.rewards import (
     correctness_index,
     reward_table,
 )
-from rlhf.rollout import Policy, SamplingParams, encode_prompts, generate, generate_rollout
+from rlhf.rollout import Policy, SamplingParams, generate_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ class EvalRollouts:
     """Evaluation completions of every process, rows grouped by prompt."""
 
     scores: torch.Tensor  # [N, F] float64, NaN where a function returned None
-    lengths: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N] the policy's tokens
     truncated: torch.Tensor  # [N] bool
     samples: list[dict]
+    episode_stats: dict[str, torch.Tensor]  # multi-turn: [N] per statistic of rlhf.agent.EPISODE_STATS
 
 
 def pass_at_k(num_correct: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -71,41 +72,45 @@ def write_samples(path: str, step: int, samples: list[dict], names: list[str]) -
 
 
 def eval_rollouts(policy: Policy, dataset, reward_functions, params: SamplingParams, n: int,
-                  batch_size: int) -> EvalRollouts:
+                  batch_size: int, rollout_fn=generate_rollout) -> EvalRollouts:
     """``n`` completions per prompt of ``dataset`` (greedy when ``params`` says so), scored. Prompts are dealt to
     processes in batches; results are gathered, so every process returns the whole dataset's, grouped by
     prompt. ``samples`` holds the main process's first batch as dicts (prompt, completion, rewards, columns)."""
     accelerator = policy.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     prompts_per_batch = max(1, batch_size // n)
-    scores, lengths, truncated, samples = [], [], [], []
+    scores, lengths, truncated, samples, stats = [], [], [], [], []
     # Every process runs the same number of batches (sharded models generate in lockstep); a process whose
     # share has run out generates for the first prompt again and drops the result.
     rounds = -(-len(dataset) // (prompts_per_batch * world))
     for round_index in range(rounds):
         start = (round_index * world + rank) * prompts_per_batch
         if start >= len(dataset):
-            generate(policy, *encode_prompts(policy, dataset[:1]["prompt"])[:2], params)
+            rollout_fn(policy, dataset[:1], params, 1)
             continue
-        rollout, texts = generate_rollout(policy, dataset[start:start + prompts_per_batch], params, n)
+        rollout, texts = rollout_fn(policy, dataset[start:start + prompts_per_batch], params, n)
         per_function = reward_table(reward_functions, texts)
         scores.append(per_function)
-        lengths.append(rollout.completion_mask.sum(dim=1).cpu())
+        lengths.append(rollout.policy_tokens.sum(dim=1).cpu())
         truncated.append(rollout.truncated.cpu())
+        stats.append({k: torch.tensor(v, dtype=torch.float64) for k, v in texts.episode_stats.items()})
         if not samples:
             samples = [{"prompt": p, "completion": c, "rewards": r, **{k: v[i] for k, v in texts.columns.items()}}
                        for i, (p, c, r) in enumerate(zip(texts.prompts, texts.completions, per_function.tolist()))]
     if not scores:
         scores = [torch.zeros(0, len(reward_functions), dtype=torch.float64)]
         lengths, truncated = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]
-    local = (torch.cat(scores), torch.cat(lengths), torch.cat(truncated))
+    names = sorted(stats[0]) if stats else []
+    local = (torch.cat(scores), torch.cat(lengths), torch.cat(truncated),
+             *(torch.cat([s[name] for s in stats]) for name in names))
     gathered = gather_object([local]) if world > 1 else [local]
-    return EvalRollouts(*(torch.cat([part[i] for part in gathered]) for i in range(3)), samples)
+    parts = [torch.cat([part[i] for part in gathered if len(part) > i]) for i in range(3 + len(names))]
+    return EvalRollouts(*parts[:3], samples, dict(zip(names, parts[3:])))
 
 
 @torch.no_grad()
 def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[float], args: RLConfig, step: int,
-             output_dir: str | None = None) -> dict[str, float]:
+             output_dir: str | None = None, rollout_fn=generate_rollout) -> dict[str, float]:
     """Greedy completions for every prompt of ``dataset``, scored with the reward functions, plus
     ``args.eval_num_generations`` sampled ones per prompt for pass@k.
 
@@ -119,7 +124,7 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     accuracy = correctness_index(reward_functions, args.accuracy_reward)
     policy.model.eval()
     greedy = eval_rollouts(policy, dataset, reward_functions, SamplingParams(args.max_new_tokens, do_sample=False), 1,
-                           args.eval_batch_size)
+                           args.eval_batch_size, rollout_fn)
     scores = greedy.scores
     out = {"eval/reward_mean": combine_rewards(scores, reward_weights).mean().item(),
            "eval/mean_length": greedy.lengths.double().mean().item(),
@@ -129,13 +134,15 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
         out[f"eval/reward/{func.name}/mean"] = present.mean().item() if present.numel() else float("nan")
     if accuracy is not None:
         out["eval/accuracy"] = (scores[:, accuracy] >= args.accuracy_threshold).double().mean().item()
+    out.update({f"eval/agent/{name}": values.mean().item() for name, values in greedy.episode_stats.items()})
     n = args.eval_num_generations
     if n > 0:
         device = accelerator.device
         devices = {"devices": []} if device.type == "cpu" else {"devices": [device], "device_type": device.type}
         with torch.random.fork_rng(**devices):
             torch.manual_seed(args.seed * 1_000_003 + step * 7_919 + accelerator.process_index)
-            sampled = eval_rollouts(policy, dataset, reward_functions, sampling_params(args), n, args.eval_batch_size)
+            sampled = eval_rollouts(policy, dataset, reward_functions, sampling_params(args), n, args.eval_batch_size,
+                                    rollout_fn)
         out["eval/sampled/reward_mean"] = combine_rewards(sampled.scores, reward_weights).mean().item()
         if accuracy is not None:
             correct = (sampled.scores[:, accuracy] >= args.accuracy_threshold).view(-1, n).sum(dim=1)

@@ -32,16 +32,25 @@ class Rollout:
     completion_ids: torch.Tensor  # [B, T] long
     completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
     truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
-    loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: completion_mask minus rows left out
+    loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: policy_tokens minus rows left out
     old_logprobs: torch.Tensor | None = None  # [B, T] the sampling policy's, when the update needs them
     ref_logprobs: torch.Tensor | None = None  # [B, T] the reference's, when there is a KL term
     old_values: torch.Tensor | None = None  # [B, T] the critic's, before any update (PPO)
     advantages: torch.Tensor | None = None  # [B] per sequence, or [B, T] per token
     returns: torch.Tensor | None = None  # [B, T] value targets (PPO)
+    # Multi-turn rollouts (rlhf.agent): the completion holds environment turns too.
+    policy_mask: torch.Tensor | None = None  # [B, T] 1 on the tokens the policy sampled; None: one turn, all of them
+    turn_rewards: torch.Tensor | None = None  # [B, T] an environment's per-turn rewards, on each turn's last policy token
 
     @property
     def size(self) -> int:
         return self.completion_ids.shape[0]
+
+    @property
+    def policy_tokens(self) -> torch.Tensor:
+        """[B, T] 1 on the tokens the policy sampled: the mask of every advantage, KL, loss and token count
+        (``completion_mask``, which the forward passes attend with, also holds environment tokens)."""
+        return self.completion_mask if self.policy_mask is None else self.policy_mask
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that are set, by name."""
@@ -77,6 +86,7 @@ class RolloutTexts:
     completions: list
     completion_ids: list[list[int]]
     columns: dict[str, list]
+    episode_stats: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # multi-turn: per trajectory
 
 
 @dataclass

@@ -16,10 +16,11 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
+from rlhf.agent import AgentLoop
 from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
 from rlhf.critic import build_critic
-from rlhf.data import PromptSampler, as_dataset, check_prompts
+from rlhf.data import PromptSampler, as_dataset, check_prompts, render_prompts
 from rlhf.distributed import make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.forward import enable_token_scoring
@@ -57,7 +58,8 @@ class RLTrainer:
     config_class: type[RLConfig] = RLConfig
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None):
+                 processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None,
+                 tools=None, environment_factory=None):
         self.args = args = args if args is not None else self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}.")
@@ -103,15 +105,20 @@ class RLTrainer:
         self.reward_functions = build_reward_functions(
             reward_funcs, reward_processing_classes, device=accelerator.device, batch_size=args.reward_model_batch_size,
             normalize=args.normalize_reward_model_scores, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-            timeout=args.reward_timeout)
+            timeout=args.reward_timeout, allow_none=environment_factory is not None)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails now, not at eval
+        # Tools or an environment: multi-turn rollouts (rlhf/agent.py) instead of one completion per sample.
+        self.agent = (AgentLoop.from_config(self.tokenizer, tools, environment_factory, args)
+                      if tools or environment_factory is not None else None)
+        self.rollout_fn = generate_rollout if self.agent is None else self.agent.rollout
         self.train_dataset = as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None:
                 check_reward_columns(self.reward_functions, dataset)
-                check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts)
+                check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts,
+                              render=self.agent.render_prompts if self.agent is not None else render_prompts)
         _warn_past_positions(actor, args)
         self.model_source = model if isinstance(model, str) else getattr(actor.config, "_name_or_path", "")
         self.sampler = PromptSampler(len(self.train_dataset), args.prompts_per_step, args.seed,
@@ -150,13 +157,13 @@ class RLTrainer:
         timer = timer if timer is not None else PhaseTimer()
         self.model.eval()
         with timer("generate"):  # this process's prompts, num_generations completions each
-            rollout, texts = generate_rollout(self.policy, self.train_dataset[self.sampler.indices(step)],
-                                              self.sampling, args.num_generations)
+            rollout, texts = self.rollout_fn(self.policy, self.train_dataset[self.sampler.indices(step)],
+                                             self.sampling, args.num_generations)
         if args.mask_truncated_completions:
             rollout.loss_mask[rollout.truncated] = 0
         with timer("score"):  # the whole batch's rewards, [B_global]
             rewards = score_rollout(self.reward_functions, self.reward_weights, texts, accelerator,
-                                    args.num_generations, metrics)
+                                    args.num_generations, metrics, turn_rewards=rollout.turn_rewards)
         with timer("reference"):
             if plan.kl_in is not None:
                 rollout.ref_logprobs = reference_logprobs(self.ref_model, self.model, rollout, plan, args.temperature,
@@ -170,7 +177,7 @@ class RLTrainer:
                                                                         metrics)
         if args.filter_zero_std_groups:
             rollout.loss_mask = rollout.loss_mask * self.reduce.local_rows(informative_rows(rewards, args)).unsqueeze(1)
-        log_rollout(rollout, accelerator, metrics)
+        log_rollout(rollout, texts, accelerator, metrics)
         return rollout, texts
 
     def training_step(self) -> dict[str, float]:
@@ -239,7 +246,7 @@ class RLTrainer:
         if dataset is None:
             raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
         return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args,
-                        self.step if step is None else step, output_dir)
+                        self.step if step is None else step, output_dir, rollout_fn=self.rollout_fn)
 
     # ------------------------------------------------------------------ saving and resuming
     @property
@@ -316,14 +323,17 @@ def informative_rows(rewards: torch.Tensor, args: RLConfig) -> torch.Tensor:
     return (~zero_std).repeat_interleave(args.num_generations).float()
 
 
-def log_rollout(rollout: Rollout, accelerator, metrics: StepMetrics) -> None:
-    lengths = accelerator.gather(rollout.completion_mask.sum(dim=1)).double()
+def log_rollout(rollout: Rollout, texts: RolloutTexts, accelerator, metrics: StepMetrics) -> None:
+    """Lengths count the policy's tokens only; multi-turn rollouts add agent/<statistic> (rlhf.agent.EPISODE_STATS)."""
+    lengths = accelerator.gather(rollout.policy_tokens.sum(dim=1)).double()
     truncated = accelerator.gather(rollout.truncated.long()).double()
     metrics.add("completions/mean_length", lengths.mean())
     metrics.add_max("completions/max_length", lengths.max())
     metrics.add("completions/min_length", lengths.min())
     metrics.add("completions/truncated_frac", truncated.mean())
     metrics.add("completions/total_tokens", lengths.sum())
+    for name, values in texts.episode_stats.items():
+        metrics.add(f"agent/{name}", torch.tensor(values, dtype=torch.float64).mean(), len(values))
 
 
 def make_optimizer(model, learning_rate: float, args: RLConfig) -> torch.optim.Optimizer:
