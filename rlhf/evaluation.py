@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import gather_object
 
+from rlhf.agent import AgentLoop
 from rlhf.checkpoint import model_source
 from rlhf.configs import RLConfig
-from rlhf.data import as_dataset, check_prompts
+from rlhf.data import as_dataset, check_prompts, render_prompts
 from rlhf.distributed import make_accelerator
 from rlhf.models import disable_dropout, eos_token_ids, load_causal_lm, load_tokenizer
 from rlhf.rewards import (
@@ -186,7 +187,8 @@ class PolicyEvaluator:
     """A saved policy, its tokenizer and reward functions, evaluated as the trainer evaluates."""
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, processing_class=None,
-                 base_model_name_or_path: str | None = None, reward_processing_classes=None):
+                 base_model_name_or_path: str | None = None, reward_processing_classes=None, tools=None,
+                 environment_factory=None):
         self.args = args if args is not None else RLConfig()
         args = self.args
         accelerator = make_accelerator()
@@ -203,6 +205,8 @@ class PolicyEvaluator:
             timeout=args.reward_timeout)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails here
+        self.agent = (AgentLoop.from_config(tokenizer, tools, environment_factory, args)
+                      if tools or environment_factory is not None else None)
 
     @property
     def accelerator(self):
@@ -214,7 +218,8 @@ class PolicyEvaluator:
         dataset = as_dataset(dataset, "dataset")
         check_reward_columns(self.reward_functions, dataset)
         check_prompts(dataset, "dataset", self.policy.tokenizer, self.args.max_prompt_length,
-                      self.args.truncate_prompts)
+                      self.args.truncate_prompts, render=self.agent.render_prompts if self.agent else render_prompts)
         if output_dir is not None and self.accelerator.is_main_process:
             os.makedirs(output_dir, exist_ok=True)
-        return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args, step, output_dir)
+        return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args, step, output_dir,
+                        rollout_fn=self.agent.rollout if self.agent is not None else generate_rollout)
