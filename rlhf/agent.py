@@ -203,7 +203,7 @@ class AgentLoop:
             episodes = [Episode(row["prompt"]) for row in rows]
         else:
             while len(self.environments) < len(rows):
-                self.environments.append(self.environment_factory())
+                self.environments.append(_check_environment(self.environment_factory(), self.environment_factory))
             episodes = []
             for env, row in zip(self.environments, rows):
                 first = _environment_call(env, "reset", row)
@@ -340,6 +340,19 @@ def _template_renders_tools(tokenizer, schemas: list[dict]) -> bool:
     except Exception:  # noqa: BLE001 - a template that rejects tools does not support them
         return False
     return with_tools != without and schemas[0]["function"]["name"] in with_tools
+
+
+def _check_environment(env, factory):
+    """``env``, once it is known to have callable ``reset`` and ``step`` methods."""
+    missing = [m for m in ("reset", "step") if not callable(getattr(env, m, None))]
+    if missing:
+        name = getattr(factory, "__qualname__", None) or repr(factory)
+        raise TypeError(f"environment_factory {name} returned {str(env)[:200]!r} (a {type(env).__name__}), which "
+                        f"has no {' or '.join(f'{m}()' for m in missing)} method. An environment has reset(row) -> first "
+                        "observation (or None: the row's prompt) and step(policy_text) -> (observation or None when "
+                        "done, reward or None); environment_factory is the class (or a function returning a new "
+                        "instance), not an instance.")
+    return env
 
 
 def _environment_call(env, method: str, argument):

@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import multiprocessing
+import os
 import re
 import time
 from collections.abc import Callable
@@ -144,10 +145,16 @@ def _call(fn: Callable, arguments: dict, max_chars: int) -> tuple[str, str]:
 
 
 def _worker(connection, tools: dict[str, Callable], max_chars: int) -> None:
-    """A tool process: say it is ready, then answer (name, arguments) requests until the pipe closes."""
+    """A tool process: say it is ready, then answer (name, arguments) requests until the pipe closes or the
+    trainer's process is gone (killed: a forked worker holds copies of the pipes, so they never close)."""
+    parent = os.getppid()
     connection.send("ready")
     while True:
         try:
+            if not connection.poll(1.0):
+                if os.getppid() != parent:
+                    return
+                continue
             name, arguments = connection.recv()
         except (EOFError, OSError):
             return

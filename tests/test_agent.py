@@ -3,6 +3,7 @@ end turns cleanly, and every algorithm runs on them."""
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from agent_helpers import TOOLS, Countdown, agent_trainer, chat, eos_heavy_model, train_tool_caller
 from helpers import gradient, make_trainer, relative_error
 
-from rlhf.agent import AgentLoop, last_assistant_text
+from rlhf.agent import AgentLoop, Episode, last_assistant_text
 from rlhf.data import left_pad
 from rlhf.distributed import make_accelerator
 from rlhf.extras.tiny import EOS_ID, TOOL_VOCAB_SIZE, char_tokenizer, tiny_model
@@ -322,6 +323,75 @@ def test_environment_errors_name_the_environment(tmp_path):
     with pytest.raises(TypeError, match=r"environment Broken\.step must return \(observation or None"):
         for step in range(5):  # a turn that ends without an EOS never reaches step(); some will
             trainer.make_rollout(step)
+
+
+def test_malformed_calls_become_messages_the_model_sees_and_are_counted():
+    """Whatever the policy writes between <tool_call> tags, the episode goes on with an error message per call."""
+    agent = AgentLoop(char_tokenizer(tools=True), TOOLS, max_turns=3, max_tokens=10_000, tool_timeout=1,
+                      max_tool_response_chars=80, tool_workers=0)
+    turns = {"not JSON": "<tool_call>{echo 1}</tool_call>",
+             "no arguments object": '<tool_call>{"name": "echo", "arguments": 3}</tool_call>',
+             "unknown tool": '<tool_call>{"name": "rm", "arguments": {"x": 1}}</tool_call>',
+             "wrong argument": '<tool_call>{"name": "echo", "arguments": {"y": 1}}</tool_call>',
+             "unclosed": '<tool_call>{"name": "echo", "arguments": {"x": 1}}',
+             "one good, one bad": format_tool_call("echo", {"x": 1}) + "<tool_call>[]</tool_call>"}
+    episodes = []
+    for text in turns.values():
+        e = Episode(chat("hi"), messages=[{"role": "assistant", "content": text}], raw_turn=text)
+        episodes.append(e)
+    agent._respond(episodes, is_chat=True, turns_left=True)
+    wanted = {"not JSON": ["not valid JSON"], "no arguments object": ['"arguments"'], "unknown tool": ["unknown tool 'rm'"],
+              "wrong argument": ["missing a required argument: 'x'"], "unclosed": ["not closed"],
+              "one good, one bad": ["echo 1", '"arguments"']}
+    for (case, e), expected in zip(zip(turns, episodes), wanted.values()):
+        assert not e.done, case
+        replies = [m["content"] for m in e.messages[1:]]
+        assert [m["role"] for m in e.messages[1:]] == ["tool"] * len(expected), case
+        assert all(want in reply for want, reply in zip(expected, replies)), (case, replies)
+        assert all(len(r) <= 80 for r in replies)
+        assert e.stats["tool_bad_calls"] == sum(r.startswith("Error:") for r in replies), case
+        assert e.stats["environment_tokens"] == len(e.ids) > 0  # the messages are in the tokens
+
+
+def test_misused_tools_and_environments_fail_at_once_with_what_to_do(tmp_path):
+    tokenizer = char_tokenizer(tools=True)
+    limits = dict(max_turns=2, max_tokens=64, tool_timeout=1, max_tool_response_chars=50, tool_workers=0)
+
+    def unhinted(x):
+        """Echo.
+
+        Args:
+            x: A number.
+        """
+        return x
+
+    with pytest.raises(ValueError, match="tool 'unhinted'.*type hint"):
+        AgentLoop(tokenizer, [unhinted], **limits)
+    with pytest.raises(TypeError, match="tools must be functions"):
+        AgentLoop(tokenizer, ["rlhf.extras.calculator:calc"], **limits)
+    with pytest.raises(ValueError, match="needs tools, an environment_factory"):
+        AgentLoop(tokenizer, [], **limits)
+    with pytest.raises(TypeError, match="environment_factory must be callable"):
+        AgentLoop(tokenizer, None, Countdown(), **limits)  # an instance, not the class
+
+    class NoStep:
+        def reset(self, row):
+            return None
+
+    for factory, missing in [(NoStep, "step()"), (lambda: "an environment", "reset() or step()")]:
+        trainer = agent_trainer(tmp_path, eos_heavy_model(), char_tokenizer(), ["1+2="], tools=None,
+                                environment_factory=factory, reward=None, max_new_tokens=6)
+        with pytest.raises(TypeError, match=rf"environment_factory .* has no {re.escape(missing)} method"):
+            trainer.make_rollout(0)
+
+    class RaisesOnReset(Countdown):
+        def reset(self, row):
+            raise KeyError("level")
+
+    trainer = agent_trainer(tmp_path, eos_heavy_model(), char_tokenizer(), ["1+2="], tools=None,
+                            environment_factory=RaisesOnReset, reward=None, max_new_tokens=6)
+    with pytest.raises(RuntimeError, match=r"environment RaisesOnReset\.reset raised KeyError"):
+        trainer.make_rollout(0)
 
 
 # ---------------------------------------------------------------------------------------------- algorithms
