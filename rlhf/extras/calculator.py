@@ -5,13 +5,12 @@ into a calculator call and copy the result back. The warm start shows it a few c
 tool among many that answer directly; RL with a correctness reward on the final answer then has to find
 out that calling the tool pays.
 
-- ``calculator``: the tool (arithmetic on numbers, nothing else).
+- ``calc``: the calculator tool (arithmetic on numbers, nothing else).
 - ``make_splits``: disjoint train / held-out chat prompts ("37*58") with an ``answer`` column.
 - ``answer_reward``: 1.0 when the last assistant message is exactly the answer.
 - ``tool_conversation`` / ``direct_conversation``: the two kinds of warm-start examples.
 - ``warm_start``: supervised training on conversations built exactly as a rollout builds them (the policy's
-  turns learn, the tool's turns are context).
-- ``heldout``: greedy multi-turn accuracy and tool-call rate, through the library's evaluation.
+  turns learn, the tool's turns are context), until ``tool_use_skill`` says the model can use the tool.
 """
 
 import ast
@@ -22,22 +21,18 @@ import torch
 from datasets import Dataset
 
 from rlhf.agent import AgentLoop, last_assistant_text
-from rlhf.configs import RLConfig
-from rlhf.distributed import make_accelerator
-from rlhf.evaluation import evaluate
-from rlhf.rewards import RewardFunction, correctness
-from rlhf.rollout import Policy
-from rlhf.tools import format_tool_call
+from rlhf.rewards import correctness
+from rlhf.tools import OPEN_TAG, format_tool_call
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
-def calculator(expression: str) -> str:
+def calc(expr: str) -> str:
     """Evaluate an arithmetic expression: numbers, + - * / // %, and parentheses.
 
     Args:
-        expression: The expression, e.g. "37*58".
+        expr: The expression, e.g. "37*58".
     """
     def value(node):
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -48,7 +43,7 @@ def calculator(expression: str) -> str:
             return _OPERATORS[type(node.op)](value(node.operand))
         raise ValueError(f"unsupported expression: {ast.unparse(node)}")
 
-    result = value(ast.parse(expression, mode="eval").body)
+    result = value(ast.parse(expr, mode="eval").body)
     return str(int(result)) if float(result).is_integer() else f"{result:.6g}"
 
 
@@ -58,6 +53,16 @@ def make_splits(num_eval: int = 300, seed: int = 0) -> tuple[Dataset, Dataset]:
     random.Random(seed).shuffle(pairs)
     rows = [{"prompt": [{"role": "user", "content": f"{a}*{b}"}], "answer": str(a * b)} for a, b in pairs]
     return Dataset.from_list(rows[num_eval:]), Dataset.from_list(rows[:num_eval])
+
+
+def train_split() -> Dataset:
+    """The default training prompts (for recipes: ``dataset_name: rlhf.extras.calculator:train_split``)."""
+    return make_splits()[0]
+
+
+def eval_split() -> Dataset:
+    """The default held-out prompts, disjoint from ``train_split``."""
+    return make_splits()[1]
 
 
 @correctness
@@ -72,15 +77,15 @@ def answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
 
 def tool_conversation(question: str) -> list[dict]:
     """The policy calls the calculator on the question, then answers with its result."""
-    result = calculator(question)
-    return [{"role": "assistant", "content": format_tool_call("calculator", {"expression": question})},
-            {"role": "tool", "name": "calculator", "content": result},
+    result = calc(question)
+    return [{"role": "assistant", "content": format_tool_call("calc", {"expr": question})},
+            {"role": "tool", "name": "calc", "content": result},
             {"role": "assistant", "content": result}]
 
 
 def direct_conversation(question: str) -> list[dict]:
     """The policy answers at once (what a model without the tool would have to do)."""
-    return [{"role": "assistant", "content": calculator(question)}]
+    return [{"role": "assistant", "content": calc(question)}]
 
 
 def _sft_batch(encoded: list[tuple], pad_id: int, device):
@@ -99,12 +104,13 @@ def _sft_batch(encoded: list[tuple], pad_id: int, device):
 
 def train_on_conversations(model, agent: AgentLoop, examples: list[tuple], max_steps: int, batch_size: int = 64,
                            lr: float = 3e-3, warmup_steps: int = 30, seed: int = 0, check_every: int = 25,
-                           stop=None) -> int:
+                           stop=None, optimizer=None) -> int:
     """Supervised training on (prompt, messages) conversations built as a rollout builds them: the loss is on the
-    policy's tokens only (AdamW, linear warm-up, then constant lr). Every ``check_every`` steps ``stop(step)``
-    may end it. Returns the steps taken."""
+    policy's tokens only (AdamW, linear warm-up, then constant lr; pass the ``optimizer`` of an earlier call to
+    continue with its moments). Every ``check_every`` steps ``stop(step)`` may end it. Returns the steps taken."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
     rng = random.Random(seed)
     encoded = {}  # example index -> its ids, built on first use
@@ -126,21 +132,88 @@ def train_on_conversations(model, agent: AgentLoop, examples: list[tuple], max_s
     return step
 
 
+@torch.no_grad()
+def tool_use_skill(model, agent: AgentLoop, prompts: list) -> float:
+    """How well the model uses the tool once it has opened a call: the probability, averaged over ``prompts``, of
+    sampling (at temperature 1) the rest of the tool conversation exactly: the question copied into the call, then
+    the tool's result copied into the answer. (Whether it opens a call at all is left out: that is the choice RL
+    is to change.) Argmax-right is not enough: a call is ~45 tokens, so 0.95 per token samples right 10% of the
+    time and RL sees nothing but bad calls."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for prompt in prompts:
+        prompt_ids, ids, policy = agent.conversation_ids(prompt, tool_conversation(prompt[-1]["content"]))
+        logits = model(input_ids=torch.tensor([prompt_ids + ids], device=device)).logits[0, len(prompt_ids) - 1:-1]
+        logprobs = logits.float().log_softmax(-1).cpu().gather(1, torch.tensor(ids)[:, None])[:, 0]
+        total += logprobs[1:][torch.tensor(policy[1:], dtype=torch.bool)].sum().exp().item()
+    model.train(was_training)
+    return total / max(1, len(prompts))
+
+
+@torch.no_grad()
+def tool_call_probability(model, agent: AgentLoop, prompts: list) -> float:
+    """The mean probability, over ``prompts``, that the model's first token opens a tool call."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    opener = agent.tokenizer.convert_tokens_to_ids(OPEN_TAG)
+    total = 0.0
+    for prompt in prompts:
+        prompt_ids = agent.conversation_ids(prompt, [])[0]
+        logits = model(input_ids=torch.tensor([prompt_ids], device=device)).logits[0, -1]
+        total += logits.float().softmax(-1)[opener].item()
+    model.train(was_training)
+    return total / max(1, len(prompts))
+
+
 def warm_start(model, agent: AgentLoop, dataset: Dataset, tool_examples: int, tool_fraction: float, max_steps: int,
-               **kwargs) -> int:
+               skill: float | None = None, call_probability: float | None = None, settle_fraction: float = 0.1,
+               settle_lr: float = 1e-3, anneal_at: float = 0.3, probes: int = 50, log=None, **kwargs) -> int:
     """``train_on_conversations`` on the rows of ``dataset``: the first ``tool_examples`` as tool conversations,
-    repeated so that they make about ``tool_fraction`` of what is seen, the others as direct answers."""
+    repeated so that they make about ``tool_fraction`` of what is seen, the others as direct answers.
+
+    With ``skill``, it stops early once ``tool_use_skill`` on ``probes`` prompts it trains on only as direct
+    answers reaches that (the copying is learnt suddenly, after a few hundred steps that vary with the seed);
+    once it reaches ``anneal_at`` the lr drops to ``settle_lr`` (at 3e-3 the skill rose to 0.7 and fell back).
+    With ``call_probability``, training goes on with tool conversations making only ``settle_fraction`` of what is
+    seen, at ``settle_lr``, with the same optimizer (checked every 5 steps, at most 300 steps), until
+    ``tool_call_probability`` is at most that: the model can use the tool but seldom does, and greedy decoding
+    does not. (Direct answers alone, even for 5 steps, undid the copying just learnt.) ``log(phase, step,
+    value)`` sees each check. Returns the steps taken."""
     rows = dataset.to_list()
     tools = [(r["prompt"], tool_conversation(r["prompt"][-1]["content"])) for r in rows[:tool_examples]]
     direct = [(r["prompt"], direct_conversation(r["prompt"][-1]["content"])) for r in rows[tool_examples:]]
     repeats = max(1, round(tool_fraction * len(direct) / ((1 - tool_fraction) * max(1, len(tools)))))
-    return train_on_conversations(model, agent, tools * repeats + direct, max_steps, **kwargs)
+    held = [r["prompt"] for r in rows[tool_examples:tool_examples + probes]]
 
+    def check(phase, measure, done):
+        def stop(step):
+            value = measure(model, agent, held)
+            if log is not None:
+                log(phase, step, value)
+            return done(value)
+        return stop
 
-@torch.no_grad()
-def heldout(model, agent: AgentLoop, dataset: Dataset, args: RLConfig) -> dict[str, float]:
-    """Greedy multi-turn evaluation of ``model`` on ``dataset``: eval/accuracy, eval/agent/tool_call_rate, ...
-    (``args`` gives the limits; set its eval_log_samples to 0 to write no samples file)."""
-    tokenizer = agent.tokenizer
-    policy = Policy(model, make_accelerator(), tokenizer, [tokenizer.eos_token_id], args.max_prompt_length)
-    return evaluate(policy, dataset, [RewardFunction(answer_reward)], [1.0], args, step=0, rollout_fn=agent.rollout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=kwargs.pop("lr", 3e-3), betas=(0.9, 0.98), weight_decay=0.0)
+
+    def reached(value):
+        if value >= anneal_at:  # the copying has appeared: a lower lr keeps it (at 3e-3 it came and went)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = settle_lr
+        return value >= skill
+
+    stop = check("skill", tool_use_skill, reached) if skill is not None else None
+    steps = train_on_conversations(model, agent, tools * repeats + direct, max_steps, stop=stop, optimizer=optimizer,
+                                   **kwargs)
+    if call_probability is not None and tool_call_probability(model, agent, held) > call_probability:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = settle_lr
+        fewer = max(1, round(settle_fraction * len(direct) / ((1 - settle_fraction) * max(1, len(tools)))))
+        settle = {**kwargs, "warmup_steps": 1, "check_every": 5, "optimizer": optimizer,
+                  "stop": check("calls", tool_call_probability, lambda v: v <= call_probability)}
+        steps += train_on_conversations(model, agent, tools * fewer + direct, 300, **settle)
+        if log is not None:
+            log("skill", steps, tool_use_skill(model, agent, held))
+    return steps
