@@ -348,9 +348,9 @@ def _check_environment(env, factory):
     if missing:
         name = getattr(factory, "__qualname__", None) or repr(factory)
         raise TypeError(f"environment_factory {name} returned {str(env)[:200]!r} (a {type(env).__name__}), which "
-                        f"has no {' or '.join(f'{m}()' for m in missing)} method. An environment has reset(row) -> first "
-                        "observation (or None: the row's prompt) and step(policy_text) -> (observation or None when "
-                        "done, reward or None); environment_factory is the class (or a function returning a new "
+                        f"has no {' or '.join(f'{m}()' for m in missing)} method. An environment has reset(row) -> "
+                        "first observation (or None: the row's prompt) and step(policy_text) -> (observation or None "
+                        "when done, reward or None); environment_factory is the class (or a function returning a new "
                         "instance), not an instance.")
     return env
 

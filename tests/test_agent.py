@@ -335,12 +335,11 @@ def test_malformed_calls_become_messages_the_model_sees_and_are_counted():
              "wrong argument": '<tool_call>{"name": "echo", "arguments": {"y": 1}}</tool_call>',
              "unclosed": '<tool_call>{"name": "echo", "arguments": {"x": 1}}',
              "one good, one bad": format_tool_call("echo", {"x": 1}) + "<tool_call>[]</tool_call>"}
-    episodes = []
-    for text in turns.values():
-        e = Episode(chat("hi"), messages=[{"role": "assistant", "content": text}], raw_turn=text)
-        episodes.append(e)
+    episodes = [Episode(chat("hi"), messages=[{"role": "assistant", "content": text}], raw_turn=text)
+                for text in turns.values()]
     agent._respond(episodes, is_chat=True, turns_left=True)
-    wanted = {"not JSON": ["not valid JSON"], "no arguments object": ['"arguments"'], "unknown tool": ["unknown tool 'rm'"],
+    wanted = {"not JSON": ["not valid JSON"], "no arguments object": ['"arguments"'],
+              "unknown tool": ["unknown tool 'rm'"],
               "wrong argument": ["missing a required argument: 'x'"], "unclosed": ["not closed"],
               "one good, one bad": ["echo 1", '"arguments"']}
     for (case, e), expected in zip(zip(turns, episodes), wanted.values()):
