@@ -23,11 +23,14 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo rlhf-demo bench bench-gpu gpu-wheels learn-bench learn-bench-variants docs clean
+.PHONY: help install test test-slow test-gpu demo demo-tools rlhf-demo bench bench-gpu gpu-wheels learn-bench \
+	learn-bench-variants docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
 	@echo "                held-out accuracy before/after RL (CPU, no network, a few minutes)"
+	@echo "make demo-tools tiny model + calculator tool: warm start, then GRPO with multi-turn rollouts; prints"
+	@echo "                held-out accuracy and tool-call rate before/after RL (also: make demo TASK=tools)"
 	@echo "make test       the default test suite (fast CPU tests)"
 	@echo "make test-slow  the slow tests too;  make test-gpu: GPU tests (needs CUDA)"
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
@@ -65,8 +68,16 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m "gpu"
 
 ALGO ?= grpo
+TASK ?= addition
 demo: $(STAMP)
+ifeq ($(TASK),tools)
+	$(PY) recipes/demo_tools.py $(DEMO_ARGS)
+else
 	$(PY) recipes/demo.py --algo $(ALGO) $(DEMO_ARGS)
+endif
+
+demo-tools: $(STAMP)
+	$(PY) recipes/demo_tools.py $(DEMO_ARGS)
 
 LAUNCH := $(PY) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 rlhf-demo: $(STAMP)

@@ -28,6 +28,7 @@ from rlhf.cli import (
 from rlhf.configs import RLConfig
 from rlhf.distributed import shutdown
 from rlhf.evaluation import PolicyEvaluator
+from rlhf.imports import import_object
 
 
 @dataclass
@@ -60,7 +61,10 @@ def main(argv=None) -> dict:
                                        conversational=script.conversational)
     evaluator = PolicyEvaluator(script.model_name_or_path, reward_functions_from_specs(script.reward_funcs), config,
                                 processing_class=recipe_tokenizer(script),
-                                base_model_name_or_path=options.base_model_name_or_path)
+                                base_model_name_or_path=options.base_model_name_or_path,
+                                tools=[import_object(t) for t in script.tools] or None,
+                                environment_factory=import_object(script.environment_factory)
+                                if script.environment_factory else None)
     output_dir = options.eval_output_dir or os.path.join(config.output_dir, "eval")
     metrics = evaluator.evaluate(dataset, step=options.eval_step, output_dir=output_dir)
     if evaluator.accelerator.is_main_process:

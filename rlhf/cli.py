@@ -42,6 +42,12 @@ class ScriptArguments(DataArguments):
     """Reward functions as "package.module:function" import paths, reward models as directories, and (in YAML)
     made by a factory: {factory: reward_models.rules:make_soft_overlong_penalty, kwargs: {max_new_tokens: 512,
     buffer: 128}}."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the policy may call, as "package.module:function" import paths (type-hinted functions with docstrings);
+    rollouts become multi-turn (max_turns, tool_timeout, ...)."""
+    environment_factory: str | None = None
+    """A "package.module:Class" (or function) whose instances have reset(row) and step(text) -> (observation or None,
+    reward or None); rollouts become multi-turn episodes."""
     use_peft: bool = False
     """Train a LoRA adapter instead of the whole actor (the reference is then the base model, for free)."""
     lora_r: int = 16
@@ -241,7 +247,8 @@ def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) ->
 
 def trainer_inputs(script: ScriptArguments) -> dict:
     """The trainer arguments a recipe's ScriptArguments name: model, tokenizer, reward functions and datasets."""
-    missing = [name for name in ("model_name_or_path", "dataset_name", "reward_funcs") if not getattr(script, name)]
+    required = ("model_name_or_path", "dataset_name") + (() if script.environment_factory else ("reward_funcs",))
+    missing = [name for name in required if not getattr(script, name)]
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set, in the --config YAML or on the command line "
                           "(--help lists every option).")
@@ -263,6 +270,8 @@ def trainer_inputs(script: ScriptArguments) -> dict:
         "reward_funcs": reward_functions_from_specs(script.reward_funcs),
         "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
+        **({"tools": [import_object(t) for t in script.tools]} if script.tools else {}),
+        **({"environment_factory": import_object(script.environment_factory)} if script.environment_factory else {}),
     }
 
 

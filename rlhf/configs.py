@@ -151,6 +151,21 @@ class RLConfig(metaclass=AcceptsTRLNames):
     """Generate with a preallocated (static) KV cache, which transformers compiles with CUDA graphs on a GPU: much
     faster decoding there after a one-time compilation; no gain on a CPU. Each prompt is then prefilled per completion."""
 
+    # --- multi-turn: tools and environments (rlhf/agent.py) -----------------------------------
+    max_turns: int = 4
+    """Policy turns per trajectory with tools or an environment (max_new_tokens bounds each); a trajectory that
+    still calls a tool or gets an observation after the last one ends there, marked truncated."""
+    max_trajectory_tokens: int | None = None
+    """Most tokens after the prompt in a multi-turn trajectory, the policy's and the environment's together; the
+    trajectory ends, marked truncated, when the next turn would not fit (None: max_turns x max_new_tokens)."""
+    tool_timeout: float = 10.0
+    """Seconds a tool call may run; past it the call is stopped and the model sees an error message."""
+    max_tool_response_chars: int = 2000
+    """Longest tool result or error message the model sees, in characters; longer ones are cut, saying so."""
+    tool_workers: int = 4
+    """Processes that run tool calls, in parallel; a call past tool_timeout is ended by killing its process.
+    0: run calls in threads of the trainer's process, where a call that hangs is abandoned, never stopped."""
+
     # --- rewards ---------------------------------------------------------------------------
     reward_weights: list[float] | None = None
     """Weight of each reward function in the total reward (None: all 1.0)."""
@@ -256,6 +271,11 @@ class RLConfig(metaclass=AcceptsTRLNames):
         return self.prompts_per_step * self.num_generations
 
     @property
+    def trajectory_tokens(self) -> int:
+        """The token budget of a multi-turn trajectory after its prompt."""
+        return self.max_trajectory_tokens or self.max_turns * self.max_new_tokens
+
+    @property
     def effective_mini_batch_size(self) -> int:
         return self.mini_batch_size or self.rollout_batch_size
 
@@ -301,7 +321,7 @@ class RLConfig(metaclass=AcceptsTRLNames):
 
         for name in ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "num_epochs",
                      "max_new_tokens", "logging_steps", "eval_batch_size", "max_nonfinite_updates", "kl_horizon",
-                     "max_sampling_rounds"):
+                     "max_sampling_rounds", "max_turns", "max_tool_response_chars"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
         for name in ("save_steps", "eval_steps", "eval_num_generations", "eval_log_samples", "warmup_steps",
                      "top_k", "kl_coef", "learning_rate", "weight_decay", "clip_eps_high", "entropy_coef",
@@ -313,6 +333,8 @@ class RLConfig(metaclass=AcceptsTRLNames):
              "raise eval_num_generations or drop the larger k.")
         need(self.reward_timeout is None or self.reward_timeout > 0,
              f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit).")
+        need(self.tool_timeout > 0, f"tool_timeout={self.tool_timeout} must be > 0 seconds.")
+        need(self.tool_workers >= 0, f"tool_workers={self.tool_workers} must be >= 0 (0: threads).")
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
         need(0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}].")
@@ -345,7 +367,8 @@ class RLConfig(metaclass=AcceptsTRLNames):
         need(self.adam_epsilon > 0, f"adam_epsilon={self.adam_epsilon} must be > 0.")
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max_grad_norm={self.max_grad_norm} must be > 0 (or None to disable clipping).")
-        for name in ("max_prompt_length", "mini_batch_size", "save_total_limit", "inference_batch_size"):
+        for name in ("max_prompt_length", "mini_batch_size", "save_total_limit", "inference_batch_size",
+                     "max_trajectory_tokens"):
             need(getattr(self, name) is None or getattr(self, name) >= 1,
                  f"{name}={getattr(self, name)} must be >= 1 (or None).")
         need(self.reward_model_batch_size >= 1, f"reward_model_batch_size={self.reward_model_batch_size} must be >= 1.")

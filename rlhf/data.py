@@ -250,19 +250,20 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None,
-                  truncate: bool = False) -> None:
+                  truncate: bool = False, render=render_prompts) -> None:
     """Before any training, every row: each prompt well-formed (``check_rows``), chat prompts need a chat template,
     and no prompt may exceed ``max_prompt_length`` (unless ``truncate``, which keeps each prompt's end, with a
-    warning). Of a stream, the first 1024 rows are checked here; every later prompt when its step tokenises it."""
+    warning). Of a stream, the first 1024 rows are checked here; every later prompt when its step tokenises it.
+    ``render`` makes the prompt texts (with tools, ``rlhf.agent.AgentLoop.render_prompts``)."""
     if isinstance(dataset, IterableDataset):
         dataset = Dataset.from_list(list(itertools.islice(dataset, 1024)))
     check_rows(dataset, name)
-    render_prompts(dataset[:1]["prompt"], tokenizer)  # raises on chat prompts without a template
+    render(dataset[:1]["prompt"], tokenizer)  # raises on chat prompts without a template
     if max_prompt_length is None:
         return
     too_long = []
     for start in range(0, len(dataset), 1024):
-        texts, is_chat = render_prompts(dataset[start:start + 1024]["prompt"], tokenizer)
+        texts, is_chat = render(dataset[start:start + 1024]["prompt"], tokenizer)
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]]
         too_long += [(start + i, n) for i, n in enumerate(lengths) if n > max_prompt_length]
     if not too_long:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import gather_object
 
+from rlhf.agent import AgentLoop
 from rlhf.checkpoint import model_source
 from rlhf.configs import RLConfig
-from rlhf.data import as_dataset, check_prompts
+from rlhf.data import as_dataset, check_prompts, render_prompts
 from rlhf.distributed import make_accelerator
 from rlhf.integrity import check_adapter_weights
 from rlhf.models import disable_dropout, eos_token_ids, load_causal_lm, load_tokenizer
@@ -31,7 +32,7 @@ from rlhf.rewards import (
     correctness_index,
     reward_table,
 )
-from rlhf.rollout import Policy, SamplingParams, encode_prompts, generate, generate_rollout
+from rlhf.rollout import Policy, SamplingParams, generate_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ class EvalRollouts:
     """Evaluation completions of every process, rows grouped by prompt."""
 
     scores: torch.Tensor  # [N, F] float64, NaN where a function returned None
-    lengths: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N] the policy's tokens
     truncated: torch.Tensor  # [N] bool
     samples: list[dict]
+    episode_stats: dict[str, torch.Tensor]  # multi-turn: [N] per statistic of rlhf.agent.EPISODE_STATS
 
 
 def pass_at_k(num_correct: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -73,41 +75,45 @@ def write_samples(path: str, step: int, samples: list[dict], names: list[str]) -
 
 
 def eval_rollouts(policy: Policy, dataset, reward_functions, params: SamplingParams, n: int,
-                  batch_size: int, context: RewardContext | None = None) -> EvalRollouts:
+                  batch_size: int, context: RewardContext | None = None, rollout_fn=generate_rollout) -> EvalRollouts:
     """``n`` completions per prompt of ``dataset`` (greedy when ``params`` says so), scored. Prompts are dealt to
     processes in batches; results are gathered, so every process returns the whole dataset's, grouped by
     prompt. ``samples`` holds the main process's first batch as dicts (prompt, completion, rewards, columns)."""
     accelerator = policy.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     prompts_per_batch = max(1, batch_size // n)
-    scores, lengths, truncated, samples = [], [], [], []
+    scores, lengths, truncated, samples, stats = [], [], [], [], []
     # Every process runs the same number of batches (sharded models generate in lockstep); a process whose
     # share has run out generates for the first prompt again and drops the result.
     rounds = -(-len(dataset) // (prompts_per_batch * world))
     for round_index in range(rounds):
         start = (round_index * world + rank) * prompts_per_batch
         if start >= len(dataset):
-            generate(policy, *encode_prompts(policy, dataset[:1]["prompt"])[:2], params)
+            rollout_fn(policy, dataset[:1], params, 1)
             continue
-        rollout, texts = generate_rollout(policy, dataset[start:start + prompts_per_batch], params, n)
+        rollout, texts = rollout_fn(policy, dataset[start:start + prompts_per_batch], params, n)
         per_function = reward_table(reward_functions, texts, context=context)
         scores.append(per_function)
-        lengths.append(rollout.completion_mask.sum(dim=1).cpu())
+        lengths.append(rollout.policy_tokens.sum(dim=1).cpu())
         truncated.append(rollout.truncated.cpu())
+        stats.append({k: torch.tensor(v, dtype=torch.float64) for k, v in texts.episode_stats.items()})
         if not samples:
             samples = [{"prompt": p, "completion": c, "rewards": r, **{k: v[i] for k, v in texts.columns.items()}}
                        for i, (p, c, r) in enumerate(zip(texts.prompts, texts.completions, per_function.tolist()))]
     if not scores:
         scores = [torch.zeros(0, len(reward_functions), dtype=torch.float64)]
         lengths, truncated = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]
-    local = (torch.cat(scores), torch.cat(lengths), torch.cat(truncated))
+    names = sorted(stats[0]) if stats else []
+    local = (torch.cat(scores), torch.cat(lengths), torch.cat(truncated),
+             *(torch.cat([s[name] for s in stats]) for name in names))
     gathered = gather_object([local]) if world > 1 else [local]
-    return EvalRollouts(*(torch.cat([part[i] for part in gathered]) for i in range(3)), samples)
+    parts = [torch.cat([part[i] for part in gathered if len(part) > i]) for i in range(3 + len(names))]
+    return EvalRollouts(*parts[:3], samples, dict(zip(names, parts[3:])))
 
 
 @torch.no_grad()
 def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[float], args: RLConfig, step: int,
-             output_dir: str | None = None, trainer_state=None) -> dict[str, float]:
+             output_dir: str | None = None, trainer_state=None, rollout_fn=generate_rollout) -> dict[str, float]:
     """Greedy completions for every prompt of ``dataset``, scored with the reward functions, plus
     ``args.eval_num_generations`` sampled ones per prompt for pass@k.
 
@@ -123,7 +129,8 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     accuracy = correctness_index(reward_functions, args.accuracy_reward)
     policy.model.eval()
     greedy_params = SamplingParams(args.max_new_tokens, do_sample=False, static_kv_cache=args.static_kv_cache)
-    greedy = eval_rollouts(policy, dataset, reward_functions, greedy_params, 1, args.eval_batch_size, context)
+    greedy = eval_rollouts(policy, dataset, reward_functions, greedy_params, 1, args.eval_batch_size, context,
+                           rollout_fn)
     logged = {name: (sum(values), len(values)) for name, values in context.metrics.items()}
     totals: dict[str, list] = {}  # log_metric of the greedy pass, over every process: eval/<name>
     for part in (gather_object([logged]) if accelerator.num_processes > 1 else [logged]):
@@ -140,13 +147,15 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     out.update({name: total / count for name, (total, count) in totals.items() if count})
     if accuracy is not None:
         out["eval/accuracy"] = (scores[:, accuracy] >= args.accuracy_threshold).double().mean().item()
+    out.update({f"eval/agent/{name}": values.mean().item() for name, values in greedy.episode_stats.items()})
     n = args.eval_num_generations
     if n > 0:
         device = accelerator.device
         devices = {"devices": []} if device.type == "cpu" else {"devices": [device], "device_type": device.type}
         with torch.random.fork_rng(**devices):
             torch.manual_seed(args.seed * 1_000_003 + step * 7_919 + accelerator.process_index)
-            sampled = eval_rollouts(policy, dataset, reward_functions, sampling_params(args), n, args.eval_batch_size)
+            sampled = eval_rollouts(policy, dataset, reward_functions, sampling_params(args), n, args.eval_batch_size,
+                                    rollout_fn)
         out["eval/sampled/reward_mean"] = combine_rewards(sampled.scores, reward_weights).mean().item()
         if accuracy is not None:
             correct = (sampled.scores[:, accuracy] >= args.accuracy_threshold).view(-1, n).sum(dim=1)
@@ -191,7 +200,8 @@ class PolicyEvaluator:
     """A saved policy, its tokenizer and reward functions, evaluated as the trainer evaluates."""
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, processing_class=None,
-                 base_model_name_or_path: str | None = None, reward_processing_classes=None):
+                 base_model_name_or_path: str | None = None, reward_processing_classes=None, tools=None,
+                 environment_factory=None):
         self.args = args if args is not None else RLConfig()
         args = self.args
         accelerator = make_accelerator()
@@ -208,6 +218,8 @@ class PolicyEvaluator:
             timeout=args.reward_timeout)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails here
+        self.agent = (AgentLoop.from_config(tokenizer, tools, environment_factory, args)
+                      if tools or environment_factory is not None else None)
 
     @property
     def accelerator(self):
@@ -219,7 +231,8 @@ class PolicyEvaluator:
         dataset = as_dataset(dataset, "dataset")
         check_reward_columns(self.reward_functions, dataset)
         check_prompts(dataset, "dataset", self.policy.tokenizer, self.args.max_prompt_length,
-                      self.args.truncate_prompts)
+                      self.args.truncate_prompts, render=self.agent.render_prompts if self.agent else render_prompts)
         if output_dir is not None and self.accelerator.is_main_process:
             os.makedirs(output_dir, exist_ok=True)
-        return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args, step, output_dir)
+        return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args, step, output_dir,
+                        rollout_fn=self.agent.rollout if self.agent is not None else generate_rollout)

@@ -46,6 +46,8 @@ PANELS = [
     Panel("Clip fraction", (r"clip/low_frac", r"clip/high_frac"), "fraction of tokens"),
     Panel("Critic loss", (r"loss/value",), "squared error"),  # PPO only
     Panel("Critic explained variance", (r"critic/explained_variance",), "fraction of the returns' variance"),
+    Panel("Tools and turns", (r"agent/tool_call_rate", r"eval/agent/tool_call_rate", r"agent/turns",
+                              r"agent/tool_(errors|timeouts|bad_calls)"), "rate, or turns per trajectory"),
     Panel("Speed", (r"time/step",), "seconds per step"),
 ]
 BUILTIN = (r"(reward|advantages|completions|clip|policy|time|guard|critic|kl|loss|eval)/.*", r"kl", r"entropy",
@@ -56,13 +58,14 @@ OTHER = Panel("Logged by reward functions and callbacks", (), "as logged")
 SUMMARY_PATTERNS = (
     r"reward/mean", r"reward/[^/]+/mean", r"eval/reward_mean", r"eval/reward/[^/]+/mean", r"eval/accuracy",
     r"eval/pass@\d+", r"kl", r"entropy", r"completions/mean_length", r"completions/truncated_frac",
-    r"eval/mean_length", r"loss/policy", r"loss/value", r"critic/explained_variance", r"grad_norm", r"time/step",
+    r"eval/mean_length", r"agent/tool_call_rate", r"eval/agent/tool_call_rate", r"agent/turns", r"loss/policy",
+    r"loss/value", r"critic/explained_variance", r"grad_norm", r"time/step",
     r"tokens_per_second",
 )
 """Metrics listed in the summary table, in this order."""
 
 HIGHER_IS_BETTER = (r"reward/mean", r"reward/[^/]+/mean", r"eval/reward_mean", r"eval/reward/[^/]+/mean",
-                    r"eval/accuracy", r"eval/pass@\d+")
+                    r"eval/accuracy", r"eval/pass@\d+", r"(eval/)?agent/tool_call_rate")
 """Metrics whose best value (their maximum) the summary table shows."""
 
 
@@ -219,6 +222,32 @@ def _text(value, limit: int = MAX_TEXT_CHARS) -> str:
     return html.escape(text)
 
 
+def conversation_text(messages: list[dict]) -> str:
+    """A multi-turn completion, one turn per line, each marked with its role; tool turns name their tool.
+
+    >>> print(conversation_text([{"role": "assistant", "content": "<tool_call>...</tool_call>"},
+    ...                          {"role": "tool", "name": "calc", "content": "42"}]))
+    [assistant] <tool_call>...</tool_call>
+    [tool: calc] 42
+    """
+    lines = []
+    for m in messages:
+        role = f"tool: {m['name']}" if m.get("role") == "tool" and m.get("name") else m.get("role", "?")
+        lines.append(f"[{role}] {m.get('content', '')}")
+    return "\n".join(lines)
+
+
+def _completion_html(completion) -> str:
+    """A completion's text; a multi-turn one turn by turn, the environment's turns marked."""
+    if not (isinstance(completion, list) and len(completion) > 1 and all(isinstance(m, dict) for m in completion)):
+        return _text(completion)
+    turns = []
+    for m in completion:
+        body = _text(conversation_text([m]), MAX_TEXT_CHARS // 2)
+        turns.append(body if m.get("role") == "assistant" else f'<span class="env">{body}</span>')
+    return "\n".join(turns)
+
+
 def _rewards_text(rewards) -> str:
     if not isinstance(rewards, dict):
         return _text(rewards)
@@ -242,6 +271,7 @@ td.text { white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monosp
           max-width: 480px; }
 .charts img { width: 520px; margin: 4px; border: 1px solid #eee; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+.env { background: #eef4ff; color: #2a4a8a; display: inline-block; }
 """
 
 
@@ -270,7 +300,7 @@ def _samples_html(path: str | None) -> str:
         return ""
     samples = read_samples(path)
     rows = "".join(f"<tr><td class=\"text\">{_text(s.get('prompt', ''))}</td>"
-                   f"<td class=\"text\">{_text(s.get('completion', ''))}</td>"
+                   f"<td class=\"text\">{_completion_html(s.get('completion', ''))}</td>"
                    f"<td>{_rewards_text(s.get('rewards', {}))}</td></tr>" for s in samples)
     return (f"<h2>Samples ({html.escape(os.path.basename(path))})</h2>"
             f"<table><tr><th>prompt</th><th>completion</th><th>rewards</th></tr>{rows}</table>")

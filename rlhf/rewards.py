@@ -245,6 +245,16 @@ class RewardFunction:
         )
 
 
+class _Environment:
+    """Stands for an environment's per-turn rewards in the reward table (metrics: reward/environment/...)."""
+
+    name = "environment"
+    fn = None
+
+
+_ENVIRONMENT = _Environment()
+
+
 def combine_rewards(per_function: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """Weighted sum over functions of rewards [N, F], skipping NaN (None) entries. [N]
 
@@ -256,13 +266,14 @@ def combine_rewards(per_function: torch.Tensor, weights: Sequence[float]) -> tor
 
 def build_reward_functions(reward_funcs, tokenizers=None, *, device=None, batch_size: int = 32,
                            normalize: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
-                           timeout: float | None = None) -> list[RewardFunction]:
+                           timeout: float | None = None, allow_none: bool = False) -> list[RewardFunction]:
     """Callables are used as they are; a path or a model object is a reward model, scored with its own
-    tokenizer (``tokenizers[i]``, else the one saved with it)."""
+    tokenizer (``tokenizers[i]``, else the one saved with it). ``allow_none``: an environment gives rewards, so
+    the list may be empty."""
     from rlhf.reward_model import RewardModelFunction
 
-    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if not funcs:
+    funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs and not allow_none:
         raise ValueError("reward_funcs is empty; give at least one reward function or reward model.")
     tokenizers = list(tokenizers) if tokenizers is not None else [None] * len(funcs)
     if len(tokenizers) != len(funcs):
@@ -315,6 +326,8 @@ def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float
     returned None. Synchronous functions run one after the other, then the async ones concurrently (as in TRL).
     A value whose magnitude times its weight (default 1) exceeds ``MAX_ABS_REWARD`` is a ``RewardError`` naming
     the function and the sample."""
+    if not functions:  # an environment's rewards only
+        return torch.zeros(len(texts.completions), 0, dtype=torch.float64)
     batch = (texts.prompts, texts.completions, texts.completion_ids, texts.columns)
     context = context if context is not None else RewardContext()
     columns = {j: func(*batch, context) for j, func in enumerate(functions) if not func.is_async}
@@ -358,19 +371,24 @@ def log_reward_metrics(context: RewardContext, accelerator, metrics) -> None:
 
 
 def score_rollout(functions: list[RewardFunction], weights: list[float], texts, accelerator, group_size: int,
-                  metrics, context: RewardContext | None = None) -> torch.Tensor:
+                  metrics, context: RewardContext | None = None, turn_rewards: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Total rewards of the *whole* rollout batch (all processes, in process order), [B_global] float64.
 
     Each process scores its own completions; the table is gathered so that group and batch statistics
     are exact everywhere. Reward-model scores marked ``normalize`` are whitened over the whole batch.
     ``texts.rewards`` and ``texts.extra`` receive this process's values per function and what the functions gave
-    ``log_extra``; ``log_metric`` values go to ``metrics``."""
+    ``log_extra``; ``log_metric`` values go to ``metrics``. ``turn_rewards`` [B_local, T]: an environment's
+    per-turn rewards (multi-turn), added to the total."""
     context = context if context is not None else RewardContext()
     per_function = reward_table(functions, texts, weights, context)  # [B_local, F]
     texts.rewards = {func.name: [None if math.isnan(v) else v for v in per_function[:, j].tolist()]
                      for j, func in enumerate(functions)}
     texts.extra = dict(context.extra)
     log_reward_metrics(context, accelerator, metrics)
+    if turn_rewards is not None:
+        per_function = torch.cat([per_function, turn_rewards.sum(dim=1, dtype=torch.float64).cpu().unsqueeze(1)], 1)
+        functions, weights = [*functions, _ENVIRONMENT], [*weights, 1.0]
     per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()
     for j, func in enumerate(functions):
         if getattr(func.fn, "normalize", False):

@@ -40,7 +40,7 @@ class Rollout:
     completion_ids: torch.Tensor  # [B, T] long
     completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
     truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
-    loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: completion_mask minus rows left out
+    loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: policy_tokens minus rows left out
     sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's own, from generation (0 past the end)
     correction_weights: torch.Tensor | None = None  # [B, T] rollout correction pi_old / pi_sampler, truncated
     teacher_logprobs: torch.Tensor | None = None  # [B, T] the teacher's (on-policy distillation)
@@ -49,10 +49,19 @@ class Rollout:
     old_values: torch.Tensor | None = None  # [B, T] the critic's, before any update (PPO)
     advantages: torch.Tensor | None = None  # [B] per sequence, or [B, T] per token
     returns: torch.Tensor | None = None  # [B, T] value targets (PPO)
+    # Multi-turn rollouts (rlhf.agent): the completion holds environment turns too.
+    policy_mask: torch.Tensor | None = None  # [B, T] 1 on the tokens the policy sampled; None: one turn, all of them
+    turn_rewards: torch.Tensor | None = None  # [B, T] an environment's per-turn rewards, on each turn's last policy token
 
     @property
     def size(self) -> int:
         return self.completion_ids.shape[0]
+
+    @property
+    def policy_tokens(self) -> torch.Tensor:
+        """[B, T] 1 on the tokens the policy sampled: the mask of every advantage, KL, loss and token count
+        (``completion_mask``, which the forward passes attend with, also holds environment tokens)."""
+        return self.completion_mask if self.policy_mask is None else self.policy_mask
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that are set, by name."""
@@ -109,13 +118,15 @@ class RolloutTexts:
     columns: dict[str, list]
     rewards: dict[str, list] = dataclasses.field(default_factory=dict)  # function name -> value per completion
     extra: dict[str, list] = dataclasses.field(default_factory=dict)  # log_extra column -> value per completion
+    episode_stats: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # multi-turn: per trajectory
 
     def rows(self, index: list[int]) -> "RolloutTexts":
         return RolloutTexts([self.prompts[i] for i in index], [self.completions[i] for i in index],
                             [self.completion_ids[i] for i in index],
                             {k: [v[i] for i in index] for k, v in self.columns.items()},
                             {k: [v[i] for i in index] for k, v in self.rewards.items()},
-                            {k: [v[i] for i in index] for k, v in self.extra.items()})
+                            {k: [v[i] for i in index] for k, v in self.extra.items()},
+                            {k: [v[i] for i in index] for k, v in self.episode_stats.items()})
 
 
 def concat_texts(texts: list[RolloutTexts]) -> RolloutTexts:
@@ -125,7 +136,7 @@ def concat_texts(texts: list[RolloutTexts]) -> RolloutTexts:
 
     return RolloutTexts([p for t in texts for p in t.prompts], [c for t in texts for c in t.completions],
                         [ids for t in texts for ids in t.completion_ids], joined("columns"), joined("rewards"),
-                        joined("extra"))
+                        joined("extra"), joined("episode_stats"))
 
 
 @dataclass

@@ -62,7 +62,7 @@ def test_report_has_one_chart_per_panel_with_data(run_dir):
     for title in expected:
         assert f'<img alt="{title}"' in text
     assert [p.title for p in PANELS if p.title not in expected] == [
-        "KL of the updated policy to the rollout policy", "Critic loss", "Critic explained variance"]
+        "KL of the updated policy to the rollout policy", "Critic loss", "Critic explained variance", "Tools and turns"]
     assert '<img alt="Critic' not in text
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(images) == text.count("data:image/png;base64,") == len(expected)
@@ -98,6 +98,27 @@ def test_latest_samples_are_escaped_and_truncated(run_dir):
     samples = text.split("samples-10.jsonl", 1)[1]
     assert samples.count("What is 40 + ") == 8  # at most 8 rows
     assert "y" * 600 + "\u2026" in samples and "y" * 601 not in samples
+
+
+def test_multi_turn_samples_show_each_turn_with_the_tool_turns_marked(tmp_path):
+    completion = [{"role": "assistant", "content": '<tool_call>{"name": "calc", "arguments": {"expr": "37*58"}}'
+                                                   "</tool_call>"},
+                  {"role": "tool", "name": "calc", "content": "2146 <b>"},
+                  {"role": "assistant", "content": "2146"}]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "reward/mean": 0.5, "agent/tool_call_rate": 0.25 * step,
+                                "agent/turns": 1.5, "agent/tool_errors": 0.0}) + "\n")
+    with open(tmp_path / "samples-2.jsonl", "w") as f:
+        f.write(json.dumps({"step": 2, "prompt": [{"role": "user", "content": "37*58"}], "completion": completion,
+                            "rewards": {"answer_reward": 1.0}}) + "\n")
+    text = Path(write_report(str(tmp_path))).read_text(encoding="utf-8")
+    assert '<img alt="Tools and turns"' in text
+    assert re.search(r"<tr><td>agent/tool_call_rate</td><td[^>]*>0.25</td><td[^>]*>0.5</td><td[^>]*>0.5</td>", text)
+    cell = text.split("samples-2.jsonl", 1)[1]
+    assert "[assistant] &lt;tool_call&gt;{&quot;name&quot;: &quot;calc&quot;" in cell
+    assert '<span class="env">[tool: calc] 2146 &lt;b&gt;</span>' in cell  # the tool's turn, marked and escaped
+    assert "\n[assistant] 2146</td>" in cell
 
 
 def test_write_is_atomic_and_replaces_the_old_report(run_dir):

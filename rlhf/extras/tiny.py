@@ -28,11 +28,29 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
 )
 
+# The same lines, plus tools (names and argument names on a "tools:" line), assistant tool calls in the
+# <tool_call> format of rlhf.tools, and an EOS closing every assistant turn, as instruct models' templates do.
+TOOL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}tools: {% for tool in tools %}{{ tool.function.name }}("
+    "{{ tool.function.parameters.properties | join(', ') }}){% if not loop.last %}, {% endif %}{% endfor %}{{ '\\n' }}"
+    "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}assistant: "
+    "{{ message['content'] }}{% for call in message.get('tool_calls') or [] %}<tool_call>{{ call.function | tojson }}"
+    "</tool_call>{% endfor %}{{ eos_token }}\n{% else %}{{ message['role'] }}: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
+
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+TOOL_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(ALPHABET) + len(TOOL_TOKENS)
+"""The vocabulary of ``char_tokenizer(tools=True)``: build its models with ``tiny_model(vocab_size=TOOL_VOCAB_SIZE)``."""
+
+
+def char_tokenizer(tools: bool = False) -> PreTrainedTokenizerFast:
     """One token per character (printable ASCII), plus <pad>, <bos>, <eos>, <unk>; adds <bos> in front.
 
-    Has a minimal chat template ("role: content" lines), so conversational prompts work too.
+    Has a minimal chat template ("role: content" lines), so conversational prompts work too. ``tools=True``:
+    ``TOOL_CHAT_TEMPLATE``, and <tool_call> and </tool_call> as one token each (ids 102 and 103), as in
+    Qwen2.5's tokenizer.
     """
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *ALPHABET])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -42,7 +60,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE if tools else CHAT_TEMPLATE
+    if tools:
+        tokenizer.add_tokens(list(TOOL_TOKENS))
     return tokenizer
 
 

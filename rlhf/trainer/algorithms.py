@@ -46,6 +46,17 @@ class BatchReduce:
         return self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=1, pad_index=0))
 
 
+def placed_rewards(rewards: torch.Tensor, rollout) -> torch.Tensor:
+    """[B, T] per-token rewards of this process's rows: each sequence's reward ``rewards`` [B] on its last policy
+    token. With an environment's per-turn rewards (multi-turn), those sit on their turns' last policy tokens and
+    the rest of the sequence reward (which counts them once) on the last."""
+    mask = rollout.policy_tokens
+    if rollout.turn_rewards is None:
+        return token_level_rewards(rewards, mask)
+    turns = rollout.turn_rewards.to(rewards.dtype) * mask
+    return token_level_rewards(rewards - turns.sum(dim=1), mask) + turns
+
+
 def log_token_advantages(advantages: torch.Tensor, mask: torch.Tensor, reduce: BatchReduce, metrics) -> None:
     metrics.add("advantages/mean", masked_mean(advantages, mask, all_reduce=reduce.all_reduce))
     metrics.add("advantages/std", masked_var(advantages.double(), mask, all_reduce=reduce.all_reduce).sqrt())
@@ -90,8 +101,8 @@ class Reinforce:
             rewards = rloo_advantages(rewards, self.group_size)
         elif self.baseline == "reinforce++-baseline":
             rewards = grpo_advantages(rewards, self.group_size, scale="none")  # r - mean of the prompt's group
-        mask = rollout.completion_mask
-        token_rewards = kl.in_reward(token_level_rewards(reduce.local_rows(rewards).float(), mask), rollout, metrics)
+        mask = rollout.policy_tokens  # environment tokens neither get rewards nor count as a discount step
+        token_rewards = kl.in_reward(placed_rewards(reduce.local_rows(rewards).float(), rollout), rollout, metrics)
         returns = discounted_returns(token_rewards, mask, self.gamma)
         if self.baseline in ("reinforce++", "reinforce++-baseline"):
             returns = masked_whiten(returns, mask, all_reduce=reduce.all_reduce)
@@ -110,8 +121,8 @@ class PPO:
     has_critic: ClassVar[bool] = True
 
     def advantages(self, rewards, rollout, kl, reduce, metrics):
-        mask, values = rollout.completion_mask, rollout.old_values
-        token_rewards = kl.in_reward(token_level_rewards(reduce.local_rows(rewards).float(), mask), rollout, metrics)
+        mask, values = rollout.policy_tokens, rollout.old_values  # GAE runs over the policy's tokens only
+        token_rewards = kl.in_reward(placed_rewards(reduce.local_rows(rewards).float(), rollout), rollout, metrics)
         advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
         metrics.add("critic/returns_mean", masked_mean(returns, mask, all_reduce=reduce.all_reduce))
         metrics.add("critic/values_mean", masked_mean(values, mask, all_reduce=reduce.all_reduce))

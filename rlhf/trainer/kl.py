@@ -48,7 +48,7 @@ class KLPenalty:
         unchanged). Logs the rollout's KL per sequence whenever it is measured."""
         if rollout.ref_logprobs is None or rollout.old_logprobs is None:
             return token_rewards
-        mask = rollout.completion_mask
+        mask = rollout.policy_tokens
         kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.estimator)  # [B, T], no gradient
         sequence_kl = masked_sum(kl, mask, dim=1)
         metrics.add("kl/sequence", sequence_kl.mean(), sequence_kl.numel())

@@ -32,18 +32,21 @@ def informative_rows(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def sample_groups(policy, dataset, sampler, step: int, sampling, args, reward_functions, reward_weights, accelerator,
-                  metrics, timer, context=None) -> tuple[Rollout, RolloutTexts, torch.Tensor]:
+                  metrics, timer, context=None, rollout_fn=generate_rollout
+                  ) -> tuple[Rollout, RolloutTexts, torch.Tensor]:
     """(this process's rollout, its texts, the rewards of the whole batch [B_global]) for ``step``: one round, or
     with dynamic sampling as many as it takes (module docstring). ``context``: the reward functions'
-    ``trainer_state`` / ``log_metric`` / ``log_extra`` (rlhf.reward_calls.RewardContext)."""
+    ``trainer_state`` / ``log_metric`` / ``log_extra`` (rlhf.reward_calls.RewardContext). ``rollout_fn``: how
+    completions are made (``generate_rollout``, or ``rlhf.agent.AgentLoop.rollout`` for multi-turn trajectories)."""
     group = args.num_generations
     rounds = args.max_sampling_rounds if args.filter_zero_std_groups else 1
     pieces = []
     for round_index in range(rounds):
         with timer("generate"):
-            rollout, texts = generate_rollout(policy, sampler.rows(dataset, step, round_index), sampling, group)
+            rollout, texts = rollout_fn(policy, sampler.rows(dataset, step, round_index), sampling, group)
         with timer("score"):
-            rewards = score_rollout(reward_functions, reward_weights, texts, accelerator, group, metrics, context)
+            rewards = score_rollout(reward_functions, reward_weights, texts, accelerator, group, metrics, context,
+                                    rollout.turn_rewards)
         if rounds == 1:
             return rollout, texts, rewards
         pieces.append((rollout, texts, rewards))

@@ -20,12 +20,13 @@ from datasets import IterableDataset
 from transformers import get_scheduler
 
 from rlhf import trackers
+from rlhf.agent import AgentLoop
 from rlhf.callbacks import Callbacks, TrainResult, epoch_at, new_state
 from rlhf.checkpoint import read_state
 from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
 from rlhf.core import rollout_correction
 from rlhf.critic import build_critic
-from rlhf.data import PromptSampler, StreamSampler, as_dataset, check_prompts, dataset_columns
+from rlhf.data import PromptSampler, StreamSampler, as_dataset, check_prompts, dataset_columns, render_prompts
 from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.fingerprints import dataset_fingerprint, model_fingerprint
@@ -72,7 +73,8 @@ class RLTrainer:
 
     def __init__(self, model, reward_funcs, args: RLConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, reward_processing_classes=None, value_model=None,
-                 teacher_model=None, teacher_processing_class=None, callbacks=None, optimizers=(None, None)):
+                 teacher_model=None, teacher_processing_class=None, callbacks=None, optimizers=(None, None),
+                 tools=None, environment_factory=None):
         self.args = args = args if args is not None else self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}.")
@@ -150,15 +152,23 @@ class RLTrainer:
         self.reward_functions = build_reward_functions(
             reward_funcs, reward_processing_classes, device=accelerator.device, batch_size=args.reward_model_batch_size,
             normalize=args.normalize_reward_model_scores, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-            timeout=args.reward_timeout)
+            timeout=args.reward_timeout, allow_none=environment_factory is not None)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails now, not at eval
+        # Tools or an environment: multi-turn rollouts (rlhf/agent.py) instead of one completion per sample.
+        self.agent = (AgentLoop.from_config(self.tokenizer, tools, environment_factory, args)
+                      if tools or environment_factory is not None else None)
+        self.rollout_fn = generate_rollout if self.agent is None else self.agent.rollout
+        if self.agent is not None and args.rollout_correction is not None:
+            raise ValueError(f"rollout_correction={args.rollout_correction!r} with tools or an environment: the "
+                             "multi-turn rollout does not record the sampler's log-probs it needs. Leave it None.")
         self.train_dataset = as_dataset(train_dataset, "train_dataset", streaming=True)
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None:
                 check_reward_columns(self.reward_functions, dataset_columns(dataset))
-                check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts)
+                check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts,
+                              render=self.agent.render_prompts if self.agent is not None else render_prompts)
         streamed = isinstance(self.train_dataset, IterableDataset)
         self.num_prompts = None if streamed else len(self.train_dataset)
         # num_train_epochs, a fractional save_steps and warmup_ratio become steps now that the data is known
@@ -211,11 +221,11 @@ class RLTrainer:
         metrics = metrics if metrics is not None else StepMetrics()
         timer = timer if timer is not None else PhaseTimer()
         self.model.eval()
-        # this process's prompts, num_generations completions each; the whole batch's rewards [B_global], the reward
-        # functions given trainer_state, log_metric and log_extra as in TRL
+        # this process's prompts, num_generations completions (or multi-turn trajectories) each; the whole batch's
+        # rewards [B_global], the reward functions given trainer_state, log_metric and log_extra as in TRL
         rollout, texts, rewards = sample_groups(self.policy, self.train_dataset, self.sampler, step, self.sampling,
                                                 args, self.reward_functions, self.reward_weights, accelerator,
-                                                metrics, timer, RewardContext(self.state))
+                                                metrics, timer, RewardContext(self.state), self.rollout_fn)
         if args.mask_truncated_completions:
             rollout.loss_mask[rollout.truncated] = 0
         selecting = args.top_entropy_quantile < 1
@@ -235,7 +245,7 @@ class RLTrainer:
                                                                         metrics)
         if self.teacher is not None:  # on-policy distillation: the teacher's dense per-token signal
             rollout.advantages = teacher_advantages(rollout.advantages, rollout.old_logprobs, rollout.teacher_logprobs,
-                                                    rollout.completion_mask, args.distill_coef, self.reduce, metrics)
+                                                    rollout.policy_tokens, args.distill_coef, self.reduce, metrics)
         # Which tokens train: each filter below takes tokens out of loss_mask, so out of the loss and its counts.
         if args.filter_zero_std_groups:
             rows = self.reduce.local_rows(informative_rows(rewards, args.num_generations))
@@ -251,7 +261,7 @@ class RLTrainer:
         if selecting:
             rollout.loss_mask = rollout.loss_mask * high_entropy_tokens(entropy, rollout.loss_mask,
                                                                         args.top_entropy_quantile, self.reduce, metrics)
-        log_rollout(rollout, accelerator, metrics)
+        log_rollout(rollout, texts, accelerator, metrics)
         return rollout, texts
 
     def training_step(self, timer: PhaseTimer | None = None, samples: CompletionSamples | None = None
@@ -355,7 +365,7 @@ class RLTrainer:
         if dataset is None:
             raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
         return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args,
-                        self.step if step is None else step, output_dir, self.state)
+                        self.step if step is None else step, output_dir, self.state, rollout_fn=self.rollout_fn)
 
     # ------------------------------------------------------------------ saving and resuming
     @property
@@ -447,14 +457,17 @@ class PPOTrainer(RLTrainer):
         return checkpointing.save_model(path, self.accelerator, self.critic, None)
 
 
-def log_rollout(rollout: Rollout, accelerator, metrics: StepMetrics) -> None:
-    lengths = accelerator.gather(rollout.completion_mask.sum(dim=1)).double()
+def log_rollout(rollout: Rollout, texts: RolloutTexts, accelerator, metrics: StepMetrics) -> None:
+    """Lengths count the policy's tokens only; multi-turn rollouts add agent/<statistic> (rlhf.agent.EPISODE_STATS)."""
+    lengths = accelerator.gather(rollout.policy_tokens.sum(dim=1)).double()
     truncated = accelerator.gather(rollout.truncated.long()).double()
     metrics.add("completions/mean_length", lengths.mean())
     metrics.add_max("completions/max_length", lengths.max())
     metrics.add("completions/min_length", lengths.min())
     metrics.add("completions/truncated_frac", truncated.mean())
     metrics.add("completions/total_tokens", lengths.sum())
+    for name, values in texts.episode_stats.items():
+        metrics.add(f"agent/{name}", torch.tensor(values, dtype=torch.float64).mean(), len(values))
 
 
 def make_optimizer(model, learning_rate: float, args: RLConfig) -> torch.optim.Optimizer:

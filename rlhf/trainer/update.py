@@ -127,7 +127,9 @@ def loss_denominators(mini: Rollout, args: RLConfig, accelerator) -> dict:
     mask = mini.loss_mask
     counts = torch.stack([mask.sum(), (mask.sum(dim=1) > 0).sum()]).double()
     counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
-    return {"num_tokens": counts[0], "num_seqs": counts[1], "seq_len": args.max_new_tokens}
+    # Dr. GRPO's constant: the longest completion (multi-turn: the trajectory's token budget).
+    seq_len = args.max_new_tokens if mini.policy_mask is None else args.trajectory_tokens
+    return {"num_tokens": counts[0], "num_seqs": counts[1], "seq_len": seq_len}
 
 
 def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, micro: Rollout, args: RLConfig,

@@ -1,0 +1,29 @@
+"""`make demo-tools`, shrunk to seconds: it runs end to end, with the calculator as a tool, and writes its summary,
+curves and report (the demo's learning is measured in bench/TOOLS_DEMO.md, not here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tool_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo_tools"
+    command = [sys.executable, os.path.join(ROOT, "recipes", "demo_tools.py"), "--output_dir", str(out),
+               "--warm_start_steps", "2", "--max_steps", "2", "--eval_steps", "2", "--prompts_per_step", "2",
+               "--num_generations", "4", "--max_eval_samples", "8", "--eval_batch_size", "8",
+               "--disable_tqdm", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary_seed0.json").read_text())
+    assert summary["rl_steps"] == 2 and summary["heldout_problems"] == 8 and summary["warm_start_steps"] == 2
+    for key in ("accuracy_before", "accuracy_after", "tool_call_rate_before", "tool_call_rate_after"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    records = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("agent/tool_call_rate" in r and "agent/turns" in r for r in records if "reward/mean" in r)
+    for name in ("curves.png", "report.html", "samples-0.jsonl", "samples-2.jsonl", "model/config.json"):
+        assert (out / "grpo" / name).exists(), name
+    assert "held-out greedy results on 8 problems" in result.stdout
