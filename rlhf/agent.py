@@ -222,8 +222,8 @@ class AgentLoop:
         turn_params = dataclasses.replace(params, max_new_tokens=longest,
                                           min_new_tokens=min(params.min_new_tokens, longest))
         device = policy.accelerator.device
-        completion_ids, completion_mask, no_eos = generate(policy, ids.to(device), mask.to(device), turn_params,
-                                                           group_size)
+        completion_ids, completion_mask, no_eos, _ = generate(policy, ids.to(device), mask.to(device), turn_params,
+                                                              group_size)  # the sampler log-probs: unused here
         lengths = completion_mask.sum(dim=1).tolist()
         for e, row, length, cut, budget in zip(episodes, completion_ids.tolist(), lengths, no_eos.tolist(), budgets):
             turn = row[:min(length, budget)]

@@ -51,7 +51,7 @@ from rlhf.rewards import (
     check_reward_weights,
     correctness_index,
 )
-from rlhf.rollout import Policy, Rollout, RolloutTexts
+from rlhf.rollout import Policy, Rollout, RolloutTexts, generate_rollout
 from rlhf.run_dir import RunDirectory
 from rlhf.trainer import checkpointing
 from rlhf.trainer.algorithms import BatchReduce, algorithm_for
