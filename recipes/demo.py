@@ -94,6 +94,9 @@ def main():
     summary.update(warm_start_stage(warm_path, cli.seed))
     print(f"      {summary['warm_start_steps']} steps, {summary['warm_start_seconds']} s"
           f"{' (reused)' if summary['warm_start_reused'] else ''} -> {warm_path}")
+    if summary["warm_start_steps"] >= WARM_START["max_steps"]:
+        print(f"      WARNING: the warm start did not reach its target in {WARM_START['max_steps']} steps (still on the "
+              "plateau before a model learns addition); RL from it will not show the demo's gain.")
     if cli.stage == "warmstart":
         return
 

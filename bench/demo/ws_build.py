@@ -19,7 +19,7 @@ from rlhf.extras.addition import WARM_START, build_warm_start, demo_splits, gree
 
 checks = []
 t0, c0 = time.time(), time.process_time()
-model, tok, steps = build_warm_start(a.seed, log=lambda s, p: checks.append((s, round(p, 4))))
+model, tok, steps = build_warm_start(a.seed, log=lambda s, p: (checks.append((s, round(p, 4))), print(s, round(p, 4), round(time.process_time() - c0, 1), flush=True)))
 cpu, wall = time.process_time() - c0, time.time() - t0
 _, _, heldout = demo_splits()
 root = os.path.join(OUT, "ws", a.tag)

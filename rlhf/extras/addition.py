@@ -191,7 +191,7 @@ def answer_probability(model, tokenizer, rows: list[dict], answers: list[str] | 
 # The start this gives is set by the data, not by where a noisy trajectory happened to be: greedy decoding is
 # right on the problems without a carry (58% of the held-out ones) and wrong on most with one, where the right
 # answer still has ~25% of the probability, so sampled groups disagree and RL has a signal to fix the flaw.
-WARM_START = dict(max_steps=2000, batch_size=128, lr=2e-3, warmup_steps=50, schedule="constant", drop_carry=0.75,
+WARM_START = dict(max_steps=2000, batch_size=128, lr=1e-3, warmup_steps=50, schedule="constant", drop_carry=0.75,
                   settle_steps=100, check_every=50)
 WARM_START_TARGET = 0.85  # mean P(correct answer) on the validation problems without a carry
 
