@@ -93,6 +93,29 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def summary() -> str:
+    """Per algo and thread count: the spread over seeds (what the README shows)."""
+    rows = done()
+    names = {"grpo": "GRPO", "ppo": "PPO (critic, GAE, k1 KL 0.01 in the reward)", "reinforce": "REINFORCE, RLOO baseline"}
+    lines = ["| algorithm (`ALGO=`) | torch threads | seeds | after warm start | after 100 RL steps: mean (min-max) | "
+             "gain: mean (min-max) | CPU s of `demo.py`: warm start, RL |", "|---|---|---|---|---|---|---|"]
+    for algo in ("grpo", "ppo", "reinforce"):
+        for threads in (1, 2):
+            picked = [r for (s, a, t), r in sorted(rows.items()) if a == algo and t == threads]
+            if not picked:
+                continue
+            before = [100 * r["accuracy_before"] for r in picked]
+            after = [100 * r["accuracy_after"] for r in picked]
+            gains = [r["gain_points"] for r in picked]
+            warm = [r["warm_start_cpu_seconds"] for r in picked]
+            lines.append(
+                f"| {names[algo]} | {threads} | {', '.join(str(r['seed']) for r in picked)} | "
+                f"{min(before):.1f}-{max(before):.1f}% | {statistics.mean(after):.1f}% ({min(after):.1f}-{max(after):.1f}) | "
+                f"{statistics.mean(gains):+.1f} ({min(gains):+.1f} to {max(gains):+.1f}) | "
+                f"{min(warm):.0f}-{max(warm):.0f}, {statistics.mean(r['rl_cpu_seconds'] for r in picked):.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -100,9 +123,10 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--summary", action="store_true", help="the per-algo spread over seeds (for the README)")
     args = parser.parse_args()
-    if args.table:
-        print(table())
+    if args.table or args.summary:
+        print(table() if args.table else summary())
         return
     os.makedirs(OUT, exist_ok=True)
     for threads in args.threads:
