@@ -12,6 +12,8 @@ shape, our GRPO on two processes with the same global batch, and TRL's GRPOTrain
 defaults except the learning rate and the matched batch shape, sampling and schedule.
 """
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -93,7 +95,8 @@ def start_model_dir(name: str, seed: int, cache: str, quick: bool) -> str:
             repeat.make_model(seed).save_pretrained(path)
             char_tokenizer().save_pretrained(path)
         return path
-    path = os.path.join(cache, "addition-warmstart" + ("-quick" if quick else ""))
+    settings = hashlib.sha1(json.dumps([addition.WARM_START, addition.WARM_START_TARGET], sort_keys=True).encode())
+    path = os.path.join(cache, f"addition-warmstart-{settings.hexdigest()[:8]}" + ("-quick" if quick else ""))
     if not os.path.isdir(path):
         model, tokenizer, _ = addition.build_warm_start(seed=0, steps=10 if quick else None)
         model.save_pretrained(path)

@@ -1,19 +1,25 @@
-"""The demo: a tiny Llama learns 2-digit addition, first from a short supervised warm start, then
-by RL with a rule-based correctness reward. CPU only, no network, a few minutes.
+"""The demo: a tiny Llama learns 2-digit addition, first from a supervised warm start with a deliberate flaw, then
+by RL with a rule-based correctness reward that fixes it. CPU only, no network, about 3 minutes.
 
-    make demo [ALGO=grpo|ppo|reinforce]     # or: python recipes/demo.py [--algo grpo] [--seed 0]
+    make demo [ALGO=grpo|ppo|reinforce]     # or: python recipes/demo.py [--algo grpo] [--seed 0] [--threads N]
 
 1. Builds a 4-layer Llama (hidden 128) and the project's character tokenizer from scratch.
-2. Warm start: supervised training on "a+b=" -> "c", stopped on purpose as soon as accuracy on a
-   validation split passes --warm_start_accuracy, so RL has room to improve.
+2. Warm start (rlhf.extras.addition.build_warm_start): supervised training on "a+b=" -> "c" where the units
+   carry is forgotten in 75% of the examples ("17+25=" -> "32"), until the model has learnt the rest of
+   addition, then a short anneal. Greedy decoding then gets the problems without a carry right and most with a
+   carry wrong, while the right answer keeps about a quarter of the probability: a start set by the data, not by
+   a lucky trajectory, with room and a signal for RL.
 3. RL with recipes/configs/demo_<algo>.yaml, evaluating greedy accuracy on 500 held-out problems.
-Writes outputs/demo/: warmstart/, <algo>/metrics.jsonl, <algo>/model/, <algo>/curves.png, summary.json.
+Writes outputs/demo/: warmstart/ (reused when seed, threads and settings match), <algo>/metrics.jsonl,
+<algo>/alarms.jsonl (the training-health monitor), <algo>/model/, <algo>/curves.png, summary_<algo>.json.
 """
 
 import argparse
 import json
 import os
 import time
+
+import torch
 
 from rlhf import (
     GRPOConfig,
@@ -24,14 +30,15 @@ from rlhf import (
     ReinforceTrainer,
 )
 from rlhf.cli import PPOScriptArguments, parse_args
-from rlhf.extras.plot import plot_metrics
 from rlhf.extras.addition import (
+    WARM_START,
+    WARM_START_TARGET,
+    build_warm_start,
     correctness_reward,
+    demo_splits,
     greedy_accuracy,
-    make_splits,
-    warm_start,
 )
-from rlhf.extras.tiny import char_tokenizer, tiny_model
+from rlhf.extras.plot import plot_metrics
 
 ALGORITHMS = {
     "grpo": (GRPOConfig, GRPOTrainer),
@@ -42,54 +49,74 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 ACCURACY = "eval/accuracy"  # correctness_reward is marked with rlhf.rewards.correctness
 
 
-def build_warm_start(path: str, train, validation, seed: int, target: float) -> dict:
-    """Train the tiny model until validation accuracy reaches ``target``; save it to ``path``."""
-    tokenizer = char_tokenizer()
-    model = tiny_model("llama", hidden_size=128, num_layers=4, num_heads=4, max_positions=32,
-                       tie_word_embeddings=False, seed=seed)
-    start = time.time()
-    steps = warm_start(model, tokenizer, train, max_steps=2000, seed=seed, check_every=10,
-                       stop=lambda step: greedy_accuracy(model, tokenizer, validation) >= target)
+def warm_start_stage(path: str, seed: int) -> dict:
+    """Build the warm start into ``path``, or reuse the one there if it was built with the same seed, thread count
+    and settings. Returns its record (steps, seconds, ...)."""
+    meta_path = os.path.join(path, "warm_start.json")
+    key = {"seed": seed, "threads": torch.get_num_threads(), "settings": WARM_START, "target": WARM_START_TARGET}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("key") == key:
+            return {**meta["record"], "warm_start_reused": True}
+    start, cpu_start = time.time(), time.process_time()
+    model, tokenizer, steps = build_warm_start(seed)
+    record = {"warm_start_steps": steps, "warm_start_seconds": round(time.time() - start, 1),
+              "warm_start_cpu_seconds": round(time.process_time() - cpu_start, 1)}
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return {"warm_start_steps": steps, "warm_start_seconds": round(time.time() - start, 1)}
+    with open(meta_path, "w") as f:
+        json.dump({"key": key, "record": record}, f, indent=2)
+    return {**record, "warm_start_reused": False}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="grpo")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and warm start")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation, warm start and RL")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--stage", choices=["all", "warmstart"], default="all")
-    parser.add_argument("--warm_start_accuracy", type=float, default=0.35)
     parser.add_argument("--max_steps", type=int, default=None, help="override the RL config's max_steps")
     cli = parser.parse_args()
-    total_start = time.time()
+    if cli.threads is not None:
+        torch.set_num_threads(cli.threads)
+    total_start, total_cpu = time.time(), time.process_time()
 
-    train, heldout = make_splits(digits=2, num_eval=500, seed=0)
-    validation, train = train.select(range(300)), train.select(range(300, len(train)))
+    train, _, heldout = demo_splits()
     warm_path = os.path.join(cli.output_dir, "warmstart")
-    summary = {"algo": cli.algo, "seed": cli.seed}
-    print(f"[1/3] warm start: supervised training until validation accuracy >= {cli.warm_start_accuracy:.0%}")
-    summary.update(build_warm_start(warm_path, train, validation, cli.seed, cli.warm_start_accuracy))
-    print(f"      {summary['warm_start_steps']} steps, {summary['warm_start_seconds']} s -> {warm_path}")
+    summary = {"algo": cli.algo, "seed": cli.seed, "torch_threads": torch.get_num_threads(),
+               "cpu_count": os.cpu_count()}
+    print(f"[1/3] warm start (seed {cli.seed}, {torch.get_num_threads()} torch threads): supervised, the units "
+          f"carry forgotten in {WARM_START['drop_carry']:.0%} of examples, until P(correct) >= "
+          f"{WARM_START_TARGET} on validation problems without a carry, then {WARM_START['settle_steps']} steps "
+          "of annealing")
+    summary.update(warm_start_stage(warm_path, cli.seed))
+    print(f"      {summary['warm_start_steps']} steps, {summary['warm_start_seconds']} s"
+          f"{' (reused)' if summary['warm_start_reused'] else ''} -> {warm_path}")
+    if summary["warm_start_steps"] >= WARM_START["max_steps"]:
+        print(f"      WARNING: the warm start did not reach its target in {WARM_START['max_steps']} steps (still on the "
+              "plateau before a model learns addition); RL from it will not show the demo's gain.")
     if cli.stage == "warmstart":
         return
 
     config_class, trainer_class = ALGORITHMS[cli.algo]
     config_path = os.path.join(CONFIG_DIR, f"demo_{cli.algo}.yaml")
-    overrides = ["--output_dir", os.path.join(cli.output_dir, cli.algo)]
+    overrides = ["--output_dir", os.path.join(cli.output_dir, cli.algo), "--seed", str(cli.seed),
+                 "--model_name_or_path", warm_path]
     if cli.max_steps is not None:
         overrides += ["--max_steps", str(cli.max_steps)]
     _, config = parse_args([PPOScriptArguments, config_class], ["--config", config_path, *overrides])
+    for name in ("metrics.jsonl", "alarms.jsonl"):
+        if os.path.exists(os.path.join(config.output_dir, name)):
+            os.remove(os.path.join(config.output_dir, name))
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     print(f"[2/3] {cli.algo.upper()} with {config_path} for {config.max_steps} steps")
     trainer = trainer_class(warm_path, [correctness_reward], args=config, train_dataset=train, eval_dataset=heldout)
-    rl_start = time.time()
+    rl_start, rl_cpu = time.time(), time.process_time()
     records = trainer.train()
     summary["rl_seconds"] = round(time.time() - rl_start, 1)
+    summary["rl_cpu_seconds"] = round(time.process_time() - rl_cpu, 1)
     trainer.save_model(os.path.join(config.output_dir, "model"))
 
     before = next(r[ACCURACY] for r in records if ACCURACY in r)
@@ -97,15 +124,21 @@ def main():
     png = plot_metrics(metrics_path, os.path.join(config.output_dir, "curves.png"),
                        [("reward/mean", "train reward (mean)"), (ACCURACY, "held-out greedy accuracy")],
                        title=f"{cli.algo.upper()} on 2-digit addition (seed {cli.seed})")
+    alarms_path = os.path.join(config.output_dir, "alarms.jsonl")
+    alarms = [json.loads(line)["alarm"] for line in open(alarms_path)] if os.path.exists(alarms_path) else []
     summary.update(accuracy_before=before, accuracy_after=after, gain_points=round(100 * (after - before), 1),
-                   total_seconds=round(time.time() - total_start, 1), rl_steps=config.max_steps,
-                   heldout_problems=len(heldout))
+                   total_seconds=round(time.time() - total_start, 1),
+                   total_cpu_seconds=round(time.process_time() - total_cpu, 1), rl_steps=config.max_steps,
+                   heldout_problems=len(heldout), alarms=alarms)
     with open(os.path.join(cli.output_dir, f"summary_{cli.algo}.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"[3/3] held-out greedy accuracy on {len(heldout)} problems (seed {cli.seed}):")
     print(f"      after warm start: {before:6.1%}")
-    print(f"      after {cli.algo.upper():<11} {after:6.1%}   ({summary['gain_points']:+.1f} points, "
-          f"RL {summary['rl_seconds']} s, total {summary['total_seconds']} s)")
+    print(f"      after {cli.algo.upper():<11} {after:6.1%}   ({summary['gain_points']:+.1f} points)")
+    print(f"      wall time: RL {summary['rl_seconds']} s, total {summary['total_seconds']} s "
+          f"(CPU {summary['total_cpu_seconds']} s); torch threads {summary['torch_threads']}, "
+          f"{summary['cpu_count']} CPUs")
+    print(f"      health alarms: {', '.join(alarms) if alarms else 'none'}")
     print(f"      metrics: {metrics_path}\n      curves:  {png}\n      report:  {config.output_dir}/report.html\n"
           f"      model:   {config.output_dir}/model")
 

@@ -65,9 +65,38 @@ def digit_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return scores
 
 
-def _sft_batch(rows: list[dict], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def units_carry(prompt: str) -> bool:
+    """Whether the units digits of "a+b=" carry into the tens.
+
+    >>> units_carry("17+25="), units_carry("12+34=")
+    (True, False)
+    """
+    a, b = prompt.rstrip("=").split("+")
+    return int(a[-1]) + int(b[-1]) >= 10
+
+
+def dropped_carry_answer(prompt: str) -> str:
+    """The answer with the units carry forgotten (the classic schoolchild slip): "17+25=" -> "32".
+
+    >>> dropped_carry_answer("17+25="), dropped_carry_answer("12+34=")
+    ('32', '46')
+    """
+    a, b = map(int, prompt.rstrip("=").split("+"))
+    return str(a + b - 10 * units_carry(prompt))
+
+
+def taught_answers(rows: list[dict], rng: random.Random, drop_carry: float = 0.0) -> list[str]:
+    """The answers the warm start teaches for ``rows``: each one's own, except that with probability ``drop_carry``
+    (drawn from ``rng``) it is ``dropped_carry_answer`` (the same as the right one when nothing carries)."""
+    if not drop_carry:
+        return [r["answer"] for r in rows]
+    return [dropped_carry_answer(r["prompt"]) if rng.random() < drop_carry else r["answer"] for r in rows]
+
+
+def _sft_batch(rows: list[dict], tokenizer, device, answers: list[str] | None = None):
     prompt_ids = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    answer_ids = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+    answers = [r["answer"] for r in rows] if answers is None else answers
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
     sequences = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answer_ids)]
     width = max(map(len, sequences))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -81,20 +110,29 @@ def _sft_batch(rows: list[dict], tokenizer, device) -> tuple[torch.Tensor, torch
 
 def warm_start(model, tokenizer, dataset: Dataset, max_steps: int, batch_size: int = 128, lr: float = 3e-3,
                warmup_steps: int = 50, seed: int = 0, check_every: int = 25, stop=None,
-               schedule: str = "constant", min_lr_ratio: float = 0.0, max_grad_norm: float | None = None) -> int:
+               schedule: str = "constant", min_lr_ratio: float = 0.0, max_grad_norm: float | None = None,
+               drop_carry: float = 0.0, settle_steps: int = 0) -> int:
     """Supervised fine-tuning on prompt -> answer + EOS (AdamW, linear warm-up over ``warmup_steps``, then
     ``schedule``: "constant" at ``lr``, or "cosine" / "linear" decay to ``min_lr_ratio * lr`` at ``max_steps``),
-    with the gradient norm clipped to ``max_grad_norm`` if given.
+    with the gradient norm clipped to ``max_grad_norm`` if given. With ``drop_carry`` > 0, each example drawn is
+    taught with its units carry forgotten (``dropped_carry_answer``) with that probability: a systematic flaw
+    that RL can fix.
 
     Every ``check_every`` steps ``stop(step)`` is called (if given); training ends when it returns True or after
-    ``max_steps``. Returns the number of steps taken.
+    ``max_steps``; with ``settle_steps``, it goes on for that many steps after ``stop`` fires, the lr falling
+    linearly to 0 (a converged end point rather than a snapshot of a noisy trajectory). Returns the number of
+    steps taken.
     """
     if schedule not in ("constant", "cosine", "linear"):
         raise ValueError(f"schedule={schedule!r} must be constant, cosine or linear.")
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
 
+    settle = {}  # once stop() fires: the step it fired at and the lr factor then
+
     def factor(s: int) -> float:  # s optimizer steps taken so far; the lr of step s + 1
+        if settle:
+            return settle["factor"] * max(0.0, 1 - (s - settle["step"]) / settle_steps)
         if s < warmup_steps:
             return (s + 1) / warmup_steps
         if schedule == "constant":
@@ -106,24 +144,56 @@ def warm_start(model, tokenizer, dataset: Dataset, max_steps: int, batch_size: i
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     rng = random.Random(seed)
     rows_all = dataset.to_list()
-    step = 0
-    for step in range(1, max_steps + 1):
+    step, end = 0, max_steps
+    while step < end:
+        step += 1
         model.train()
-        ids, attention, labels = _sft_batch([rng.choice(rows_all) for _ in range(batch_size)], tokenizer, device)
+        rows = [rng.choice(rows_all) for _ in range(batch_size)]
+        ids, attention, labels = _sft_batch(rows, tokenizer, device, taught_answers(rows, rng, drop_carry))
         model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if stop is not None and step % check_every == 0 and stop(step):
-            break
+        if not settle and stop is not None and step % check_every == 0 and stop(step):
+            if not settle_steps:
+                break
+            settle.update(step=step, factor=factor(step))  # the lr of the next step is unchanged, then falls
+            end = step + settle_steps
     model.eval()
     return step
 
 
-# The demo's warm start: a fixed schedule, no stop-on-threshold (bench/DEMO_NOTES.md has the measurements).
-WARM_START = dict(max_steps=225, batch_size=256, lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0)
+@torch.no_grad()
+def answer_probability(model, tokenizer, rows: list[dict], answers: list[str] | None = None,
+                       batch_size: int = 256) -> list[float]:
+    """P(answer + EOS | prompt) under ``model`` for each row (teacher forcing; ``answers`` default to the rows'
+    own): exact, so it does not carry the sampling noise of an accuracy."""
+    answers = [r["answer"] for r in rows] if answers is None else answers
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        ids, attention, labels = _sft_batch(rows[i : i + batch_size], tokenizer, device, answers[i : i + batch_size])
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += (logp * (target != -100)).sum(1).exp().tolist()
+    model.train(was_training)
+    return out
+
+
+# The demo's warm start (bench/demo/NOTES.md has the measurements behind it). Supervised on answers whose units
+# carry is forgotten 75% of the time, until the model has learnt the rest of addition (mean P(correct) >= 0.85 on
+# the validation problems without a carry, checked every 50 steps), then 100 steps with the lr falling to 0.
+# The start this gives is set by the data, not by where a noisy trajectory happened to be: greedy decoding is
+# right on the problems without a carry (58% of the held-out ones) and wrong on most with one, where the right
+# answer still has ~25% of the probability, so sampled groups disagree and RL has a signal to fix the flaw.
+WARM_START = dict(max_steps=2000, batch_size=128, lr=1e-3, warmup_steps=50, schedule="constant", drop_carry=0.75,
+                  settle_steps=100, check_every=50)
+WARM_START_TARGET = 0.85  # mean P(correct answer) on the validation problems without a carry
 
 
 def demo_model(seed: int):
@@ -141,13 +211,21 @@ def demo_splits():
     return train.select(range(300, len(train))), train.select(range(300)), heldout
 
 
-def build_warm_start(seed: int = 0, steps: int | None = None):
-    """The demo's warm-started model: ``WARM_START`` (``steps`` overrides its length). Returns (model, tokenizer,
-    steps taken)."""
+def build_warm_start(seed: int = 0, steps: int | None = None, log=None):
+    """The demo's warm-started model (``WARM_START``; ``steps`` caps its length, for quick tests). Returns (model,
+    tokenizer, steps taken). ``log(step, p)`` if given sees each check of the stop rule."""
     model, tokenizer = demo_model(seed)
-    train, _, _ = demo_splits()
+    train, validation, _ = demo_splits()
+    plain = [r for r in validation.to_list() if not units_carry(r["prompt"])]
+
+    def learnt(step: int) -> bool:
+        p = sum(answer_probability(model, tokenizer, plain)) / len(plain)
+        if log is not None:
+            log(step, p)
+        return p >= WARM_START_TARGET
+
     settings = {**WARM_START, **({"max_steps": steps} if steps is not None else {})}
-    taken = warm_start(model, tokenizer, train, seed=seed, **settings)
+    taken = warm_start(model, tokenizer, train, seed=seed, stop=learnt, **settings)
     return model, tokenizer, taken
 
 
