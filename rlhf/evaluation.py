@@ -155,7 +155,7 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
         with torch.random.fork_rng(**devices):
             torch.manual_seed(args.seed * 1_000_003 + step * 7_919 + accelerator.process_index)
             sampled = eval_rollouts(policy, dataset, reward_functions, sampling_params(args), n, args.eval_batch_size,
-                                    rollout_fn)
+                                    rollout_fn=rollout_fn)
         out["eval/sampled/reward_mean"] = combine_rewards(sampled.scores, reward_weights).mean().item()
         if accuracy is not None:
             correct = (sampled.scores[:, accuracy] >= args.accuracy_threshold).view(-1, n).sum(dim=1)
