@@ -20,6 +20,7 @@ from rlhf.configs import field_docs
 from rlhf.dataset_adapters import DataArguments
 from rlhf.imports import OPT_IN, import_object
 from rlhf.trl_names import log_notes, translate
+from rlhf.trl_table import parse_bool
 
 
 @dataclass
@@ -121,13 +122,10 @@ def convert(value, annotation, name: str):
             raise ConfigError(f"{name}={value!r} must be one of {list(choices)}.")
         return value
     if inner is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes"):
-            return True
-        if str(value).lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{name}={value!r} must be true or false.")
+        try:
+            return parse_bool(value, name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if inner is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

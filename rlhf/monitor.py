@@ -60,15 +60,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _rose(before: list[float], after: list[float], window: int) -> bool:
+    """Whether the mean of ``after`` beats that of ``before`` (``window`` values each) by more than two standard
+    errors of the difference (and by more than 0.01)."""
+    spread = math.sqrt((statistics.pvariance(before) + statistics.pvariance(after)) / window)
+    return _mean(after) - _mean(before) > max(2 * spread, 0.01)
+
+
 def reward_improving(history: list[dict], window: int = WINDOW) -> bool:
     """Whether the mean reward of the last ``window`` steps beats the first ``window``'s by at least two standard
     errors of the difference (or by 0.01, whichever is larger)."""
     rewards = _values(history, "reward/mean")
     if len(rewards) < 2 * window:
         return True  # too early to say it is not
-    first, last = rewards[:window], rewards[-window:]
-    spread = math.sqrt((statistics.pvariance(first) + statistics.pvariance(last)) / window)
-    return _mean(last) - _mean(first) > max(2 * spread, 0.01)
+    return _rose(rewards[:window], rewards[-window:], window)
 
 
 @dataclass
@@ -230,8 +235,7 @@ def over_optimisation(m: HealthMonitor, step: int) -> Alarm | None:
     recent = [r for s, r in train if s > last_step - m.window]
     if len(at_best) < m.window or len(recent) < m.window:
         return None
-    spread = math.sqrt((statistics.pvariance(at_best) + statistics.pvariance(recent)) / m.window)
-    if _mean(recent) - _mean(at_best) <= max(2 * spread, 0.01):  # the train reward must really have risen
+    if not _rose(at_best, recent, m.window):  # the train reward must really have risen
         return None
     return Alarm("over_optimisation", step,
                  f"{key} fell from {best:.3g} (step {best_step}) to {last:.3g} while the train reward rose from "
@@ -251,9 +255,7 @@ def kl_bound(m: HealthMonitor, step: int) -> Alarm | None:
     if len(penalty) < m.window or len(rewards) < 3 * m.window or not entropy or not entropy[0] > 0:
         return None
     cost, reward = -_mean(penalty), _mean(rewards[-m.window:])
-    previous = rewards[-2 * m.window:-m.window]
-    spread = math.sqrt((statistics.pvariance(previous) + statistics.pvariance(rewards[-m.window:])) / m.window)
-    still_rising = reward - _mean(previous) > max(2 * spread, 0.01)
+    still_rising = _rose(rewards[-2 * m.window:-m.window], rewards[-m.window:], m.window)
     moved = 1 - _mean(entropy[-m.window:]) / _mean(entropy[:m.window])
     if still_rising or cost < 0.3 * abs(reward) or moved > 0.5:
         return None

@@ -31,7 +31,7 @@ from rlhf.trl_table import (  # noqa: F401 - the table's names, re-exported for 
     TABLE,
     TRL_DEFAULTS,
     TRLName,
-    _bool,
+    parse_bool,
     _number,
     _strategy,
     defaults_table,
@@ -231,7 +231,7 @@ def _report_to(value, trl, out, defaults) -> dict:
 
 def _scale_rewards(value, trl, out, defaults) -> dict:
     if isinstance(value, bool) or str(value).lower() in ("true", "false"):
-        return {"scale_rewards": "group" if _bool(value, "scale_rewards") else "none"}
+        return {"scale_rewards": "group" if parse_bool(value, "scale_rewards") else "none"}
     return {"scale_rewards": value}
 
 
@@ -274,7 +274,7 @@ def _model_init_kwargs(value, trl, out, defaults) -> dict:
             dtype = kwargs.pop(key)
             fields["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "auto"
     if "trust_remote_code" in kwargs:
-        fields["trust_remote_code"] = _bool(kwargs.pop("trust_remote_code"), "model_init_kwargs['trust_remote_code']")
+        fields["trust_remote_code"] = parse_bool(kwargs.pop("trust_remote_code"), "model_init_kwargs['trust_remote_code']")
     if "device_map" in kwargs:
         raise ValueError("model_init_kwargs['device_map']: Accelerate places the model on each process's device; "
                          "remove device_map.")

@@ -18,7 +18,8 @@ class TRLName:
 
 
 # ---------------------------------------------------------------------------------------------------- value rules
-def _bool(value, name: str) -> bool:
+def parse_bool(value, name: str) -> bool:
+    """A true/false setting from Python, YAML or the command line (true/1/yes, false/0/no); ValueError otherwise."""
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "yes"):
@@ -53,7 +54,7 @@ def _precision(kind: str):
     def apply(value) -> dict:
         if value is None:  # TRL's "decide for me": the accelerate launch setting decides here
             return {}
-        return {"mixed_precision": kind if _bool(value, "bf16" if kind == "bf16" else "fp16") else "no"}
+        return {"mixed_precision": kind if parse_bool(value, "bf16" if kind == "bf16" else "fp16") else "no"}
     return apply
 
 
@@ -76,7 +77,7 @@ def _generation_kwargs(value) -> dict:
             out[GENERATION_FIELDS[key]] = setting
         elif key == "repetition_penalty":
             out.update(_repetition_penalty(setting))
-        elif key == "do_sample" and _bool(setting, "generation_kwargs['do_sample']"):
+        elif key == "do_sample" and parse_bool(setting, "generation_kwargs['do_sample']"):
             continue
         elif key not in GENERATION_NEUTRAL:
             refused.append(key)
