@@ -7,6 +7,7 @@ collectives inside them hang: ``synced_gpus`` keeps a process that has finished 
 until the last one is done.
 """
 
+import gc
 import os
 from contextlib import contextmanager
 
@@ -88,8 +89,28 @@ def model_for_generation(accelerator: Accelerator, model):
 
 
 def shutdown(accelerator: Accelerator) -> None:
-    """End a distributed run cleanly: wait for every process, then destroy the process group. Without it a
-    process that finishes first can abort at exit (gloo) while another is still writing."""
+    """End a distributed run cleanly: wait for every process, release the DDP reducers, then destroy the
+    process group. Without it a process that finishes first can abort at exit (gloo) while another is still
+    writing. Call it last: the models' DDP wrappers cannot run a forward pass afterwards.
+
+    Why the reducers go first: a DDP ``Reducer`` holds the process group from C++ and is freed with the GIL
+    held. If it is the last holder, the gloo group's destructor joins its worker thread under the GIL while
+    that thread may still need the GIL to free the tensors of the barrier it just finished: both wait
+    forever. Freed while the world still holds the group, the reducer only drops a reference, and
+    ``destroy_process_group`` then frees the group from Python, which releases the GIL first.
+    """
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        release_reducers()
         torch.distributed.destroy_process_group()
+
+
+def release_reducers() -> None:
+    """Drop every DistributedDataParallel wrapper's C++ reducer (and the logger that shares it), whichever
+    trainer or accelerator made it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel):
+            for name in ("logger", "reducer"):
+                obj.__dict__.pop(name, None)

@@ -4,13 +4,13 @@ end turns cleanly, and every algorithm runs on them."""
 import copy
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 from agent_helpers import TOOLS, Countdown, agent_trainer, chat, eos_heavy_model, train_tool_caller
 from helpers import gradient, make_trainer, relative_error
+from launching import run_launch
 
 from rlhf.agent import AgentLoop, Episode, last_assistant_text
 from rlhf.data import left_pad
@@ -462,7 +462,7 @@ def test_two_processes_match_one_on_multi_turn_rollouts(tmp_path):
                os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
                os.path.join(TESTS, "agent_multiproc_worker.py"), str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_launch(command, env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = torch.load(tmp_path / "result.pt", weights_only=True)
     assert out["world_size"] == 2 and len(set(out["turns"])) > 1

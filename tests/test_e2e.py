@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from launching import run_launch
 from transformers import AutoModelForCausalLM
 
 from rlhf.extras.tiny import save_tiny
@@ -17,7 +18,7 @@ def launch(script: str, *args: str, num_processes: int = 1) -> subprocess.Comple
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                os.path.join(ROOT, "recipes", script), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_launch(command, env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -3,11 +3,11 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import torch
 from helpers import gradient, make_trainer, relative_error, varied_reward
+from launching import run_launch
 from multiproc_worker import EVAL_PROMPTS, EVAL_SETTINGS
 
 from rlhf.rollout import Rollout
@@ -28,7 +28,7 @@ def test_two_processes_match_one(tmp_path):
                os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
                os.path.join(TESTS, "multiproc_worker.py"), str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_launch(command, env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = torch.load(tmp_path / "result.pt", weights_only=True)
     assert out["world_size"] == 2  # `accelerate launch --cpu` would silently have run one
@@ -67,8 +67,7 @@ def test_the_grpo_recipe_trains_and_saves_on_two_processes(tmp_path):
                os.path.join(ROOT, "recipes", "configs", "demo_grpo.yaml"), "--model_name_or_path", model_dir,
                "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
                "--mini_batch_size", "none", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True, timeout=300)
+    result = run_launch(command, {**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 2]  # written once, not once per process
@@ -80,14 +79,12 @@ def test_the_grpo_recipe_trains_and_saves_on_two_processes(tmp_path):
     # processes (no hang in a collective), and a resume continues on both.
     port = command.index("--main_process_port") + 1
     command[port] = free_port()
-    refused = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                             text=True, timeout=300)
+    refused = run_launch(command, {**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=ROOT)
     assert refused.returncode != 0 and refused.stderr.count("holds 1 checkpoint(s) of another run") == 2, \
         refused.stderr[-3000:]
     command[port] = free_port()
-    resumed = subprocess.run(command + ["--max_steps", "3", "--save_steps", "1", "--resume_from_checkpoint", "latest"],
-                             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                             timeout=300)
+    resumed = run_launch(command + ["--max_steps", "3", "--save_steps", "1", "--resume_from_checkpoint", "latest"],
+                         {**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout and (out / "checkpoint-3" / "manifest.json").exists()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 2, 3, 3]

@@ -4,12 +4,12 @@ and critic), generation works with sharded parameters, and a checkpoint written 
 uninterrupted run's weights, bit for bit."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import gradient, make_trainer, relative_error
+from launching import run_launch
 from test_multiprocess import free_port
 from transformers import AutoModelForCausalLM
 
@@ -33,7 +33,7 @@ def test_fsdp2_training_matches_one_process(tmp_path):
                os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
                os.path.join(TESTS, "sharded_worker.py"), model_dir, str(tmp_path / "run")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_launch(command, env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = torch.load(tmp_path / "run" / "result.pt", weights_only=True)
     assert out["world_size"] == 2 and out["sharding"] == sharding

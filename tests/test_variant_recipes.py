@@ -3,8 +3,9 @@ recipes/<algo>.py --config recipes/configs/<variant>.yaml`), two steps each on a
 
 import json
 import os
-import subprocess
 import sys
+
+from launching import run_launch
 
 from rlhf.extras.tiny import save_tiny
 
@@ -36,8 +37,7 @@ def test_every_variant_config_trains_through_its_recipe(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(TESTS, "recipe_runner.py"),
                json.dumps(runs)]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True, timeout=600)
+    result = run_launch(command, {**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for config, (_, metric) in VARIANTS.items():
         records = [json.loads(line) for line in (tmp_path / config / "metrics.jsonl").read_text().splitlines()]

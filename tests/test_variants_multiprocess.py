@@ -3,12 +3,12 @@ same gathered batch: the same gradient within 1e-5, global token selection, glob
 that runs the same rounds on both processes and leaves each with its share. One launch for all variants."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import gradient, relative_error, varied_reward
+from launching import run_launch
 from test_dynamic_sampling import half_informative
 from test_multiprocess import ROOT, TESTS, free_port
 from test_policy_variants import perturb
@@ -28,7 +28,7 @@ def two_processes(tmp_path_factory):
                os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
                os.path.join(TESTS, "variants_worker.py"), str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_launch(command, env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(out / "variants.pt", weights_only=True)
     assert saved["world_size"] == 2
