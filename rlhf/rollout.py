@@ -222,6 +222,7 @@ class SampledLogprobs(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.pending is not None:
             self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+            self.pending = None  # freed before the next one is built: one [B, V] less at the peak
         self.pending = torch.log_softmax(scores.float(), dim=-1)
         return scores
 
