@@ -20,11 +20,11 @@ def run_launch(command: list[str], env: dict[str, str], timeout: float, cwd: str
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stdout, stderr = None, signal_group(process, signal.SIGABRT, wait=15)
-    if stdout is None:
-        pytest.fail(f"{' '.join(command[-3:])} did not finish in {timeout:.0f} s; the stacks of its processes:\n"
-                    f"{stderr[-12000:]}", pytrace=False)
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        stacks = signal_group(process, signal.SIGABRT, wait=15)
+    else:
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    pytest.fail(f"{' '.join(command[-3:])} did not finish in {timeout:.0f} s; the stacks of its processes:\n"
+                f"{stacks[-12000:]}", pytrace=False)
 
 
 def signal_group(process: subprocess.Popen, sig: int, wait: float) -> str:
