@@ -5,11 +5,11 @@ after, with the spread over seeds; steps and training seconds to reach TRL GRPO'
 training-health monitor's alarms) to bench/LEARN.md and a PNG of accuracy against steps and seconds (mean and
 min-max band over seeds) to bench/learn_curves.png.
 
-    make learn-bench                             # everything, 3 seeds (about 40 minutes on 2 CPU cores)
+    make learn-bench                             # everything, 3 seeds (about 45 minutes on 2 CPU cores)
     python bench/learn.py --quick --out /tmp/x   # one seed, a few steps (a test runs this)
     python bench/learn.py --methods grpo,trl_grpo --tasks repeat --seeds 0,1
 
-Runs already in --out are reused (delete them to rerun); each is one process (two for grpo_2proc).
+Runs already in --out with the same settings are reused (delete them to rerun); each is one process (two for grpo_2proc).
 """
 
 import argparse
@@ -63,7 +63,9 @@ def collect(args) -> dict:
         eval_every = max(1, steps // 3) if args.quick else task.eval_every
         for method in args.methods:
             for seed in args.seeds:
-                path = os.path.join(args.out, task_name, method, f"seed{seed}.json")
+                # The settings' fingerprint is in the name: a run with other settings is never reused for these.
+                settings = learn_tasks.fingerprint(task, method, steps, eval_every)
+                path = os.path.join(args.out, task_name, method, f"seed{seed}-{settings}.json")
                 if not os.path.exists(path):
                     spec = {"task": task_name, "method": method, "seed": seed, "steps": steps,
                             "eval_every": eval_every, "quick": args.quick,

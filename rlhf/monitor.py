@@ -17,7 +17,8 @@ them fire only while the reward is not improving.
 | update_too_large | mean clip fraction > 0.3 or approximate KL to the sampling policy > 0.2 over the last 5 steps |
 | exploding_gradients | the gradient norm is clipped in >= 80% of the last window, its mean grew >= 3x, and the
   reward is not improving |
-| truncation | >= 50% of completions hit max_new_tokens over the last window |
+| truncation | >= 50% of completions hit max_new_tokens over the last window and the reward is not improving (a task
+  whose answers fill max_new_tokens exactly, such as bench's repeat task, learns with every completion at the limit) |
 | over_optimisation | held-out accuracy (or eval reward) fell >= 5 points below its best, at least a window of steps
   later, while the train reward rose (by more than two standard errors) |
 | kl_bound | KL in the reward: the reward stopped rising (last window vs the one before), the KL penalty is >= 30%
@@ -209,7 +210,7 @@ def truncation(m: HealthMonitor, step: int) -> Alarm | None:
     if len(m.history) < m.window:
         return None
     recent = _values(m.history[-m.window:], "completions/truncated_frac")
-    if not recent or _mean(recent) < 0.5:
+    if not recent or _mean(recent) < 0.5 or reward_improving(m.history, m.window):
         return None
     length = _mean(_values(m.history[-m.window:], "completions/mean_length"))
     return Alarm("truncation", step,

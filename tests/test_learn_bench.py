@@ -19,10 +19,24 @@ def test_learn_bench_quick_mode_writes_table_curves_and_runs(tmp_path):
     assert "| grpo | 1 |" in report and "| trl_grpo | 1 |" in report and "TRL GRPO's final accuracy" in report
     assert (tmp_path / "learn_curves.png").stat().st_size > 10_000
     runs = {os.path.basename(os.path.dirname(p)): json.load(open(p))
-            for p in glob.glob(str(tmp_path / "repeat" / "*" / "seed0.json"))}
+            for p in glob.glob(str(tmp_path / "repeat" / "*" / "seed0-*.json"))}
     assert set(runs) == {"grpo", "trl_grpo"}
     for run in runs.values():
         steps = [point[0] for point in run["curve"]]
         assert steps[0] == 0 and steps[-1] == 3 and all(0 <= point[2] <= 1 for point in run["curve"])
         assert run["curve"][-1][1] > 0  # training seconds, evaluation excluded
     assert runs["grpo"]["alarms"] is not None and runs["trl_grpo"]["alarms"] is None  # the monitor is ours
+
+
+def test_a_stored_run_is_only_reused_for_the_same_settings():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import learn_tasks
+
+    task = learn_tasks.TASKS["addition"]
+    same = learn_tasks.fingerprint(task, "grpo", task.steps, task.eval_every)
+    assert same == learn_tasks.fingerprint(learn_tasks.TASKS["addition"], "grpo", task.steps, task.eval_every)
+    others = {learn_tasks.fingerprint(task, "rloo", task.steps, task.eval_every),
+              learn_tasks.fingerprint(task, "grpo", task.steps + 1, task.eval_every),
+              learn_tasks.fingerprint(task, "grpo", task.steps, task.eval_every + 1),
+              learn_tasks.fingerprint(learn_tasks.TASKS["repeat"], "grpo", task.steps, task.eval_every)}
+    assert same not in others and len(others) == 4

@@ -111,8 +111,22 @@ def test_a_real_run_with_a_constant_reward_says_so_once_in_the_file_and_the_repo
     assert "Training health: 2 alarm(s)" in report and "identical_rewards" in report
 
 
+def test_a_run_that_learns_with_every_completion_at_the_length_limit_raises_no_truncation_alarm():
+    # The repeat task: the answer is exactly max_new_tokens long, so every completion is truncated while the
+    # reward climbs 0.07 -> 0.6.
+    learning = stream(60, **{"completions/truncated_frac": lambda t: 1.0, "completions/mean_length": lambda t: 8.0,
+                             "reward/mean": lambda t: min(0.07 + 0.01 * t, 0.6) + noisy(t) / 5})
+    assert run(learning) == []
+    stalled = stream(60, **{"completions/truncated_frac": lambda t: 1.0, "completions/mean_length": lambda t: 8.0,
+                            "reward/mean": lambda t: 0.07 + noisy(t) / 5})
+    assert [a.name for a in run(stalled)] == ["truncation"]
+
+
 def test_a_real_run_with_nonfinite_updates_and_truncation_is_flagged(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=10, max_new_tokens=2)  # a random model rarely stops within 2 tokens
+    # A random model rarely stops within 2 tokens; a constant reward cannot improve (truncation alone is no alarm
+    # while the reward climbs; judging "not improving" takes two windows, 20 steps).
+    trainer = make_trainer(tmp_path, reward=lambda prompts, completions, **kw: [0.5] * len(completions), max_steps=20,
+                           max_new_tokens=2)
     original = trainer.algorithm.advantages
 
     def poisoned(rewards, batch, *args):
