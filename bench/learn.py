@@ -5,7 +5,7 @@ after, with the spread over seeds; steps and training seconds to reach TRL GRPO'
 training-health monitor's alarms) to bench/LEARN.md and a PNG of accuracy against steps and seconds (mean and
 min-max band over seeds) to bench/learn_curves.png.
 
-    make learn-bench                             # everything, 3 seeds (about 45 minutes on 2 CPU cores)
+    make learn-bench                             # everything, 5 seeds (about 40 minutes on 2 CPU cores)
     python bench/learn.py --quick --out /tmp/x   # one seed, a few steps (a test runs this)
     python bench/learn.py --methods grpo,trl_grpo --tasks repeat --seeds 0,1
 
@@ -15,6 +15,7 @@ Runs already in --out with the same settings are reused (delete them to rerun); 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -86,6 +87,17 @@ def first_reaching(curve: list, target: float) -> tuple[int, float] | None:
     return next(((step, seconds) for step, seconds, accuracy, _ in curve if accuracy >= target - 1e-9), None)
 
 
+def median_reaching(values: list[float | None]) -> str:
+    """The median over seeds of the steps (or seconds) to the target, a seed that never reaches it counting as
+    infinitely many: "never" when half the seeds or more do not; the count of those that do when not all."""
+    if not values:
+        return "-"
+    median = statistics.median(math.inf if v is None else v for v in values)
+    reached = sum(v is not None for v in values)
+    text = "never" if math.isinf(median) else f"{median:.0f}"
+    return text if reached == len(values) else f"{text} ({reached}/{len(values)} seeds reach it)"
+
+
 def spread(values: list[float]) -> str:
     mean = statistics.mean(values)
     return f"{100 * mean:.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})" if len(values) > 1 else \
@@ -99,17 +111,14 @@ def table(results: dict) -> str:
         target = statistics.median(r["curve"][-1][2] for r in reference) if reference else None
         lines += [f"### {task_name}" + (f" (TRL GRPO's final accuracy, median over seeds: {100 * target:.1f}%)"
                                         if target is not None else ""), "",
-                  "| method | seeds | accuracy before % | after % (min-max) | steps to TRL GRPO's final (median) | "
+                  "| method | seeds | accuracy before % | after % (min-max) | "
+                  "steps to TRL GRPO's final (median over seeds) | "
                   "training s to it (median) | s/step | health alarms |", "|---|---|---|---|---|---|---|---|"]
         for method, runs in methods.items():
             before = [r["curve"][0][2] for r in runs]
             after = [r["curve"][-1][2] for r in runs]
             reach = [first_reaching(r["curve"], target) for r in runs] if target is not None else []
-            reached = [x for x in reach if x is not None]
-            steps = (f"{statistics.median(s for s, _ in reached):.0f}" if len(reached) == len(reach) and reached
-                     else f"{len(reached)}/{len(reach)} seeds reach it") if reach else "-"
-            seconds = (f"{statistics.median(t for _, t in reached):.0f}" if len(reached) == len(reach) and reached
-                       else "-")
+            steps, seconds = median_reaching([x and x[0] for x in reach]), median_reaching([x and x[1] for x in reach])
             per_step = statistics.median(r["curve"][-1][1] / max(1, r["curve"][-1][0]) for r in runs)
             alarms = ("n/a" if runs[0]["alarms"] is None else
                       ", ".join(sorted({a[1] for r in runs for a in r["alarms"]})) or "none")
@@ -138,7 +147,7 @@ def plot(results: dict, path: str) -> None:
                 line, = axis.plot(xs, [statistics.mean(y) for y in ys], label=method)
                 axis.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.15, color=line.get_color())
             axis.set_xlabel(label)
-            axis.set_ylabel("held-out greedy accuracy (%)")
+            axis.set_ylabel("held-out accuracy (%)")
             axis.set_title(f"{task_name}: accuracy vs {label} (mean, min-max band)")
             axis.grid(alpha=0.3)
         axes[row][0].legend(fontsize=8)
@@ -153,23 +162,26 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(learn_tasks.TASKS))
     parser.add_argument("--methods", default=",".join(learn_tasks.CORE),
                         help="comma-separated names of bench/learn_tasks.py METHODS, or 'variants'")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick: 0)")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2,3,4; --quick: 0)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "learn"))
     parser.add_argument("--report", default=None, help="markdown report path (default: bench/LEARN.md, or "
                                                        "<out>/LEARN.md with --quick)")
     args = parser.parse_args()
     args.tasks = args.tasks.split(",")
     args.methods = learn_tasks.VARIANTS if args.methods == "variants" else args.methods.split(",")
-    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    results = collect(args)
+    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2,3,4")).split(",")]
     report = args.report or (os.path.join(args.out, "LEARN.md") if args.quick else os.path.join(HERE, "LEARN.md"))
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)  # before the runs, not after them
+    results = collect(args)
     name = os.path.splitext(os.path.basename(report))[0].lower()  # LEARN.md -> learn_curves.png
     png = os.path.join(os.path.dirname(report), f"{name}_curves.png")
     plot(results, png)
     text = (f"# Learning benchmark\n\n`make learn-bench` on {datetime.date.today()}, {cpu_name()}, "
             f"{os.cpu_count()} cores, {platform.platform()}; seeds {args.seeds}"
             f"{' (quick mode)' if args.quick else ''}. Curves: `{os.path.basename(png)}`. Settings: "
-            "bench/learn_tasks.py.\n\n" + table(results))
+            "bench/learn_tasks.py. Steps and seconds to TRL GRPO's final accuracy: the first evaluation at or above "
+            "it, the median over seeds, a seed that never gets there counting as infinitely many; s/step: training "
+            "time only (evaluations excluded), median over seeds.\n\n" + table(results))
     with open(report, "w") as f:
         f.write(text)
     print(text)

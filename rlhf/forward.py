@@ -62,6 +62,12 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
+def model_cache(outputs):
+    """The KV cache a forward returned (``cache`` since transformers 5.x, ``past_key_values`` before)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else outputs.past_key_values
+
+
 def groups_share_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int) -> bool:
     """Whether every run of ``group_size`` rows holds one prompt (ids and padding)."""
     rows, width = prompt_ids.shape
@@ -80,7 +86,7 @@ def run_shared_prompts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     outputs = model(input_ids=prompt_ids[unique], attention_mask=prompt_mask[unique],
                     position_ids=position_ids_from_mask(prompt_mask[unique]), use_cache=True, **keep)
-    cache = outputs.cache if getattr(outputs, "cache", None) is not None else outputs.past_key_values
+    cache = model_cache(outputs)
     cache.batch_repeat_interleave(group_size)
     return outputs, cache
 

@@ -13,16 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
-from transformers.generation import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 
 from rlhf.data import left_pad, render_prompts, tokenize_prompts
+from rlhf.decode import SamplingParams, decode, sampling_processors
 from rlhf.distributed import model_for_generation, needs_synced_generation
 from rlhf.forward import cache_argument, groups_share_prompts, run_shared_prompts
 
@@ -157,18 +151,6 @@ class Policy:
         return self.accelerator.unwrap_model(self.model)
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    min_new_tokens: int = 0
-    min_p: float | None = None
-    static_kv_cache: bool = False
-
-
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, T], truncated [B]): mask is 1 up to and including the first EOS; a row without an EOS
     keeps all its tokens and is marked truncated."""
@@ -235,21 +217,6 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(steps, dim=1)
 
 
-def sampling_processors(params: SamplingParams) -> list[LogitsProcessor]:
-    """Temperature, top-k, top-p and min-p as ``generate`` builds them, in its order, for a list that must end after
-    them."""
-    processors = []
-    if params.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k:
-        processors.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
-    if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
-    if params.min_p is not None:
-        processors.append(MinPLogitsWarper(min_p=params.min_p, min_tokens_to_keep=1))
-    return processors
-
-
 @contextlib.contextmanager
 def _only_our_generation_config(model):
     """Hide the model's saved generation_config during ``generate`` so none of its values leak in."""
@@ -278,34 +245,46 @@ def sample_completions(
     scores the token was drawn from, after temperature, top-k and top-p (renormalised over the kept tokens),
     in fp32; 0 past each completion's end.
 
-    Rows are left-padded prompts; ``generate`` derives position ids from ``prompt_mask``.
-    ``synced_gpus`` keeps this process stepping until every process has finished (sharded models).
+    Rows are left-padded prompts; position ids come from ``prompt_mask``. Decoding is ``rlhf.decode.decode``
+    (generate's algorithm with two [B, V] tensors per step), or transformers' ``generate`` with a static KV cache
+    or ``synced_gpus``, which keeps this process stepping until every process has finished (sharded models).
     With ``group_size`` G, when each run of G rows repeats one prompt, the prompt (but its last token)
-    is prefilled once per group and the KV cache repeated G times before ``generate`` continues.
+    is prefilled once per group and the KV cache repeated G times before decoding continues.
     """
-    recorder = SampledLogprobs() if with_logprobs else None
-    if recorder is not None and not params.do_sample:
+    if with_logprobs and not params.do_sample:
         raise ValueError("with_logprobs needs sampling (do_sample=True).")
+    was_training = model.training
+    model.eval()
+    cache = None
+    shared = not params.static_kv_cache  # a static cache is generate's own: no prefilled cache can be passed in
+    if shared and prompt_ids.shape[1] > 1 and groups_share_prompts(prompt_ids, prompt_mask, group_size):
+        _, cache = run_shared_prompts(model, prompt_ids[:, :-1], prompt_mask[:, :-1], group_size)
+    if params.static_kv_cache or synced_gpus:
+        completion_ids, logprobs = _generate(model, prompt_ids, prompt_mask, params, eos_ids, pad_id, synced_gpus,
+                                             cache, with_logprobs)
+    else:
+        completion_ids, logprobs = decode(model, prompt_ids, prompt_mask, params, eos_ids, pad_id, cache=cache,
+                                          with_logprobs=with_logprobs)
+    model.train(was_training)
+    mask, truncated = completion_mask(completion_ids, eos_ids)
+    if not with_logprobs:
+        return completion_ids, mask, truncated
+    return completion_ids, mask, truncated, torch.where(mask.bool(), logprobs, 0.0)
+
+
+def _generate(model, prompt_ids, prompt_mask, params, eos_ids, pad_id, synced_gpus, cache, with_logprobs):
+    """``decode``'s contract through transformers' ``generate`` (static KV cache; sharded models in lock-step)."""
+    recorder = SampledLogprobs() if with_logprobs else None
     # generate() puts a caller's processors before its own temperature / top-k / top-p; to see the final scores
     # the recorder runs the same warpers itself, in generate's order, and generate adds none.
     config = generation_config(params, eos_ids, pad_id, warpers=recorder is None)
     processors = LogitsProcessorList([*sampling_processors(params), recorder]) if recorder is not None else None
-    was_training = model.training
-    model.eval()
-    kwargs = {}
-    shared = not params.static_kv_cache  # a static cache is generate's own: no prefilled cache can be passed in
-    if shared and prompt_ids.shape[1] > 1 and groups_share_prompts(prompt_ids, prompt_mask, group_size):
-        _, cache = run_shared_prompts(model, prompt_ids[:, :-1], prompt_mask[:, :-1], group_size)
-        kwargs[cache_argument(model)] = cache
+    kwargs = {cache_argument(model): cache} if cache is not None else {}
     with _only_our_generation_config(model):
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                                    synced_gpus=synced_gpus, logits_processor=processors, **kwargs)
-    model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
-    mask, truncated = completion_mask(completion_ids, eos_ids)
-    if recorder is None:
-        return completion_ids, mask, truncated
-    return completion_ids, mask, truncated, torch.where(mask.bool(), recorder.logprobs(completion_ids), 0.0)
+    return completion_ids, (recorder.logprobs(completion_ids) if recorder is not None else None)
 
 
 def encode_prompts(policy: Policy, prompts: list) -> tuple[torch.Tensor, torch.Tensor, bool]:

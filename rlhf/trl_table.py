@@ -135,6 +135,8 @@ def _default_only(name: str, accepted: tuple, fix: str) -> TRLName:
     return TRLName(name, f"only {shown or 'its default'}: {fix}", "default only", apply)
 
 
+ONE_BATCH = "generation decodes one fixed batch on the training model (rlhf.decode)."
+
 TABLE: list[TRLName] = [
     # --- the same meaning under another name
     _rename("beta", "kl_coef", "KL to the reference in the loss, k3 estimator, as TRL's GRPO"),
@@ -184,8 +186,8 @@ TABLE: list[TRLName] = [
     _mapped("output_dir", "`output_dir`; None -> \"trainer_output\", as TRL", None),
     _mapped("model_init_kwargs", "`model_init_kwargs`; its dtype / torch_dtype and trust_remote_code become "
                                  "`dtype` and `trust_remote_code`", None),
-    _default_only("use_vllm", (False,), "generation runs on the training model (transformers generate); remove "
-                                        "use_vllm and the vllm_* settings."),
+    _default_only("use_vllm", (False,), "generation runs on the training model (rlhf.decode, or transformers "
+                                        "generate); remove use_vllm and the vllm_* settings."),
     _default_only("push_to_hub", (False,), "upload output_dir after training with "
                                            "huggingface_hub.HfApi().upload_folder(folder_path=output_dir, repo_id=...)."),
     _default_only("shuffle_dataset", (True,), "prompts are always shuffled, seeded by seed, per pass over the data."),
@@ -209,8 +211,8 @@ TABLE: list[TRLName] = [
     _default_only("multi_objective_aggregation", ("sum_then_normalize",), "rewards are summed with reward_weights, "
                                                                          "then normalised per group."),
     _default_only("off_policy_mask_threshold", (None,), "not supported; target_kl stops a step's updates early."),
-    _default_only("use_transformers_continuous_batching", (False,), "generation uses generate()."),
-    _default_only("use_transformers_paged", (False,), "generation uses generate()."),
+    _default_only("use_transformers_continuous_batching", (False,), ONE_BATCH),
+    _default_only("use_transformers_paged", (False,), ONE_BATCH),
     _default_only("chat_template_kwargs", (None, {}), "give the chat template itself (recipes: chat_template)."),
     _default_only("neftune_noise_alpha", (None,), "not supported."),
     _default_only("label_smoothing_factor", (0.0, 0), "not supported."),
@@ -234,7 +236,7 @@ TABLE: list[TRLName] = [
     _default_only("liger_kernel_config", (None,), "use_liger_kernel is not supported."),
     _default_only("optim_target_modules", (None,), "not supported."),
     _default_only("activation_checkpointing_kwargs", (None,), "use gradient_checkpointing."),
-    _default_only("transformers_continuous_batching_config", (None,), "generation uses generate()."),
+    _default_only("transformers_continuous_batching_config", (None,), ONE_BATCH),
     _default_only("accelerator_config", (None,), "use an accelerate launch config."),
     _default_only("tf32", (None, False), "set torch.backends.cuda.matmul.allow_tf32 in your script."),
     _default_only("bf16_full_eval", (False,), "evaluation runs in the training precision."),

@@ -2,15 +2,13 @@
 end turns cleanly, and every algorithm runs on them."""
 
 import copy
-import os
 import re
-import sys
 
 import pytest
 import torch
 from agent_helpers import TOOLS, Countdown, agent_trainer, chat, eos_heavy_model, train_tool_caller
 from helpers import gradient, make_trainer, relative_error
-from launching import run_launch
+from launching import run_two_process_worker
 
 from rlhf.agent import AgentLoop, Episode, last_assistant_text
 from rlhf.data import left_pad
@@ -456,14 +454,7 @@ def test_two_processes_match_one_on_multi_turn_rollouts(tmp_path):
     """Each process runs its own episodes (different numbers of turns); the gathered batch's gradient on one
     process equals the two processes' gradient, and each prompt's trajectories stay one group."""
     from agent_multiproc_worker import PROMPTS, SETTINGS
-    from test_multiprocess import ROOT, TESTS, free_port
-
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
-               os.path.join(TESTS, "agent_multiproc_worker.py"), str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = run_launch(command, env, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_process_worker("agent_multiproc_worker.py", str(tmp_path))
     out = torch.load(tmp_path / "result.pt", weights_only=True)
     assert out["world_size"] == 2 and len(set(out["turns"])) > 1
     batch = Rollout(**out["batch"])

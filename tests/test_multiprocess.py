@@ -2,34 +2,17 @@
 
 import json
 import os
-import socket
-import sys
 
 import torch
 from helpers import gradient, make_trainer, relative_error, varied_reward
-from launching import run_launch
+from launching import ROOT, free_port, run_launch, run_two_process_worker, two_process_command
 from multiproc_worker import EVAL_PROMPTS, EVAL_SETTINGS
 
 from rlhf.rollout import Rollout
 
 
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
 def test_two_processes_match_one(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
-               os.path.join(TESTS, "multiproc_worker.py"), str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = run_launch(command, env, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_process_worker("multiproc_worker.py", str(tmp_path))
     out = torch.load(tmp_path / "result.pt", weights_only=True)
     assert out["world_size"] == 2  # `accelerate launch --cpu` would silently have run one
 
@@ -61,12 +44,11 @@ def test_the_grpo_recipe_trains_and_saves_on_two_processes(tmp_path):
 
     model_dir = save_tiny(str(tmp_path / "tiny"), hidden_size=32, num_layers=2, max_positions=64)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
-               os.path.join(ROOT, "recipes", "grpo.py"), "--config",
-               os.path.join(ROOT, "recipes", "configs", "demo_grpo.yaml"), "--model_name_or_path", model_dir,
-               "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
-               "--mini_batch_size", "none", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
+    command = two_process_command(
+        os.path.join(ROOT, "recipes", "grpo.py"), "--config",
+        os.path.join(ROOT, "recipes", "configs", "demo_grpo.yaml"), "--model_name_or_path", model_dir,
+        "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "4", "--num_generations", "4",
+        "--mini_batch_size", "none", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true")
     result = run_launch(command, {**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()

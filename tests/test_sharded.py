@@ -3,22 +3,15 @@ against one unsharded process: the same rollout batch gives the same gradient (G
 and critic), generation works with sharded parameters, and a checkpoint written under sharding resumes to the
 uninterrupted run's weights, bit for bit."""
 
-import os
-import sys
-
 import pytest
 import torch
 from helpers import gradient, make_trainer, relative_error
-from launching import run_launch
-from test_multiprocess import free_port
+from launching import run_two_process_worker
 from transformers import AutoModelForCausalLM
 
 from rlhf.distributed import fill_deepspeed_config
 from rlhf.extras.tiny import char_tokenizer, save_tiny
 from rlhf.rollout import Rollout
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def critic_gradient(trainer, batch):
@@ -29,12 +22,7 @@ def critic_gradient(trainer, batch):
 def test_fsdp2_training_matches_one_process(tmp_path):
     sharding = "fsdp2"
     model_dir = save_tiny(str(tmp_path / "tiny"), hidden_size=32, num_layers=2, max_positions=64, seed=3)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
-               os.path.join(TESTS, "sharded_worker.py"), model_dir, str(tmp_path / "run")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = run_launch(command, env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_process_worker("sharded_worker.py", model_dir, str(tmp_path / "run"), timeout=600)
     out = torch.load(tmp_path / "run" / "result.pt", weights_only=True)
     assert out["world_size"] == 2 and out["sharding"] == sharding
 

@@ -2,15 +2,11 @@
 same gathered batch: the same gradient within 1e-5, global token selection, global whitening, and dynamic sampling
 that runs the same rounds on both processes and leaves each with its share. One launch for all variants."""
 
-import os
-import sys
-
 import pytest
 import torch
 from helpers import gradient, relative_error, varied_reward
-from launching import run_launch
+from launching import run_two_process_worker
 from test_dynamic_sampling import half_informative
-from test_multiprocess import ROOT, TESTS, free_port
 from test_policy_variants import perturb
 from variants_worker import VARIANTS, build
 
@@ -24,12 +20,7 @@ from rlhf.trainer.scoring import rollout_logprobs
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("variants")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml"), "--main_process_port", free_port(),
-               os.path.join(TESTS, "variants_worker.py"), str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": TESTS + os.pathsep + ROOT}
-    result = run_launch(command, env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_process_worker("variants_worker.py", str(out), timeout=600)
     saved = torch.load(out / "variants.pt", weights_only=True)
     assert saved["world_size"] == 2
     return saved["results"], out

@@ -1,0 +1,109 @@
+"""The sampling decode loop: what ``generate`` does for our sampling settings, with at most two [B, V] tensors
+alive per step instead of about seven.
+
+At a real vocabulary the per-step logits, not the model, set generation's peak memory: 256 rows x 151,936 tokens x
+4 bytes = 155 MB for each [B, V] copy, and transformers' ``generate`` makes several (the model's output, its fp32
+copy, each warper's result, the softmax; and our recorder's log-softmax). Here: the model's last-position logits
+(``logits_to_keep=1``), the EOS mask of ``min_new_tokens`` applied in place, the warpers (temperature, top-k, top-p,
+min-p; only those set make a tensor), the softmax, one ``torch.multinomial`` draw. The sampled token's log-prob is
+``log`` of its softmax probability, so no log-softmax is built.
+
+It is ``generate``'s algorithm, step for step: the same processors in the same order, the same softmax and the same
+``multinomial`` call on the same random stream, pad after a row's EOS, stop when every row has ended; so with the
+same seed it draws the same tokens (tests/test_decode.py checks it, greedy and sampled, with left padding, a shared
+prompt cache, min_new_tokens and the warpers). ``generate`` stays in use where this loop does not apply: a static
+KV cache (compiled decoding on a GPU) and sharded models that must step in lock-step across processes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.generation import (
+    LogitsProcessor,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from rlhf.forward import accepts_logits_to_keep, cache_argument, model_cache, position_ids_from_mask
+
+
+@dataclass
+class SamplingParams:
+    """How completions are drawn; every knob ``generate`` would otherwise take from the model's saved config."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+    min_new_tokens: int = 0
+    min_p: float | None = None
+    static_kv_cache: bool = False
+
+
+def sampling_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """Temperature, top-k, top-p and min-p as ``generate`` builds them, in its order, for a list that must end after
+    them."""
+    processors = []
+    if params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        processors.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+    if params.min_p is not None:
+        processors.append(MinPLogitsWarper(min_p=params.min_p, min_tokens_to_keep=1))
+    return processors
+
+
+@torch.no_grad()
+def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
+           eos_ids: list[int], pad_id: int, cache=None, with_logprobs: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Completions of left-padded ``prompt_ids`` [B, P]: (token ids [B, T], T <= max_new_tokens, pad after each
+    row's EOS; and with ``with_logprobs`` the log-prob [B, T] of each drawn token under the distribution it was drawn
+    from, else None). ``cache`` holds the first positions of the prompts already (a shared prefill); the rest of
+    the prompt is run first."""
+    rows, device = prompt_ids.shape[0], prompt_ids.device
+    cached = cache.get_seq_length() if cache is not None else 0
+    input_ids, mask = prompt_ids[:, cached:], prompt_mask
+    positions = position_ids_from_mask(prompt_mask)[:, cached:]
+    eos = torch.tensor(eos_ids, device=device)
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    cache_key = cache_argument(model)
+    processors = sampling_processors(params)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for step in range(params.max_new_tokens):
+        outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{cache_key: cache}, **keep)
+        cache = model_cache(outputs)
+        scores = outputs.logits[:, -1, :].float()  # no copy in fp32: the model's own output, modified in place
+        del outputs
+        if step < params.min_new_tokens:
+            scores[:, eos] = -float("inf")
+        if params.do_sample:
+            for processor in processors:  # the warpers read only the scores
+                scores = processor(prompt_ids, scores)
+            probs = torch.softmax(scores, dim=-1)
+            del scores
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            if with_logprobs:
+                logprobs.append(probs.gather(1, next_tokens[:, None]).squeeze(1).log())
+            del probs
+        else:
+            next_tokens = scores.argmax(dim=-1)
+            del scores
+        next_tokens = torch.where(unfinished, next_tokens, pad_id)
+        tokens.append(next_tokens)
+        unfinished &= ~torch.isin(next_tokens, eos)
+        if not unfinished.any():
+            break
+        input_ids = next_tokens[:, None]
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    completion_ids = torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(rows, 0)
+    return completion_ids, (torch.stack(logprobs, dim=1) if with_logprobs else None)

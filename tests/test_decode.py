@@ -1,0 +1,90 @@
+"""Our decode loop (rlhf/decode.py) against transformers' ``generate`` with the same settings and random state: the
+same tokens, the same log-probs of the drawn tokens, whatever the sampling knobs, padding, prompt sharing, EOS ids
+or early stop."""
+
+import pytest
+import torch
+
+from rlhf.data import left_pad
+from rlhf.extras.tiny import EOS_ID, PAD_ID, tiny_model
+from rlhf.forward import groups_share_prompts, run_shared_prompts
+from rlhf.rollout import SamplingParams, _generate, sample_completions
+
+# A random init with tied embeddings tends to repeat the last token: greedy rows whose prompt ends in an EOS id stop
+# at once, the others run to the limit.
+PROMPTS = [[1, 10, 11, 12, 13, 14, 15], [1, 16], [1, 18, 19, 20], [1, 21, 22]]
+SETTINGS = {
+    "greedy": SamplingParams(max_new_tokens=10, do_sample=False),
+    "sampled": SamplingParams(max_new_tokens=10),
+    "warpers": SamplingParams(max_new_tokens=10, temperature=0.7, top_k=12, top_p=0.9, min_new_tokens=3),
+    "min_p": SamplingParams(max_new_tokens=10, temperature=1.3, min_p=0.05),
+}
+
+
+# A third of the vocabulary declared EOS: rows end at different steps (padding after EOS is exercised), greedy too.
+EOS_IDS = (EOS_ID, *range(EOS_ID + 3, 102, 3))
+
+
+def model_of(arch: str):
+    return tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=11).eval()
+
+
+def both_paths(model, params, group_size=1, eos_ids=EOS_IDS):
+    ids, mask = left_pad(PROMPTS, PAD_ID)
+    ids, mask = ids.repeat_interleave(6, dim=0), mask.repeat_interleave(6, dim=0)
+    sampled = params.do_sample
+    torch.manual_seed(7)
+    ours = sample_completions(model, ids, mask, params, list(eos_ids), PAD_ID, group_size=group_size,
+                              with_logprobs=sampled)
+    torch.manual_seed(7)
+    cache = None
+    if group_size > 1 and groups_share_prompts(ids, mask, group_size):
+        _, cache = run_shared_prompts(model, ids[:, :-1], mask[:, :-1], group_size)
+    reference, logprobs = _generate(model, ids, mask, params, list(eos_ids), PAD_ID, False, cache, sampled)
+    return ours, reference, logprobs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("group_size", [1, 6])
+def test_decode_draws_what_generate_draws(arch, setting, group_size):
+    model = model_of(arch)
+    ours, reference, logprobs = both_paths(model, SETTINGS[setting], group_size)
+    completion_ids, mask = ours[0], ours[1]
+    assert torch.equal(completion_ids, reference)
+    lengths = mask.sum(dim=1)
+    assert 1 <= lengths.min() < lengths.max()  # rows end at different steps: padding after EOS is exercised
+    if setting == "warpers":
+        assert lengths.min() >= 3  # min_new_tokens
+    if SETTINGS[setting].do_sample:
+        assert torch.allclose(ours[3], torch.where(mask.bool(), logprobs, 0.0), atol=1e-5)
+        assert (ours[3][mask.bool()] <= 0).all() and (ours[3][~mask.bool()] == 0).all()
+
+
+def test_decode_stops_when_every_row_has_ended_and_at_any_eos_id():
+    model = model_of("llama")
+    eos_ids = (EOS_ID, *range(EOS_ID + 1, 102, 2))
+    ours, reference, _ = both_paths(model, SamplingParams(max_new_tokens=30), eos_ids=eos_ids)
+    assert torch.equal(ours[0], reference)
+    assert ours[0].shape[1] < 30 and not ours[2].any()  # an early stop: every row has ended, none truncated
+    ended_at = ours[0].gather(1, (ours[1].sum(dim=1) - 1)[:, None]).squeeze(1)
+    assert torch.isin(ended_at, torch.tensor(eos_ids)).all()
+
+
+def test_decode_draws_from_the_tempered_distribution():
+    """One step from one prompt, many rows: the frequencies match softmax(logits / T) and each drawn token's
+    log-prob is that distribution's."""
+    model = tiny_model("llama", hidden_size=32, num_layers=1, num_heads=2, seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    n, temperature = 6000, 0.8
+    prompt = torch.tensor([[1, 30, 31]])
+    torch.manual_seed(0)
+    ids, mask, _, logprobs = sample_completions(model, prompt.repeat(n, 1), torch.ones(n, 3, dtype=torch.long),
+                                                SamplingParams(max_new_tokens=1, temperature=temperature), [EOS_ID],
+                                                PAD_ID, with_logprobs=True)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(prompt).logits[0, -1] / temperature, dim=-1)
+    assert torch.allclose(logprobs[:, 0], expected[ids[:, 0]], atol=1e-5)
+    frequency = torch.bincount(ids[:, 0], minlength=expected.numel()).double() / n
+    assert (frequency - expected.exp().double()).abs().max() < 4 * (0.25 / n) ** 0.5
