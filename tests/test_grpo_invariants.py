@@ -22,7 +22,8 @@ def test_first_on_policy_pass_is_the_plain_policy_gradient(tmp_path):
     without padding. The tokenizer pads with its EOS id, so a dropped EOS would show up here."""
     tokenizer = char_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
-    trainer = make_trainer(tmp_path, tokenizer=tokenizer)
+    # 32 completions of up to 12 tokens from a near-uniform policy over 102 tokens: some end with an EOS.
+    trainer = make_trainer(tmp_path, tokenizer=tokenizer, prompts_per_step=8, max_new_tokens=12, micro_batch_size=32)
     batch, _ = trainer.make_rollout(0)
     assert batch.old_logprobs is None  # one epoch, one mini-batch: exactly on-policy
     metrics = StepMetrics()
@@ -60,8 +61,9 @@ def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, loss_agg):
 
 def test_naive_per_micro_batch_normalisation_differs(tmp_path):
     """Negative control for the test above: token-mean per micro-batch, averaged, is a different gradient."""
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, prompts_per_step=8, max_new_tokens=12, micro_batch_size=32)
     batch, _ = trainer.make_rollout(0)
+    assert batch.completion_mask.sum(dim=1).unique().numel() > 1  # micro-batches hold different token counts
     whole = gradient(trainer, batch)
     model = trainer.model
     model.zero_grad(set_to_none=True)

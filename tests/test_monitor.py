@@ -111,6 +111,28 @@ def test_a_real_run_with_a_constant_reward_says_so_once_in_the_file_and_the_repo
     assert "Training health: 2 alarm(s)" in report and "identical_rewards" in report
 
 
+def test_a_single_evaluation_dip_is_not_over_optimisation():
+    # Our GRPO on addition, seed 4 (bench/LEARN.md): held-out accuracy every 10 steps, one dip of 6 points that the
+    # next evaluation recovers, while the train reward keeps rising.
+    accuracy = [59.6, 87.6, 91.2, 91.8, 91.2, 91.4, 92.4, 94.8, 94.4, 94.8, 93.8, 93.2, 91.8, 94.8, 88.8, 93.8]
+    evals = [(10 * i, {"eval/accuracy": a / 100}) for i, a in enumerate(accuracy) if i]
+    rising = stream(150, **{"reward/mean": lambda t: 0.6 + 0.002 * t + noisy(t) / 5})
+    assert run(rising, evals=evals) == []
+    # The same run had it stayed down: an alarm.
+    fallen = evals[:-1] + [(150, {"eval/accuracy": 0.885})]
+    assert [a.name for a in run(rising, evals=fallen)] == ["over_optimisation"]
+
+
+def test_every_completion_solved_is_not_identical_rewards():
+    # Our GRPO on 2 processes, repeat task, seed 3: the reward climbs to 1.0 for every completion (99.2% exact).
+    solved = stream(60, **{"reward/mean": lambda t: min(0.1 + 0.03 * t, 1.0),
+                           "reward/std": lambda t: 0.0 if t >= 30 else 0.2})
+    assert run(solved) == []
+    collapsed = stream(60, **{"reward/mean": lambda t: 0.6 if t < 30 else 0.2,
+                              "reward/std": lambda t: 0.0 if t >= 30 else 0.2})
+    assert "identical_rewards" in [a.name for a in run(collapsed)]
+
+
 def test_a_run_that_learns_with_every_completion_at_the_length_limit_raises_no_truncation_alarm():
     # The repeat task: the answer is exactly max_new_tokens long, so every completion is truncated while the
     # reward climbs 0.07 -> 0.6.
