@@ -81,7 +81,8 @@ def run_ours(spec: dict, task, method: str) -> dict:
     train, heldout, rewards, correct = learn_tasks.task_data(task.name)
     args = config_class(
         output_dir=spec["output_dir"], seed=spec["seed"], max_steps=spec["steps"], learning_rate=task.learning_rate,
-        **learn_tasks.matched_shape(task), reward_weights=learn_tasks.reward_weights(task.name), disable_tqdm=True, write_report=False,
+        **learn_tasks.matched_shape(task), reward_weights=learn_tasks.reward_weights(task.name), disable_tqdm=True,
+        write_report=False,
         **{**task.extra, **overrides})
     trainer = trainer_class(spec["model_dir"], rewards, args=args, train_dataset=train,
                             processing_class=char_tokenizer())

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from rlhf.checkpoint import load_model_weights
-from rlhf.forward import cache_argument, predicting_outputs
+from rlhf.forward import cache_argument, model_cache, predicting_outputs
 from rlhf.integrity import check_adapter_weights
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -51,8 +51,7 @@ class ValueModel(nn.Module):
         kwargs = {cache_argument(self.backbone): cache} if cache is not None else {}
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=use_cache, **kwargs)
-        new_cache = getattr(outputs, "cache", None) if hasattr(outputs, "cache") else outputs.past_key_values
-        return ValueOutput(self.value_head(outputs.last_hidden_state).squeeze(-1).float(), new_cache)
+        return ValueOutput(self.value_head(outputs.last_hidden_state).squeeze(-1).float(), model_cache(outputs))
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)

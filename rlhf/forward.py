@@ -63,9 +63,10 @@ def cache_argument(model: nn.Module) -> str:
 
 
 def model_cache(outputs):
-    """The KV cache a forward returned (``cache`` since transformers 5.x, ``past_key_values`` before)."""
+    """The KV cache a forward returned (``cache`` since transformers 5.x, ``past_key_values`` before); None when
+    it returned none."""
     cache = getattr(outputs, "cache", None)
-    return cache if cache is not None else outputs.past_key_values
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
 
 
 def groups_share_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int) -> bool:
@@ -123,8 +124,8 @@ def _scoring_forward(self, *args, score_tokens=None, score_temperature=1.0, scor
                                                   score_temperature, entropy_grad=score_entropy_grad,
                                                   compute_dtype=compute_dtype)
     full = torch.zeros(score_tokens.shape, dtype=logprobs.dtype, device=logprobs.device)
-    cache = outputs.cache if getattr(outputs, "cache", None) is not None else None
-    return TokenScores(full.masked_scatter(scored, logprobs), full.masked_scatter(scored, entropy), cache)
+    return TokenScores(full.masked_scatter(scored, logprobs), full.masked_scatter(scored, entropy),
+                       model_cache(outputs))
 
 
 def _scores_through_head(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
