@@ -13,12 +13,18 @@ It is ``generate``'s algorithm, step for step: the same processors in the same o
 same seed it draws the same tokens (tests/test_decode.py checks it, greedy and sampled, with left padding, a shared
 prompt cache, min_new_tokens and the warpers). ``generate`` stays in use where this loop does not apply: a static
 KV cache (compiled decoding on a GPU) and sharded models that must step in lock-step across processes.
+
+After the prompt's forward, each layer's KV cache gets room for every token the loop can add (``_GrowingLayer``): a
+step writes its position in place where transformers' ``DynamicLayer`` concatenates and so copies the whole cache
+(generation 0.74 -> 0.55 s at the CPU benchmark's shape); attention reads the same values, and the drawn tokens and
+log-probs are bit-identical (tests/test_decode.py).
 """
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.generation import (
     LogitsProcessor,
     MinPLogitsWarper,
@@ -59,6 +65,74 @@ def sampling_processors(params: SamplingParams) -> list[LogitsProcessor]:
     return processors
 
 
+class _GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of a buffer with room for ``capacity`` positions: a decode
+    step writes its one position in place where ``DynamicLayer`` concatenates, which copies the whole cache every
+    step (27% of generation at the CPU benchmark's shape). Attention reads the same values in the same shapes."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int):
+        super().__init__()
+        self.__dict__.update(layer.__dict__)
+        self._capacity = capacity
+        self._rebuffer()
+
+    def _rebuffer(self) -> None:
+        """Copy ``keys`` and ``values`` into fresh buffers of the reserved capacity (or more)."""
+        keys, values = self.keys, self.values
+        if not self.is_initialized or keys is None:
+            self._keys = self._values = None
+            return
+        self._length = keys.shape[-2]
+        capacity = max(self._capacity, self._length)
+        self._keys = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
+        self._values = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
+        self._keys[..., :self._length, :] = keys
+        self._values[..., :self._length, :] = values
+        self.keys, self.values = self._keys[..., :self._length, :], self._values[..., :self._length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._keys is None:  # after reset(): start over as DynamicLayer does, then buffer
+            super().update(key_states, value_states, *args, **kwargs)
+            self._rebuffer()
+            return self.keys, self.values
+        start, end = self._length, self._length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # past the reserved room: double it
+            self._capacity = max(end, 2 * self._keys.shape[-2])
+            self._rebuffer()
+        self._keys[..., start:end, :] = key_states
+        self._values[..., start:end, :] = value_states
+        self._length = end
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._rebuffer()
+
+    # DynamicLayer's other edits replace ``keys`` and ``values``: redo the buffers after them.
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._rebuffer()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._rebuffer()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rebuffer()
+
+
+def _reserve_cache(cache, capacity: int) -> None:
+    """Give each plain ``DynamicLayer`` of ``cache`` room for ``capacity`` positions, in place (other layer kinds,
+    e.g. sliding-window ones, offloaded caches and caches without ``layers`` are left as they are)."""
+    if getattr(cache, "offloading", False):
+        return
+    for i, layer in enumerate(getattr(cache, "layers", None) or []):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            cache.layers[i] = _GrowingLayer(layer, capacity)
+
+
 @torch.no_grad()
 def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
            eos_ids: list[int], pad_id: int, cache=None, with_logprobs: bool = False
@@ -81,6 +155,8 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **{cache_key: cache}, **keep)
         cache = model_cache(outputs)
+        if step == 0 and cache is not None:  # the prompt is in: reserve room for every token this loop can add
+            _reserve_cache(cache, cache.get_seq_length() + params.max_new_tokens - 1)
         scores = outputs.logits[:, -1, :].float()  # no copy in fp32: the model's own output, modified in place
         del outputs
         if step < params.min_new_tokens:

@@ -88,3 +88,68 @@ def test_decode_draws_from_the_tempered_distribution():
     assert torch.allclose(logprobs[:, 0], expected[ids[:, 0]], atol=1e-5)
     frequency = torch.bincount(ids[:, 0], minlength=expected.numel()).double() / n
     assert (frequency - expected.exp().double()).abs().max() < 4 * (0.25 / n) ** 0.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reserved_cache_changes_no_bit(arch, monkeypatch):
+    """The in-place KV buffer is a speed change only: with it and with DynamicLayer's concatenation the same tokens
+    and bit-identical log-probs."""
+    import rlhf.decode
+
+    model = model_of(arch)
+    ids, mask = left_pad(PROMPTS, PAD_ID)
+    runs = []
+    for reserve in (True, False):
+        if not reserve:
+            monkeypatch.setattr(rlhf.decode, "_reserve_cache", lambda cache, capacity: None)
+        torch.manual_seed(3)
+        runs.append(rlhf.decode.decode(model, ids, mask, SETTINGS["sampled"], [EOS_ID], PAD_ID, with_logprobs=True))
+    (tokens, logprobs), (plain_tokens, plain_logprobs) = runs
+    assert tokens.shape[1] == 10 and torch.equal(tokens, plain_tokens)
+    assert torch.equal(logprobs, plain_logprobs)
+
+
+def test_growing_layer_matches_dynamic_layer():
+    """_GrowingLayer against DynamicLayer under the same edits: appends within and past the reserved room, crop,
+    batch repeat and select, reset."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlhf.decode import _GrowingLayer
+
+    def chunk(length, batch=2):
+        return torch.randn(batch, 2, length, 4), torch.randn(batch, 2, length, 4)
+
+    torch.manual_seed(0)
+    plain = DynamicLayer()
+    plain.update(*chunk(3))
+    growing = _GrowingLayer(plain, capacity=5)
+    plain = DynamicLayer()
+    plain.update(growing.keys.clone(), growing.values.clone())
+
+    def same():
+        assert torch.equal(growing.keys, plain.keys) and torch.equal(growing.values, plain.values)
+        assert growing.get_seq_length() == plain.get_seq_length()
+
+    buffer = growing._keys.data_ptr()
+    for length in (1, 1, 4, 1):  # 3 -> 4 -> 5 (the room is full) -> 9 (past it: the buffer grows) -> 10
+        new = chunk(length)
+        assert all(torch.equal(a, b) for a, b in zip(growing.update(*new), plain.update(*new)))
+        same()
+        if growing.get_seq_length() <= 5:
+            assert growing._keys.data_ptr() == buffer  # written in place, not copied
+    assert growing._keys.data_ptr() != buffer and growing._keys.shape[-2] >= 9
+    growing.crop(-2), plain.crop(-2)
+    same()
+    growing.batch_repeat_interleave(3), plain.batch_repeat_interleave(3)
+    same()
+    index = torch.tensor([0, 4, 5])
+    growing.batch_select_indices(index), plain.batch_select_indices(index)
+    same()
+    new = chunk(1, batch=3)
+    growing.update(*new), plain.update(*new)
+    same()
+    growing.reset(), plain.reset()
+    growing.crop(-1), plain.crop(-1)  # on an emptied layer: nothing to do
+    new = chunk(2, batch=1)
+    growing.update(*new), plain.update(*new)
+    same()
