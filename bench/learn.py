@@ -5,7 +5,7 @@ after, with the spread over seeds; steps and training seconds to reach TRL GRPO'
 training-health monitor's alarms) to bench/LEARN.md and a PNG of accuracy against steps and seconds (mean and
 min-max band over seeds) to bench/learn_curves.png.
 
-    make learn-bench                             # everything, 5 seeds (about 40 minutes on 2 CPU cores)
+    make learn-bench                             # everything: 10 seeds for our GRPO and TRL's, 5 for the rest
     python bench/learn.py --quick --out /tmp/x   # one seed, a few steps (a test runs this)
     python bench/learn.py --methods grpo,trl_grpo --tasks repeat --seeds 0,1
 
@@ -63,7 +63,7 @@ def collect(args) -> dict:
         steps = task.quick_steps if args.quick else task.steps
         eval_every = max(1, steps // 3) if args.quick else task.eval_every
         for method in args.methods:
-            for seed in args.seeds:
+            for seed in args.seeds or learn_tasks.HEADLINE_SEEDS.get(method, learn_tasks.SEEDS):
                 # The settings' fingerprint is in the name: a run with other settings is never reused for these.
                 settings = learn_tasks.fingerprint(task, method, steps, eval_every)
                 path = os.path.join(args.out, task_name, method, f"seed{seed}-{settings}.json")
@@ -98,6 +98,26 @@ def median_reaching(values: list[float | None]) -> str:
     return text if reached == len(values) else f"{text} ({reached}/{len(values)} seeds reach it)"
 
 
+def replay_alarms(run: dict) -> list[list] | None:
+    """The alarms today's monitor (rlhf/monitor.py) raises on a stored run, fed as the worker fed it: every step's
+    metrics, and the held-out scores at each evaluation after step 0. None for a run that is not ours; a run stored
+    before the metrics were kept gives the alarms recorded when it ran."""
+    from rlhf.monitor import HealthMonitor
+
+    if run["alarms"] is None or "monitor" not in run:
+        return run["alarms"]
+    settings = run["monitor"]
+    monitor = HealthMonitor(settings["group_size"], settings["max_grad_norm"])
+    evals = {step: {"eval/accuracy": accuracy, "eval/reward_mean": reward}
+             for step, _, accuracy, reward in run["curve"][1:]}
+    alarms = []
+    for step, metrics in enumerate(settings["history"], start=1):
+        alarms += monitor.observe(step, metrics)
+        if step in evals:
+            alarms += monitor.observe_eval(step, evals[step])
+    return [[a.step, a.name, a.message] for a in alarms]
+
+
 def spread(values: list[float]) -> str:
     mean = statistics.mean(values)
     return f"{100 * mean:.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})" if len(values) > 1 else \
@@ -120,8 +140,9 @@ def table(results: dict) -> str:
             reach = [first_reaching(r["curve"], target) for r in runs] if target is not None else []
             steps, seconds = median_reaching([x and x[0] for x in reach]), median_reaching([x and x[1] for x in reach])
             per_step = statistics.median(r["curve"][-1][1] / max(1, r["curve"][-1][0]) for r in runs)
-            alarms = ("n/a" if runs[0]["alarms"] is None else
-                      ", ".join(sorted({a[1] for r in runs for a in r["alarms"]})) or "none")
+            replayed = [replay_alarms(r) for r in runs]
+            alarms = ("n/a" if replayed[0] is None else
+                      ", ".join(sorted({a[1] for alarms in replayed for a in alarms})) or "none")
             lines.append(f"| {method} | {len(runs)} | {spread(before)} | {spread(after)} | {steps} | {seconds} | "
                          f"{per_step:.2f} | {alarms} |")
         lines.append("")
@@ -162,14 +183,15 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(learn_tasks.TASKS))
     parser.add_argument("--methods", default=",".join(learn_tasks.CORE),
                         help="comma-separated names of bench/learn_tasks.py METHODS, or 'variants'")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2,3,4; --quick: 0)")
+    parser.add_argument("--seeds", default=None, help="comma-separated, for every method (default: 0-9 for our GRPO "
+                                                      "and TRL's, 0-4 for the rest; --quick: 0)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "learn"))
     parser.add_argument("--report", default=None, help="markdown report path (default: bench/LEARN.md, or "
                                                        "<out>/LEARN.md with --quick)")
     args = parser.parse_args()
     args.tasks = args.tasks.split(",")
     args.methods = learn_tasks.VARIANTS if args.methods == "variants" else args.methods.split(",")
-    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2,3,4")).split(",")]
+    args.seeds = [int(s) for s in (args.seeds or "0").split(",")] if args.seeds or args.quick else None
     report = args.report or (os.path.join(args.out, "LEARN.md") if args.quick else os.path.join(HERE, "LEARN.md"))
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)  # before the runs, not after them
     results = collect(args)
@@ -177,7 +199,8 @@ def main() -> None:
     png = os.path.join(os.path.dirname(report), f"{name}_curves.png")
     plot(results, png)
     text = (f"# Learning benchmark\n\n`make learn-bench` on {datetime.date.today()}, {cpu_name()}, "
-            f"{os.cpu_count()} cores, {platform.platform()}; seeds {args.seeds}"
+            f"{os.cpu_count()} cores, {platform.platform()}; seeds "
+            f"{args.seeds or 'as in the seeds column: 0-9 for grpo and trl_grpo, 0-4 for the others'}"
             f"{' (quick mode)' if args.quick else ''}. Curves: `{os.path.basename(png)}`. Settings: "
             "bench/learn_tasks.py. Steps and seconds to TRL GRPO's final accuracy: the first evaluation at or above "
             "it, the median over seeds, a seed that never gets there counting as infinitely many; s/step: training "

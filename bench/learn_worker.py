@@ -91,7 +91,7 @@ def run_ours(spec: dict, task, method: str) -> dict:
     curve = Curve(lambda m: heldout_scores(m, tokenizer, heldout, rewards, correct, task.max_new_tokens,
                                            learn_tasks.reward_weights(task.name), task.sampled_eval))
     monitor = HealthMonitor(args.num_generations, args.max_grad_norm)
-    alarms = []
+    alarms, history = [], []
     if main:
         curve.add(0, model)
     for step in range(1, spec["steps"] + 1):
@@ -99,6 +99,7 @@ def run_ours(spec: dict, task, method: str) -> dict:
         metrics = trainer.training_step()
         trainer.step += 1
         curve.seconds += time.perf_counter() - start
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         alarms += monitor.observe(step, metrics)
         if main and (step % spec["eval_every"] == 0 or step == spec["steps"]):
             alarms += monitor.observe_eval(step, curve.add(step, model))
@@ -106,7 +107,10 @@ def run_ours(spec: dict, task, method: str) -> dict:
 
     processes = trainer.accelerator.num_processes
     shutdown(trainer.accelerator)
+    # The step metrics ride along so that a later monitor can be replayed on this run (bench/learn.py replay_alarms).
     return {"curve": curve.points, "alarms": [[a.step, a.name, a.message] for a in alarms],
+            "monitor": {"group_size": args.num_generations, "max_grad_norm": args.max_grad_norm,
+                        "eval_every": spec["eval_every"], "history": history},
             "num_processes": processes, "is_main": main}
 
 

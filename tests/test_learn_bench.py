@@ -26,6 +26,12 @@ def test_learn_bench_quick_mode_writes_table_curves_and_runs(tmp_path):
         assert steps[0] == 0 and steps[-1] == 3 and all(0 <= point[2] <= 1 for point in run["curve"])
         assert run["curve"][-1][1] > 0  # training seconds, evaluation excluded
     assert runs["grpo"]["alarms"] is not None and runs["trl_grpo"]["alarms"] is None  # the monitor is ours
+    # The table replays today's monitor on the stored step metrics: on a fresh run it says what the live one said.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import learn
+
+    assert len(runs["grpo"]["monitor"]["history"]) == 3
+    assert learn.replay_alarms(runs["grpo"]) == runs["grpo"]["alarms"] and learn.replay_alarms(runs["trl_grpo"]) is None
 
 
 def test_a_stored_run_is_only_reused_for_the_same_settings():
