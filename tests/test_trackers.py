@@ -4,6 +4,7 @@ offline run file (a LevelDB-style log of protobuf records)."""
 import glob
 import json
 import struct
+import time
 
 import pytest
 
@@ -103,6 +104,20 @@ def _wandb_records(path: str):
             yield record
 
 
+def _finished_wandb_records(path: str, timeout: float = 60.0) -> list:
+    """The records of a wandb run file once its last one, the exit record, is on disk: ``finish()`` returns before
+    wandb's service process has flushed the file's tail (a file of 132,802 bytes read 131,072 right after it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(_wandb_records(path))
+        except Exception:  # a record cut off mid-write
+            records = []
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_wandb_offline_gets_metrics_config_and_the_completions_table(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -113,7 +128,7 @@ def test_wandb_offline_gets_metrics_config_and_the_completions_table(tmp_path, m
     trainer.train()
     (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     history, config = [], {}
-    for record in _wandb_records(path):
+    for record in _finished_wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
@@ -125,6 +140,7 @@ def test_wandb_offline_gets_metrics_config_and_the_completions_table(tmp_path, m
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     steps = {row["_step"]: row for row in history}
     for record in records:
+        assert record["step"] in steps, f"step {record['step']} is not in wandb's history: {history}"
         assert steps[record["step"]]["reward/mean"] == pytest.approx(record["reward/mean"])
         assert steps[record["step"]]["custom/answer_rate"] == 0.25
     assert any(row.get("completions/nrows") == 2 for row in history)
