@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from rlhf.checkpoint import model_source
-from rlhf.configs import field_docs
+from rlhf.config_fields import field_docs
 from rlhf.dataset_adapters import DataArguments
 from rlhf.imports import OPT_IN, import_object
 from rlhf.trl_names import log_notes, translate

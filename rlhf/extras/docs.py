@@ -8,13 +8,13 @@ import argparse
 import dataclasses
 import sys
 
+from rlhf.config_fields import markdown_table
 from rlhf.configs import (
     GRPOConfig,
     PPOConfig,
     ReinforceConfig,
     RLConfig,
     TokenRewardConfig,
-    markdown_table,
 )
 
 START, END = "<!-- config-tables:start -->", "<!-- config-tables:end -->"
