@@ -109,8 +109,7 @@ def run_ours(spec: dict, task, method: str) -> dict:
     shutdown(trainer.accelerator)
     # The step metrics ride along so that a later monitor can be replayed on this run (bench/learn.py replay_alarms).
     return {"curve": curve.points, "alarms": [[a.step, a.name, a.message] for a in alarms],
-            "monitor": {"group_size": args.num_generations, "max_grad_norm": args.max_grad_norm,
-                        "eval_every": spec["eval_every"], "history": history},
+            "monitor": {"group_size": args.num_generations, "max_grad_norm": args.max_grad_norm, "history": history},
             "num_processes": processes, "is_main": main}
 
 

@@ -242,13 +242,16 @@ def run_case(case: str, device: str, with_trl: bool, with_ppo: bool, out: str, s
         floor = floors(shape, params, rate, memory_bandwidth(device))
         spec = {"model_dir": model_dir, "shape": shape, "steps": shape["steps"], "warmup": shape["warmup"],
                 "device": device, "memory": shape.get("memory", False)}
-        runs = [("ours_grpo", "ours", {**spec, "algo": "grpo"})]
+
+        def run(name: str, which: str, **extra) -> tuple[str, str, dict]:
+            return name, which, {**spec, "output_dir": os.path.join(tmp, name), **extra}
+
+        runs = [run("ours_grpo", "ours", algo="grpo")]
         if with_trl:
-            runs.append(("trl_grpo", "trl", {**spec, "algo": "grpo"}))
+            runs.append(run("trl_grpo", "trl", algo="grpo"))
         if with_ppo and not shape.get("memory"):
             # PPO has no TRL peer: its phases are reported, on fewer steps than the comparison
-            runs.append(("ours_ppo", "ours", {**spec, "algo": "ppo", "steps": shape.get("ppo_steps", shape["steps"])}))
-        runs = [(name, which, {**run_spec, "output_dir": os.path.join(tmp, name)}) for name, which, run_spec in runs]
+            runs.append(run("ours_ppo", "ours", algo="ppo", steps=shape.get("ppo_steps", shape["steps"])))
         side_by_side = side_by_side and shape.get("memory", False)
         results = run_workers(case, runs, side_by_side)
     if shape.get("memory"):

@@ -82,26 +82,26 @@ class _GrowingLayer(DynamicLayer):
         if not self.is_initialized or keys is None:
             self._keys = self._values = None
             return
-        self._length = keys.shape[-2]
-        capacity = max(self._capacity, self._length)
+        length = keys.shape[-2]
+        capacity = max(self._capacity, length)
         self._keys = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
         self._values = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
-        self._keys[..., :self._length, :] = keys
-        self._values[..., :self._length, :] = values
-        self.keys, self.values = self._keys[..., :self._length, :], self._values[..., :self._length, :]
+        self._keys[..., :length, :] = keys
+        self._values[..., :length, :] = values
+        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self._keys is None:  # after reset(): start over as DynamicLayer does, then buffer
             super().update(key_states, value_states, *args, **kwargs)
             self._rebuffer()
             return self.keys, self.values
-        start, end = self._length, self._length + key_states.shape[-2]
+        start = self.keys.shape[-2]  # the positions held: keys is a view of the buffer's first ones
+        end = start + key_states.shape[-2]
         if end > self._keys.shape[-2]:  # past the reserved room: double it
             self._capacity = max(end, 2 * self._keys.shape[-2])
             self._rebuffer()
         self._keys[..., start:end, :] = key_states
         self._values[..., start:end, :] = value_states
-        self._length = end
         self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
         return self.keys, self.values
 
