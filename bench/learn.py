@@ -63,7 +63,7 @@ def collect(args) -> dict:
         steps = task.quick_steps if args.quick else task.steps
         eval_every = max(1, steps // 3) if args.quick else task.eval_every
         for method in args.methods:
-            for seed in args.seeds or learn_tasks.HEADLINE_SEEDS.get(method, learn_tasks.SEEDS):
+            for seed in args.seeds or task.seeds or learn_tasks.HEADLINE_SEEDS.get(method, learn_tasks.SEEDS):
                 # The settings' fingerprint is in the name: a run with other settings is never reused for these.
                 settings = learn_tasks.fingerprint(task, method, steps, eval_every)
                 path = os.path.join(args.out, task_name, method, f"seed{seed}-{settings}.json")

@@ -1,11 +1,15 @@
 """The learning benchmark's tasks and methods: what each run trains, with which settings, and how it is scored.
 
-Two tasks of different shape:
+Three tasks of different shape:
 - ``addition``: 2-digit addition from the demo's warm start (one warm start, seed 0, shared by every method and
   seed), exact-match correctness reward; held-out greedy accuracy on 500 problems disjoint from training.
 - ``repeat``: from a random initialisation (seeded by the run's seed), a per-character reward in [0, 1]
   (``rlhf.extras.repeat``); accuracy: sampled completions (temperature 1) that are exactly the letter 8 times
   (greedy decoding is no measure here: a random init with tied embeddings already repeats the last token).
+- ``arithmetic`` (`make learn-bench-real`): a real pretrained chat model, SmolLM2-135M-Instruct
+  (rlhf/extras/real_model.py), asked small arithmetic questions in chat form (``rlhf.extras.arithmetic``): reward
+  = right number (however worded) + the same again when nothing follows it; held-out accuracy: greedy replies
+  with the right number, on 200 problems disjoint from training (as `make demo-real`).
 
 Methods: our GRPO, PPO, RLOO and REINFORCE++ with their default settings (learning rate aside) on the task's batch
 shape, our GRPO on two processes with the same global batch, and TRL's GRPOTrainer and RLOOTrainer, TRL's
@@ -20,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from rlhf.extras import addition, repeat
+from rlhf.extras import addition, arithmetic, repeat
 
 
 @dataclass
@@ -35,6 +39,8 @@ class Task:
     eval_every: int
     quick_steps: int = 3
     sampled_eval: bool = False  # score sampled completions (temperature 1) rather than greedy ones
+    real_model: bool = False  # SmolLM2-135M-Instruct with its own tokenizer and chat template
+    seeds: list[int] | None = None  # every method's seeds on this task (None: SEEDS / HEADLINE_SEEDS)
     extra: dict = field(default_factory=dict)
 
 
@@ -45,6 +51,10 @@ TASKS = {
     # accuracy is that of samples at temperature 1 (what the policy would do), 4 per held-out prompt.
     "repeat": Task("repeat", prompts_per_step=16, num_generations=8, max_new_tokens=8, max_prompt_length=8,
                    learning_rate=3e-3, steps=120, eval_every=10, sampled_eval=True),
+    # A real 135 M-parameter model at about 5-20 s a step on 2 cores: the issue's shape (8 prompts x 4 completions x
+    # 16 tokens), 20 steps, 3 seeds per method. lr 2e-5: 5e-5 collapsed the policy within a few steps here.
+    "arithmetic": Task("arithmetic", prompts_per_step=8, num_generations=4, max_new_tokens=16, max_prompt_length=64,
+                       learning_rate=2e-5, steps=20, eval_every=10, quick_steps=2, real_model=True, seeds=[0, 1, 2]),
 }
 
 # method -> (algorithm, config overrides beyond the task's shape and learning rate). Defaults otherwise.
@@ -86,6 +96,11 @@ def task_data(name: str):
         train, heldout = repeat.make_dataset(1024, seed=1234), repeat.make_dataset(256, seed=99)
         # The exact-match column rides along with weight 0: logged, never trained on.
         return train, heldout, [repeat.repeat_reward, repeat.exact_repeat], repeat.exact_repeat
+    if name == "arithmetic":
+        train, heldout = arithmetic.make_splits(num_eval=200, seed=0)
+        # As in `make demo-real`: the right number, once more when nothing follows it; the strict format logged only.
+        return train, heldout, [arithmetic.correct_answer, arithmetic.concise_answer, arithmetic.exact_answer], \
+            arithmetic.correct_answer
     raise ValueError(f"unknown task {name!r}")
 
 
@@ -104,13 +119,17 @@ def fingerprint(task: Task, method: str, steps: int, eval_every: int) -> str:
 
 
 def reward_weights(name: str) -> list[float] | None:
-    return [1.0, 0.0] if name == "repeat" else None
+    return {"repeat": [1.0, 0.0], "arithmetic": [1.0, 1.0, 0.0]}.get(name)
 
 
 def start_model_dir(name: str, seed: int, cache: str, quick: bool) -> str:
     """A saved starting model for ``name``: the shared warm start (addition) or the seed's random init (repeat)."""
     from rlhf.extras.tiny import char_tokenizer
 
+    if name == "arithmetic":
+        from rlhf.extras.real_model import smollm2
+
+        return smollm2()  # the converted checkpoint, cached outside ``cache`` (rlhf/gguf.py)
     if name == "repeat":
         path = os.path.join(cache, f"repeat-init-seed{seed}")
         if not os.path.isdir(path):

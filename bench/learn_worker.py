@@ -31,7 +31,7 @@ def heldout_scores(model, tokenizer, dataset, rewards, correct, max_new_tokens: 
 
 
 def _scores(model, tokenizer, dataset, rewards, correct, max_new_tokens, weights, sampled):
-    from rlhf.data import left_pad
+    from rlhf.data import left_pad, render_prompts, tokenize_prompts
     from rlhf.rewards import combine_rewards
     from rlhf.rollout import SamplingParams, sample_completions
 
@@ -42,7 +42,8 @@ def _scores(model, tokenizer, dataset, rewards, correct, max_new_tokens, weights
     accuracy, reward, n = 0.0, 0.0, 0
     for start in range(0, len(dataset), 256):
         rows = dataset[start:start + 256]
-        ids, mask = left_pad(tokenizer(rows["prompt"])["input_ids"], tokenizer.pad_token_id)
+        texts, chat = render_prompts(rows["prompt"], tokenizer)  # chat messages through the chat template
+        ids, mask = left_pad(tokenize_prompts(texts, tokenizer, chat), tokenizer.pad_token_id)
         completion_ids, completion_mask, _ = sample_completions(model, ids.to(device), mask.to(device), params,
                                                                 [tokenizer.eos_token_id], tokenizer.pad_token_id)
         lengths = completion_mask.sum(dim=1).tolist()
@@ -85,7 +86,7 @@ def run_ours(spec: dict, task, method: str) -> dict:
         write_report=False,
         **{**task.extra, **overrides})
     trainer = trainer_class(spec["model_dir"], rewards, args=args, train_dataset=train,
-                            processing_class=char_tokenizer())
+                            processing_class=None if task.real_model else char_tokenizer())
     main = trainer.accelerator.is_main_process
     model, tokenizer = trainer.unwrapped_model, trainer.tokenizer
     curve = Curve(lambda m: heldout_scores(m, tokenizer, heldout, rewards, correct, task.max_new_tokens,

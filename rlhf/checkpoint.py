@@ -170,7 +170,12 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def model_source(path: str) -> str:
-    """Where a model's weights and tokenizer live: a checkpoint directory's ``model`` subdirectory, else ``path``."""
+    """Where a model's weights and tokenizer live: a checkpoint directory's ``model`` subdirectory, the converted
+    directory of a ``.gguf`` file (rlhf/gguf.py), else ``path``."""
+    from rlhf.gguf import is_gguf, resolve_model_source
+
+    if is_gguf(path):
+        return resolve_model_source(path)
     inner = os.path.join(path, "model")
     if os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isdir(inner):
         return inner

@@ -75,8 +75,10 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path: str, dtype=torch.float32, trust_remote_code: bool = False) -> "ValueModel":
         """Load a saved critic, or start one from any model directory: a causal LM or a reward model
         (whose score head then starts the value head)."""
+        from rlhf.gguf import resolve_model_source
         from rlhf.models import quiet_progress_bars
 
+        path = resolve_model_source(path)  # a .gguf file: its converted checkpoint directory
         adapter = os.path.exists(os.path.join(path, "adapter_config.json"))
         with quiet_progress_bars():
             if adapter:  # a LoRA critic: its base model, then the adapter

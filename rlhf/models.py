@@ -15,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf.gguf import resolve_model_source
 from rlhf.integrity import check_safetensors_files
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ def quiet_progress_bars():
 def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_remote_code: bool = False,
                    init_kwargs: dict | None = None):
     """A causal LM from a path or hub id (safetensors only, unless ``init_kwargs`` says otherwise), or the model object
-    itself. ``init_kwargs``: more ``from_pretrained`` arguments (a config's ``model_init_kwargs``)."""
+    itself. ``init_kwargs``: more ``from_pretrained`` arguments (a config's ``model_init_kwargs``). A ``.gguf`` file is
+    converted once into a cached checkpoint directory (rlhf/gguf.py) and loaded from there."""
     if isinstance(model, nn.Module):
         return model
+    model = resolve_model_source(model)
     if os.path.isdir(model):
         check_safetensors_files(model)  # a truncated file is named here, not as a bare SafetensorError
     settings = {"use_safetensors": True, **(init_kwargs or {})}
@@ -66,7 +69,7 @@ def load_tokenizer(
     if processing_class is not None:
         tokenizer = processing_class
     else:
-        source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        source = resolve_model_source(model) if isinstance(model, str) else getattr(model, "name_or_path", None)
         if not source:
             raise ValueError(
                 "processing_class is required when the model is passed as an object without a saved path: "
@@ -166,6 +169,7 @@ def load_teacher(teacher: str | PreTrainedModel, student_tokenizer: PreTrainedTo
     """A distillation teacher in eval mode with dropout off, in ``dtype`` (None: ``student_dtype`` for a path, a model
     object as it is), after checking that it shares the student's tokenizer: the student's token ids are scored
     under the teacher, so one vocabulary must mean the same thing to both."""
+    teacher = resolve_model_source(teacher)
     model = load_causal_lm(teacher, dtype or student_dtype, trust_remote_code)
     if dtype is not None and dtype != "auto":
         model.to(resolve_dtype(dtype))

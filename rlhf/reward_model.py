@@ -19,6 +19,7 @@ from transformers import (
 
 from rlhf.data import is_conversational
 from rlhf.forward import position_ids_from_mask
+from rlhf.gguf import resolve_model_source
 from rlhf.integrity import check_safetensors_files
 from rlhf.models import quiet_progress_bars, resolve_dtype
 
@@ -51,7 +52,7 @@ def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str =
     reward-model training); with ``trained`` (a reward model used as a reward) that is refused: its head would
     be random."""
     if isinstance(model, str):
-        path = model
+        path = model = resolve_model_source(model)  # a .gguf causal LM: the start of reward-model training
         check_reward_model_path(path)
         try:
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
