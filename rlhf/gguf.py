@@ -6,8 +6,9 @@ safetensors directory (weights dequantized to float32, the tokenizer with its ch
 under the cache, and that directory is then used like any other checkpoint: fingerprints, resume, LoRA and
 ``save_model`` see an ordinary ``PreTrainedModel``.
 
-The cache entry is keyed by the file's SHA-256, so a changed file is converted again and a moved or renamed one is
-not. Conversion goes through transformers' own GGUF reader (``from_pretrained(..., gguf_file=...)``, which needs
+The cache entry is keyed by the file's SHA-256, so a changed file is converted again and a moved, renamed or linked
+one is not (an entry made from the same bytes under another name is reused); an entry with a file missing is made
+again. A hit needs neither the ``gguf`` package nor a parse of the file, only its hash (once per process). Conversion goes through transformers' own GGUF reader (``from_pretrained(..., gguf_file=...)``, which needs
 the ``gguf`` package: ``pip install 'rlhf[real]'``), into a temporary directory renamed into place when complete:
 a crash mid-conversion leaves no half-written entry, and processes converting the same file at once wait for the
 first one (a file lock) instead of each spending the time.
@@ -45,10 +46,13 @@ def is_gguf(source) -> bool:
 
 
 def cache_root() -> str:
+    """An absolute path, so that what is saved naming it (a LoRA adapter's base model) does not depend on the cwd."""
     if os.environ.get("RLHF_CACHE"):
-        return os.path.join(os.environ["RLHF_CACHE"], "gguf")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rlhf", "gguf")
+        root = os.path.join(os.environ["RLHF_CACHE"], "gguf")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "rlhf", "gguf")
+    return os.path.abspath(os.path.expanduser(root))
 
 
 def file_digest(path: str) -> str:
@@ -68,56 +72,86 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 def resolve_model_source(source):
     """``source`` itself, unless it names a GGUF file: then the converted checkpoint directory (converted now if the
-    cache does not hold it yet). Objects and non-GGUF strings pass through unchanged."""
-    return gguf_to_checkpoint(source) if is_gguf(source) else source
+    cache does not hold it yet). Objects and other paths pass through unchanged, except a directory that holds only
+    ``.gguf`` files, which is refused with the file to pass instead."""
+    if is_gguf(source):
+        return gguf_to_checkpoint(source)
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) and \
+            not os.path.isfile(os.path.join(source, "config.json")):
+        found = sorted(glob.glob(os.path.join(glob.escape(os.fspath(source)), "*.gguf")))
+        if found:
+            raise GGUFError(f"{source} holds no config.json but GGUF file(s) {', '.join(map(os.path.basename, found))}:"
+                            f" pass the file itself, e.g. model={found[0]!r}.")
+    return source
 
 
 def gguf_to_checkpoint(path: str, cache_dir: str | None = None) -> str:
     """The safetensors checkpoint directory converted from the GGUF file ``path`` (see the module docstring)."""
-    path = os.path.abspath(os.fspath(path))
-    check_gguf_file(path)
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    check_gguf_header(path)
     digest = file_digest(path)
-    stem = os.path.basename(path)[: -len(".gguf")]
-    root = cache_dir or cache_root()
-    target = os.path.join(root, f"{stem}-{digest[:16]}")
-    if _complete(target, digest):
-        return target
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f".{digest[:16]}.lock"), "w") as lock:
+    root = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else cache_root()
+    target = os.path.join(root, f"{os.path.basename(path)[:-len('.gguf')]}-{digest[:16]}")
+    done = _converted(root, target, digest)  # a hit needs neither the gguf package nor a parse of the file
+    if done:
+        return done
+    check_gguf_file(path)
+    try:
+        os.makedirs(root, exist_ok=True)
+        lock = open(os.path.join(root, f".{digest[:16]}.lock"), "w")
+    except OSError as error:
+        raise GGUFError(f"cannot write the GGUF cache {root} ({error}); set RLHF_CACHE to a writable directory.") \
+            from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process converting the same file waits here, then reuses
-        if _complete(target, digest):
-            return target
-        if os.path.exists(target):  # an entry from an interrupted or older conversion: made again
+        done = _converted(root, target, digest)
+        if done:
+            return done
+        if os.path.exists(target):  # an entry from an interrupted or older conversion, or one with files missing
             shutil.rmtree(target)
         for stale in glob.glob(glob.escape(target) + ".partial-*"):  # a killed conversion's (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         staging = f"{target}.partial-{os.getpid()}"
         start = time.time()
-        logger.warning("Converting %s to a safetensors checkpoint in %s (once per file; dequantizing takes about a "
-                       "minute per 100 M parameters on a CPU)", path, target)
+        logger.warning("Converting %s to a float32 safetensors checkpoint in %s, once per file (about 20 s and "
+                       "540 MB for a 135 M-parameter model)", path, target)
         try:
             _convert(path, staging)
+            for name in os.listdir(staging):  # safetensors writes its file 0600: readable like the rest
+                os.chmod(os.path.join(staging, name), 0o644)
             with open(os.path.join(staging, _DONE), "w") as f:
-                json.dump({"source": path, "sha256": digest, "seconds": round(time.time() - start, 1)}, f, indent=2)
+                json.dump({"source": path, "sha256": digest, "seconds": round(time.time() - start, 1),
+                           "files": sorted(os.listdir(staging))}, f, indent=2)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def _converted(root: str, target: str, digest: str) -> str | None:
+    """The complete entry for ``digest``: ``target``, else one made from the same bytes under another file name."""
+    for entry in [target, *sorted(glob.glob(os.path.join(glob.escape(root), f"*-{digest[:16]}")))]:
+        if _complete(entry, digest):
+            return entry
+    return None
+
+
 def _complete(target: str, digest: str) -> bool:
+    """Whether ``target`` holds a finished conversion of ``digest`` with every file it was written with."""
     try:
         with open(os.path.join(target, _DONE)) as f:
-            return json.load(f).get("sha256") == digest
+            done = json.load(f)
     except (OSError, ValueError):
         return False
+    return done.get("sha256") == digest and all(os.path.isfile(os.path.join(target, name))
+                                                for name in done.get("files", ["config.json"]))
 
 
-def check_gguf_file(path: str) -> None:
-    """Fail with a named, actionable error for what would otherwise surface deep inside a loader: a missing file,
-    a file that is not GGUF, a truncated one, no ``gguf`` package, an architecture transformers cannot load."""
+def check_gguf_header(path: str) -> None:
+    """A missing file, a directory, a file that is not GGUF or of an unknown GGUF version: a named error."""
     if not os.path.isfile(path):
-        raise GGUFError(f"GGUF file not found: {path}" + (" (it is a directory)" if os.path.isdir(path) else ""))
+        raise GGUFError(f"GGUF file not found: {path}" + (" (it is a directory)" if os.path.isdir(path) else "") +
+                        ". GGUF files are read from local paths only: download one from the hub first.")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] != GGUF_MAGIC:
@@ -126,6 +160,12 @@ def check_gguf_file(path: str) -> None:
                         "directory instead.")
     if len(head) == 8 and struct.unpack("<I", head[4:8])[0] not in (2, 3):
         raise GGUFError(f"{path}: GGUF version {struct.unpack('<I', head[4:8])[0]} is not supported (2 or 3 are).")
+
+
+def check_gguf_file(path: str) -> None:
+    """Fail with a named, actionable error for what would otherwise surface deep inside a loader: a missing file,
+    a file that is not GGUF, a truncated one, no ``gguf`` package, an architecture transformers cannot load."""
+    check_gguf_header(path)
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Loading {path} needs the `gguf` package, which is not installed: {INSTALL_HINT}")
     architecture = _read_architecture(path)

