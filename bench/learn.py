@@ -67,6 +67,8 @@ def collect(args) -> dict:
                 # The settings' fingerprint is in the name: a run with other settings is never reused for these.
                 settings = learn_tasks.fingerprint(task, method, steps, eval_every)
                 path = os.path.join(args.out, task_name, method, f"seed{seed}-{settings}.json")
+                if not os.path.exists(path) and args.stored_only:
+                    continue
                 if not os.path.exists(path):
                     spec = {"task": task_name, "method": method, "seed": seed, "steps": steps,
                             "eval_every": eval_every, "quick": args.quick,
@@ -135,6 +137,8 @@ def table(results: dict) -> str:
                   "steps to TRL GRPO's final (median over seeds) | "
                   "training s to it (median) | s/step | health alarms |", "|---|---|---|---|---|---|---|---|"]
         for method, runs in methods.items():
+            if not runs:
+                continue
             before = [r["curve"][0][2] for r in runs]
             after = [r["curve"][-1][2] for r in runs]
             reach = [first_reaching(r["curve"], target) for r in runs] if target is not None else []
@@ -186,6 +190,8 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated, for every method (default: 0-9 for our GRPO "
                                                       "and TRL's, 0-4 for the rest; --quick: 0)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "learn"))
+    parser.add_argument("--stored-only", action="store_true",
+                        help="build the table from the runs --out holds, running none (the seeds column counts them)")
     parser.add_argument("--report", default=None, help="markdown report path (default: bench/LEARN.md, or "
                                                        "<out>/LEARN.md with --quick)")
     args = parser.parse_args()
@@ -198,9 +204,9 @@ def main() -> None:
     name = os.path.splitext(os.path.basename(report))[0].lower()  # LEARN.md -> learn_curves.png
     png = os.path.join(os.path.dirname(report), f"{name}_curves.png")
     plot(results, png)
-    text = (f"# Learning benchmark\n\n`make learn-bench` on {datetime.date.today()}, {cpu_name()}, "
-            f"{os.cpu_count()} cores, {platform.platform()}; seeds "
-            f"{args.seeds or 'as in the seeds column: 0-9 for grpo and trl_grpo, 0-4 for the others'}"
+    text = (f"# Learning benchmark\n\n`bench/learn.py --tasks {','.join(args.tasks)}` on {datetime.date.today()}, "
+            f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; seeds "
+            f"{args.seeds or 'as in the seeds column (bench/learn_tasks.py: SEEDS, HEADLINE_SEEDS, a task`s own)'}"
             f"{' (quick mode)' if args.quick else ''}. Curves: `{os.path.basename(png)}`. Settings: "
             "bench/learn_tasks.py. Steps and seconds to TRL GRPO's final accuracy: the first evaluation at or above "
             "it, the median over seeds, a seed that never gets there counting as infinitely many; s/step: training "
