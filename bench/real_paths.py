@@ -7,8 +7,8 @@
 
     python bench/real_paths.py [--cases resume,lora] [--out bench/results/real_paths]
 
-Each case's record goes to <out>/<case>.json (with the machine and the thread count); bench/REAL_PATHS.md is the
-table made from them.
+Each case's record goes to <out>/<case>.json (with the machine and the thread count); bench/REAL_PATHS.md is made
+from all the records there.
 """
 
 import argparse
@@ -113,6 +113,32 @@ def main() -> None:
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(record, f, indent=2)
         print(json.dumps(record, indent=2), flush=True)
+    write_report(args.out, os.path.join(HERE, "REAL_PATHS.md"))
+
+
+def write_report(out: str, path: str) -> None:
+    """bench/REAL_PATHS.md from every case record in ``out`` (cases run at different times keep their own machine)."""
+    lines = ["# Trainer paths on SmolLM2-135M-Instruct", "", "`python bench/real_paths.py`; one record per case "
+             "in bench/results/real_paths/, each with the machine it ran on.", ""]
+    for name in CASES:
+        record_path = os.path.join(out, f"{name}.json")
+        if not os.path.exists(record_path):
+            lines += [f"## {name}", "", "not run yet", ""]
+            continue
+        with open(record_path) as f:
+            r = json.load(f)
+        where = f"{r['date']}, {r['cpu']}, {r['cores']} cores, {r['torch_threads']} torch threads, {r['seconds']} s"
+        if name == "resume":
+            text = (f"SIGKILL after checkpoint-2 of 4 ({'killed' if r['killed_by_sigkill'] else 'NOT killed'}), "
+                    f"resumed ({r['resumed_from']}): {r['bit_identical_tensors']} of {r['tensors']} weight tensors "
+                    f"bit-identical to an uninterrupted run, max |difference| {r['max_abs_diff']:.3g}.")
+        else:
+            text = (f"GRPO with a LoRA actor (r 16, every linear layer, lr 2e-4), the demo's task and reward, seed 0: "
+                    f"held-out greedy accuracy {r['accuracy_before']:.1%} -> {r['accuracy_after']:.1%} "
+                    f"({', '.join(f'step {s}: {a:.1%}' for s, a in r['curve'])}); adapter saved: {r['adapter_saved']}.")
+        lines += [f"## {name}", "", text, "", where, ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
 
 
 if __name__ == "__main__":
