@@ -67,9 +67,9 @@ def collect(args) -> dict:
                 # The settings' fingerprint is in the name: a run with other settings is never reused for these.
                 settings = learn_tasks.fingerprint(task, method, steps, eval_every)
                 path = os.path.join(args.out, task_name, method, f"seed{seed}-{settings}.json")
-                if not os.path.exists(path) and args.stored_only:
-                    continue
                 if not os.path.exists(path):
+                    if args.stored_only:
+                        continue
                     spec = {"task": task_name, "method": method, "seed": seed, "steps": steps,
                             "eval_every": eval_every, "quick": args.quick,
                             "model_dir": learn_tasks.start_model_dir(task_name, seed, cache, args.quick),
@@ -137,8 +137,6 @@ def table(results: dict) -> str:
                   "steps to TRL GRPO's final (median over seeds) | "
                   "training s to it (median) | s/step | health alarms |", "|---|---|---|---|---|---|---|---|"]
         for method, runs in methods.items():
-            if not runs:
-                continue
             before = [r["curve"][0][2] for r in runs]
             after = [r["curve"][-1][2] for r in runs]
             reach = [first_reaching(r["curve"], target) for r in runs] if target is not None else []

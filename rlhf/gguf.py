@@ -19,7 +19,6 @@ Where the cache lives: ``$RLHF_CACHE/gguf`` if set, else ``$XDG_CACHE_HOME/rlhf/
 import fcntl
 import functools
 import glob
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,8 @@ import os
 import shutil
 import struct
 import time
+
+from rlhf.integrity import sha256
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ def file_digest(path: str) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256(path)
 
 
 def resolve_model_source(source):

@@ -31,7 +31,6 @@ from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_par
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.fingerprints import dataset_fingerprint, model_fingerprint
 from rlhf.forward import enable_token_scoring
-from rlhf.gguf import resolve_model_source
 from rlhf.metrics import CompletionSamples, PhaseTimer, StepMetrics, read_metrics
 from rlhf.monitor import HealthMonitor
 from rlhf.models import (
@@ -103,8 +102,6 @@ class RLTrainer:
         set_seed(args.seed, device_specific=True)  # every process draws different samples from the same prompts
 
         # --- models: the actor, PPO's critic (from the plain actor, before LoRA), the reference
-        user_model = model  # what the run names as its model (a .gguf path stays that, not its cache directory)
-        model, value_model, teacher_model = (resolve_model_source(m) for m in (model, value_model, teacher_model))
         self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code,
                                         args.model_init_kwargs.get("revision"))
         actor = load_causal_lm(model, args.dtype, args.trust_remote_code, args.model_init_kwargs)
@@ -177,7 +174,9 @@ class RLTrainer:
         # num_train_epochs, a fractional save_steps and warmup_ratio become steps now that the data is known
         self.args = args = args.for_dataset(self.num_prompts)
         _warn_past_positions(actor, args)
-        self.model_source = os.fspath(user_model) if isinstance(user_model, (str, os.PathLike)) else getattr(actor.config, "_name_or_path", "")
+        # A .gguf path stays that (the loaders find its converted directory in the cache).
+        self.model_source = (os.fspath(model) if isinstance(model, (str, os.PathLike))
+                             else getattr(actor.config, "_name_or_path", ""))
         # What the run is made from, saved in its checkpoints and compared on resume (checkpointing.resume_changes).
         self.identity = {"trainer": type(self).__name__, "num_processes": accelerator.num_processes,
                          "model": self.model_source, "model_fingerprint": initial_weights,
