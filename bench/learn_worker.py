@@ -83,7 +83,7 @@ def run_ours(spec: dict, task, method: str) -> dict:
     args = config_class(
         output_dir=spec["output_dir"], seed=spec["seed"], max_steps=spec["steps"], learning_rate=task.learning_rate,
         **learn_tasks.matched_shape(task), reward_weights=learn_tasks.reward_weights(task.name), disable_tqdm=True,
-        write_report=False,
+        write_report=False, overwrite_output_dir=True,  # the bench owns its run directories: a rerun replaces
         **{**task.extra, **overrides})
     trainer = trainer_class(spec["model_dir"], rewards, args=args, train_dataset=train,
                             processing_class=None if task.real_model else char_tokenizer())

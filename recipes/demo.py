@@ -102,14 +102,12 @@ def main():
 
     config_class, trainer_class = ALGORITHMS[cli.algo]
     config_path = os.path.join(CONFIG_DIR, f"demo_{cli.algo}.yaml")
+    # the demo's own directory: a rerun replaces the last one's metrics, report and model
     overrides = ["--output_dir", os.path.join(cli.output_dir, cli.algo), "--seed", str(cli.seed),
-                 "--model_name_or_path", warm_path]
+                 "--model_name_or_path", warm_path, "--overwrite_output_dir", "true"]
     if cli.max_steps is not None:
         overrides += ["--max_steps", str(cli.max_steps)]
     _, config = parse_args([PPOScriptArguments, config_class], ["--config", config_path, *overrides])
-    for name in ("metrics.jsonl", "alarms.jsonl"):
-        if os.path.exists(os.path.join(config.output_dir, name)):
-            os.remove(os.path.join(config.output_dir, name))
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     print(f"[2/3] {cli.algo.upper()} with {config_path} for {config.max_steps} steps")
     trainer = trainer_class(warm_path, [correctness_reward], args=config, train_dataset=train, eval_dataset=heldout)

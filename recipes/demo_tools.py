@@ -91,8 +91,8 @@ def main():
     torch.set_num_threads(cli.threads)
     total_start = time.time()
     run_dir = os.path.join(cli.output_dir, "grpo")
-    overrides = ["--output_dir", run_dir, "--seed", str(cli.seed),
-                 "--model_name_or_path", os.path.join(cli.output_dir, "warmstart")]
+    overrides = ["--output_dir", run_dir, "--seed", str(cli.seed),  # the demo's own: a rerun replaces the last
+                 "--model_name_or_path", os.path.join(cli.output_dir, "warmstart"), "--overwrite_output_dir", "true"]
     if cli.max_steps is not None:
         overrides += ["--max_steps", str(cli.max_steps)]
     overrides += config_overrides
@@ -109,8 +109,6 @@ def main():
 
     print(f"[2/3] GRPO with the calculator tool, {config.max_steps} steps ({CONFIG})")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     trainer = GRPOTrainer(args=config, **trainer_inputs(script))
     rl_start = time.time()
     records = trainer.train()

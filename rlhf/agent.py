@@ -27,8 +27,8 @@ An environment (``environment_factory()`` returns one; instances are reused, eac
     step(text: str) -> (observation | None, reward | None)   # None: the episode is over
 
 An observation is a string (chat prompts: the content of a user message) or chat message(s). An
-exception in ``reset`` or ``step`` stops the run with the environment's name: unlike a tool, it is code
-the user owns, not something the policy did.
+exception in ``reset`` or ``step`` (or a ``sys.exit``, or a call past ``environment_timeout``) stops the run
+with the environment's name: unlike a tool, it is code the user owns, not something the policy did.
 """
 
 import dataclasses
@@ -42,6 +42,7 @@ from rlhf.data import is_conversational, left_pad, render_prompts, tokenize_prom
 from rlhf.distributed import needs_synced_generation
 from rlhf.rollout import Policy, Rollout, RolloutTexts, SamplingParams, generate
 from rlhf.tools import ToolExecutor, describe_tools, parse_tool_calls, tool_schemas
+from rlhf.user_code import call_with_timeout, what_happened
 
 EPISODE_STATS = ("turns", "tool_call_rate", "tool_calls", "tool_errors", "tool_timeouts", "tool_long_results",
                  "tool_bad_calls", "environment_tokens", "max_turns_frac", "token_budget_frac")
@@ -87,7 +88,8 @@ class AgentLoop:
     """Tools and / or an environment, with the limits of a trajectory; ``rollout`` runs the episodes."""
 
     def __init__(self, tokenizer, tools=None, environment_factory=None, *, max_turns: int, max_tokens: int,
-                 tool_timeout: float, max_tool_response_chars: int, tool_workers: int):
+                 tool_timeout: float, max_tool_response_chars: int, tool_workers: int,
+                 environment_timeout: float | None = None):
         if not tools and environment_factory is None:
             raise ValueError("AgentLoop needs tools, an environment_factory, or both.")
         if environment_factory is not None and not callable(environment_factory):
@@ -96,6 +98,7 @@ class AgentLoop:
         self.schemas = tool_schemas(list(tools)) if tools else []
         self.executor = ToolExecutor(list(tools), tool_timeout, max_tool_response_chars, tool_workers) if tools else None
         self.environment_factory = environment_factory
+        self.environment_timeout = environment_timeout
         self.environments: list = []
         self.max_turns, self.max_tokens = max_turns, max_tokens
         self.template_tools = bool(self.schemas) and _template_renders_tools(tokenizer, self.schemas)
@@ -105,7 +108,7 @@ class AgentLoop:
     def from_config(cls, tokenizer, tools, environment_factory, args) -> "AgentLoop":
         return cls(tokenizer, tools, environment_factory, max_turns=args.max_turns, max_tokens=args.trajectory_tokens,
                    tool_timeout=args.tool_timeout, max_tool_response_chars=args.max_tool_response_chars,
-                   tool_workers=args.tool_workers)
+                   tool_workers=args.tool_workers, environment_timeout=args.environment_timeout)
 
     # ------------------------------------------------------------------ rendering
     def render_prompts(self, prompts, tokenizer=None) -> tuple[list[str], bool]:
@@ -202,11 +205,13 @@ class AgentLoop:
         if self.environment_factory is None:
             episodes = [Episode(row["prompt"]) for row in rows]
         else:
+            factory, timeout = self.environment_factory, self.environment_timeout
             while len(self.environments) < len(rows):
-                self.environments.append(_check_environment(self.environment_factory(), self.environment_factory))
+                env = _environment_call(factory, f"environment_factory {_name(factory)}", timeout)
+                self.environments.append(_check_environment(env, factory))
             episodes = []
             for env, row in zip(self.environments, rows):
-                first = _environment_call(env, "reset", row)
+                first = _environment_call(env.reset, f"environment {type(env).__name__}.reset", timeout, row)
                 episodes.append(Episode(row["prompt"] if first is None else first, env))
         texts, is_chat = self.render_prompts([e.prompt for e in episodes])
         prompt_ids = tokenize_prompts(texts, self.tokenizer, is_chat, policy.max_prompt_length, policy.truncate_prompts)
@@ -251,7 +256,8 @@ class AgentLoop:
                 else:
                     e.end(truncated=True, reason="max_turns_frac")
             elif e.environment is not None:
-                observation, reward = _environment_step(e.environment, e.messages[-1]["content"])
+                observation, reward = _environment_step(e.environment, e.messages[-1]["content"],
+                                                        self.environment_timeout)
                 e.rewards[-1] += reward
                 if observation is None:
                     e.end()
@@ -342,31 +348,40 @@ def _template_renders_tools(tokenizer, schemas: list[dict]) -> bool:
     return with_tools != without and schemas[0]["function"]["name"] in with_tools
 
 
+def _name(factory) -> str:
+    return getattr(factory, "__qualname__", None) or repr(factory)
+
+
 def _check_environment(env, factory):
     """``env``, once it is known to have callable ``reset`` and ``step`` methods."""
     missing = [m for m in ("reset", "step") if not callable(getattr(env, m, None))]
     if missing:
-        name = getattr(factory, "__qualname__", None) or repr(factory)
-        raise TypeError(f"environment_factory {name} returned {str(env)[:200]!r} (a {type(env).__name__}), which "
-                        f"has no {' or '.join(f'{m}()' for m in missing)} method. An environment has reset(row) -> "
-                        "first observation (or None: the row's prompt) and step(policy_text) -> (observation or None "
+        raise TypeError(f"environment_factory {_name(factory)} returned {str(env)[:200]!r} (a {type(env).__name__}), "
+                        f"which has no {' or '.join(f'{m}()' for m in missing)} method. An environment has reset(row) "
+                        "-> first observation (or None: the row's prompt) and step(policy_text) -> (observation or None "
                         "when done, reward or None); environment_factory is the class (or a function returning a new "
                         "instance), not an instance.")
     return env
 
 
-def _environment_call(env, method: str, argument):
+def _environment_call(fn, name: str, timeout: float | None, *args):
+    """``fn(*args)``, a call of the environment named ``name``, within ``timeout``; however it fails, a RuntimeError
+    that names it."""
+    on = f" (on {str(args[0])[:200]!r})" if args else ""
     try:
-        return getattr(env, method)(argument)
-    except Exception as error:
-        raise RuntimeError(f"environment {type(env).__name__}.{method} raised {type(error).__name__}: {error} "
-                           f"(on {str(argument)[:200]!r}). Environments must not raise: return an observation that "
-                           "tells the policy what went wrong, or None to end the episode.") from error
+        return call_with_timeout(lambda: fn(*args), timeout, name)
+    except TimeoutError:
+        raise RuntimeError(f"{name} did not return within environment_timeout={timeout:g} s{on}. Make it faster, or "
+                           "raise environment_timeout.") from None
+    except Exception as error:  # noqa: BLE001 - a sys.exit() too (UserExit): named, not the end of the run
+        advice = "an environment must return; end the episode with None, stop the run with an exception"
+        raise RuntimeError(f"{name} {what_happened(error, advice)}{on}. Environments must not raise: return an "
+                           "observation that tells the policy what went wrong, or None to end the episode.") from error
 
 
-def _environment_step(env, text: str) -> tuple[object, float]:
+def _environment_step(env, text: str, timeout: float | None) -> tuple[object, float]:
     """(observation or None, reward: 0.0 for None), checked."""
-    out = _environment_call(env, "step", text)
+    out = _environment_call(env.step, f"environment {type(env).__name__}.step", timeout, text)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(f"environment {type(env).__name__}.step must return (observation or None, reward or None), "
                         f"got {str(out)[:200]!r}.")

@@ -6,7 +6,8 @@ included (a class is instantiated, as transformers does). Each event is called a
 with ``args`` the trainer's config, ``state`` a ``transformers.TrainerState`` (``global_step`` counts steps, one
 rollout batch each; ``log_history`` holds every logged record) and ``control`` a ``transformers.TrainerControl``.
 A callback stops the run with ``control.should_training_stop = True`` and asks for a log, an evaluation or a
-checkpoint at the current step with ``should_log``, ``should_evaluate``, ``should_save``. Events:
+checkpoint at the current step with ``should_log``, ``should_evaluate``, ``should_save``. One that hangs (past
+``callback_timeout``) or calls ``sys.exit`` stops the run with a ``CallbackError`` naming it. Events:
 on_init_end, on_train_begin, on_step_begin, on_step_end, on_log (``logs``), on_evaluate (``metrics``), on_save,
 on_train_end.
 """
@@ -16,6 +17,13 @@ import math
 import torch
 from transformers import TrainerControl, TrainerState
 
+from rlhf.user_code import UserExit, call_with_timeout, what_happened
+
+
+class CallbackError(RuntimeError):
+    """A callback hung (past ``callback_timeout``) or called ``sys.exit``; the message names it."""
+
+
 EVENTS = ("on_init_end", "on_train_begin", "on_step_begin", "on_step_end", "on_log", "on_evaluate", "on_save",
           "on_train_end")
 
@@ -23,7 +31,8 @@ EVENTS = ("on_init_end", "on_train_begin", "on_step_begin", "on_step_end", "on_l
 class Callbacks:
     """The run's callbacks, called in order; the ``control`` they share decides what happens next."""
 
-    def __init__(self, callbacks=None):
+    def __init__(self, callbacks=None, timeout: float | None = None):
+        self.timeout = timeout  # seconds one callback event may take (callback_timeout; None: no limit)
         self.callbacks = [callback() if isinstance(callback, type) else callback for callback in (callbacks or [])]
         for callback in self.callbacks:
             if not any(callable(getattr(callback, event, None)) for event in EVENTS):
@@ -39,10 +48,27 @@ class Callbacks:
         for callback in self.callbacks:
             method = getattr(callback, event, None)
             if method is not None:
-                result = method(args, state, self.control, **kwargs)
+                result = self._call(f"callback {type(callback).__name__}.{event}", state.global_step,
+                                    lambda: method(args, state, self.control, **kwargs))
                 if isinstance(result, TrainerControl):
                     self.control = result
         return self.control
+
+    def _call(self, name: str, step: int, call):
+        """``call()`` within ``timeout``. A hang or a ``sys.exit`` is a ``CallbackError`` naming the callback; an
+        exception it raises goes on as it is (the user's own), with a note naming the callback."""
+        try:
+            return call_with_timeout(call, self.timeout, name)
+        except TimeoutError:
+            raise CallbackError(f"{name} did not return within callback_timeout={self.timeout:g} s at step {step}. "
+                                "Make it faster (slow work such as uploads can run in a thread of its own), or raise "
+                                "callback_timeout.") from None
+        except UserExit as error:
+            advice = "a callback must return; set control.should_training_stop = True to stop the run"
+            raise CallbackError(f"{name} {what_happened(error, advice)} at step {step}.") from error
+        except Exception as error:
+            error.add_note(f"(raised by {name} at step {step}: fix the callback, or leave it out of callbacks)")
+            raise
 
     def requested(self, flag: str, accelerator) -> bool:
         """Whether any process's callbacks set ``control.<flag>``, then clear it: every process must take the same

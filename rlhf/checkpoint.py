@@ -6,9 +6,11 @@ Everything is written into ``<path>.tmp`` and renamed to ``<path>`` at the end; 
 ``weights_only=True`` (no pickle).
 """
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -19,11 +21,56 @@ import torch
 from rlhf.integrity import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+# A write refused for want of space: the disk is full, a quota is reached, or a file-size limit (ulimit -f).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """Saving a checkpoint or a model ran out of space; the message names where, the fix and the last complete
+    checkpoint."""
+
+
+def out_of_space(error: BaseException | None) -> str | None:
+    """Why ``error`` (or an error that caused it) is a write that ran out of space, else None. An OSError says so
+    in its errno and safetensors as "(os error 28)"; torch says only that its write stopped short ("unexpected pos
+    576 vs 534"), which a full disk is by far the likeliest cause of."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return os.strerror(error.errno)
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code and int(code.group(1)) in NO_SPACE:
+            return os.strerror(int(code.group(1)))
+        short = re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing file[^\n]*", str(error))
+        if isinstance(error, RuntimeError) and short:
+            return f"torch's write stopped short: {short.group(0)}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def naming_a_full_disk(path: str, advice: str, last_complete, partial: str | None = None):
+    """Run a save; a write in it that runs out of space becomes a ``DiskFullError`` naming ``path``, ``advice``
+    and ``last_complete()`` (the newest complete checkpoint), after removing ``partial`` (what the save left half
+    written) to give the space back."""
+    try:
+        yield
+    except Exception as error:
+        reason = out_of_space(error)
+        if reason is None:
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        last = last_complete()
+        raise DiskFullError(f"no space left on {path} ({reason}): {advice}; the last complete checkpoint is "
+                            f"{last if last else 'none (this run has written none)'}.") from error
 
 
 @contextmanager
 def staged_directory(path: str):
-    """Yield a temporary sibling directory whose files land in ``path`` only if the block succeeds.
+    """Yield a temporary sibling directory whose files land in ``path`` only if the block succeeds (if it fails,
+    the directory is removed).
 
     A new ``path`` appears in one rename. An existing one keeps its other files (metrics, checkpoints):
     each staged file replaces its namesake with ``os.replace``, and weight files of an earlier save
@@ -32,7 +79,11 @@ def staged_directory(path: str):
     tmp = f"{path.rstrip(os.sep)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not os.path.exists(path):
         os.rename(tmp, path)
         return

@@ -174,10 +174,27 @@ def _argv_to_pairs(argv: list[str]) -> tuple[str | None, list[tuple[str, list[st
             if len(values) != 1:
                 raise ConfigError(f"--config takes one YAML file, got {values or 'none'}; put the other settings in "
                                   "that file or give them as --field value.")
+            if config_path is not None:  # the last one would replace the first whole
+                raise ConfigError(f"--config is given twice ({config_path} and {values[0]}); merge them into one "
+                                  "YAML file, or give the differing settings as --field value.")
             config_path = values[0]
         else:
             pairs.append((key.replace("-", "_"), values or None))
     return config_path, pairs
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise ConfigError(f"{key_node.start_mark.name}: {key!r} is given twice (lines {lines[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one of them.")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def _bare_flag(key: str, annotation) -> bool:
@@ -216,7 +233,7 @@ def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) ->
     values: dict[str, object] = {}
     if config_path:
         with open(config_path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = yaml.load(f, Loader=_UniqueKeys) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_path} must hold a mapping of field: value.")
         values.update({k: (v, f"{config_path}") for k, v in loaded.items()})
@@ -321,6 +338,10 @@ def recipe_tokenizer(script: ScriptArguments):
     if os.path.isfile(template):
         with open(template) as f:
             template = f.read()
+    elif "{{" not in template and "{%" not in template:  # a mistyped path must not become the template text
+        raise ConfigError(f"chat_template={template!r}: no such file ({os.path.abspath(template)}), and not a Jinja "
+                          "template either (it has no {{ }} or {% %}). Give the template text, or fix the path to the "
+                          "file that holds it.")
     tokenizer = load_tokenizer(model_source(script.model_name_or_path))
     tokenizer.chat_template = template
     return tokenizer

@@ -12,7 +12,7 @@ from typing import Literal
 
 from rlhf.config_fields import field_type_errors
 from rlhf.core import LOSS_AGG_MODES, ImportanceLevel, KLEstimator, PolicyLossType, RewardScale, RolloutCorrection
-from rlhf.trl_names import AcceptsTRLNames
+from rlhf.trl_names import BY_NAME, AcceptsTRLNames, trl_attribute
 
 KLPlacement = Literal["reward", "loss"]
 # rlhf.core's modes, and TRL's bnpo: each micro-batch's token mean, micro-batches weighted equally (the loss then
@@ -45,8 +45,8 @@ class RLConfig(metaclass=AcceptsTRLNames):
     """A checkpoint directory, or "latest" for the newest checkpoint of ``output_dir``'s run that verifies, to resume
     from (see "Failures and recovery" in the README)."""
     overwrite_output_dir: bool = False
-    """Let a new run start in an ``output_dir`` that holds another run's checkpoints, deleting them (otherwise an
-    error)."""
+    """Let a new run start in an ``output_dir`` that holds another run's checkpoints or outputs (metrics, completions,
+    alarms, eval samples, report, saved model), deleting them (otherwise an error when the run starts writing)."""
     report_to: list[str] = field(default_factory=list)
     """Trackers to log to: tensorboard (output_dir/runs/<run_name>), wandb, trackio, mlflow, ... or "all" installed
     ones; a string, a list, or "none" (metrics.jsonl is always written; rlhf/trackers.py)."""
@@ -95,6 +95,10 @@ class RLConfig(metaclass=AcceptsTRLNames):
     sdpa, revision: main}; its ``revision`` also applies to the tokenizer (TRL's name)."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Autocast precision of the forward passes (None: what accelerate launch says; TRL's bf16 / fp16 set it)."""
+    autocast_generation: bool | None = None
+    """Sample under the mixed-precision autocast too. None: on a GPU yes, on a CPU no: CPU autocast casts every weight
+    again at each decode step (SmolLM2-135M, 64 rows: 4.8 s per token vs 0.75 s in float32), so there the sampler
+    runs in float32 and only the scoring and update passes in the autocast; the rollout/* metrics measure the gap."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     share_prompt_prefix: bool = True
@@ -161,6 +165,9 @@ class RLConfig(metaclass=AcceptsTRLNames):
     tool_workers: int = 4
     """Processes that run tool calls, in parallel; a call past tool_timeout is ended by killing its process.
     0: run calls in threads of the trainer's process, where a call that hangs is abandoned, never stopped."""
+    environment_timeout: float | None = None
+    """Seconds one call of the environment (``environment_factory()``, ``reset``, ``step``) may take before the run
+    stops with an error naming it (None: no limit). With a limit the calls run in a thread of their own."""
 
     # --- rewards ---------------------------------------------------------------------------
     reward_weights: list[float] | None = None
@@ -174,9 +181,10 @@ class RLConfig(metaclass=AcceptsTRLNames):
     filter_zero_std_groups: bool = False
     """Leave groups whose rewards are all equal (zero advantage) out of the loss and its token count (DAPO)."""
     max_sampling_rounds: int = 1
-    """With filter_zero_std_groups, DAPO's dynamic sampling: sample further rounds of fresh prompts until
-    prompts_per_step groups with differing rewards are collected or this many rounds have run; short of that, train on
-    those found (the batch is topped up with groups the filter leaves out of the loss). 1: only drop."""
+    """With filter_zero_std_groups, DAPO's dynamic sampling: sample further rounds of fresh prompts (none already in
+    the step while the dataset has unused ones; then the step's least used) until prompts_per_step groups with
+    differing rewards are collected or this many rounds have run; short of that, train on those found (the batch is
+    topped up with groups the filter leaves out of the loss). 1: only drop."""
 
     # --- loss ------------------------------------------------------------------------------
     clip_eps_low: float = 0.2
@@ -209,8 +217,13 @@ class RLConfig(metaclass=AcceptsTRLNames):
     1 + clip_eps_high)) * A * log p, whose clipped tokens still give gradient."""
     top_entropy_quantile: float = 1.0
     """Train only on this fraction of the batch's loss tokens, those of highest entropy under the sampling policy,
-    chosen over all processes; the others leave every loss term and its token count ("Beyond the 80/20 rule": 0.2;
-    1.0: all tokens)."""
+    chosen over all processes: the others' policy loss is multiplied by 0 ("Beyond the 80/20 rule": 0.2; 1.0: all
+    tokens). What they still count in: top_entropy_normalization."""
+    top_entropy_normalization: Literal["completion", "selected"] = "completion"
+    """With top_entropy_quantile < 1. completion (the paper's and TRL's): the unselected tokens stay in loss_agg's
+    token and sequence counts and in the KL and value losses; only their policy loss (and entropy bonus) is 0.
+    selected (this toolkit's earlier rule): they leave every loss term and its counts, a policy gradient about
+    1 / top_entropy_quantile larger. Either way a sequence ratio (GSPO) is over the whole completion."""
     rollout_correction: RolloutCorrection | None = None
     """For a sampler that is not exactly the trained policy (bf16 / autocast sampling, other kernels):
     token_truncate weighs each token's policy loss by min(pi_old / pi_sampler, rollout_correction_cap);
@@ -224,7 +237,8 @@ class RLConfig(metaclass=AcceptsTRLNames):
     teacher_model: str | None = None
     """A teacher (path or hub id; the trainers also take a model object) sharing the actor's tokenizer: every token's
     advantage gains distill_coef * (log p_teacher - log p_actor) of the actor's own samples, the negative per-token
-    reverse KL to the teacher (None: no teacher)."""
+    reverse KL to the teacher (None: no teacher). A teacher whose tokenizer adds tokens after the actor's ids is
+    scored over the actor's ids only, renormalised (the actor cannot sample the others)."""
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Dtype of the teacher (None: the actor's ``dtype`` for a path; a model object as it is)."""
     offload_teacher: bool = False
@@ -234,7 +248,7 @@ class RLConfig(metaclass=AcceptsTRLNames):
 
     # --- optimisation ----------------------------------------------------------------------
     learning_rate: float = 1e-6
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of AdamW, at most 1."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     """Schedule after warm-up: constant, linear decay to 0, or cosine decay to 0."""
     warmup_steps: int = 0
@@ -259,6 +273,20 @@ class RLConfig(metaclass=AcceptsTRLNames):
     """An update with a non-finite loss or gradient is skipped; this many in a row stop the run (the batch is saved)."""
     reward_timeout: float | None = None
     """Seconds a reward function may take on one batch before the run stops with an error naming it (None: no limit)."""
+    callback_timeout: float | None = None
+    """Seconds one callback event (``on_step_end``, ...) may take before the run stops with an error naming the
+    callback (None: no limit). With a limit the callbacks run in a thread of their own."""
+
+    def __setattr__(self, name: str, value) -> None:
+        """A TRL name set after construction (``args.beta = 0.5``) sets our field as the constructor would
+        (``rlhf.trl_names.trl_attribute``), or raises naming the field to set: never a stray attribute nothing reads."""
+        if name in BY_NAME and name not in self.__dataclass_fields__:
+            mapped = trl_attribute(self, name, value)
+            if mapped is not None:
+                for field_name, setting in mapped.items():
+                    super().__setattr__(field_name, setting)
+                return
+        super().__setattr__(name, value)
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -320,15 +348,16 @@ class RLConfig(metaclass=AcceptsTRLNames):
                      "max_sampling_rounds", "max_turns", "max_tool_response_chars"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
         for name in ("save_steps", "eval_steps", "eval_num_generations", "eval_log_samples", "warmup_steps",
-                     "top_k", "kl_coef", "learning_rate", "weight_decay", "clip_eps_high", "entropy_coef",
-                     "distill_coef"):
+                     "top_k", "kl_coef", "weight_decay", "clip_eps_high", "entropy_coef", "distill_coef"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
+        need(0 <= self.learning_rate <= 1, _learning_rate_error("learning_rate", self.learning_rate))
         need(self.eval_pass_k is None or (self.eval_num_generations > 0 and all(
              1 <= k <= self.eval_num_generations for k in self.eval_pass_k)),
              f"eval_pass_k={self.eval_pass_k}: each k must be in [1, eval_num_generations={self.eval_num_generations}]; "
              "raise eval_num_generations or drop the larger k.")
-        need(self.reward_timeout is None or self.reward_timeout > 0,
-             f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit).")
+        for name in ("reward_timeout", "environment_timeout", "callback_timeout"):
+            need(getattr(self, name) is None or getattr(self, name) > 0,
+                 f"{name}={getattr(self, name)} must be > 0 seconds (or None for no limit).")
         need(self.tool_timeout > 0, f"tool_timeout={self.tool_timeout} must be > 0 seconds.")
         need(self.tool_workers >= 0, f"tool_workers={self.tool_workers} must be >= 0 (0: threads).")
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
@@ -467,7 +496,7 @@ class PPOConfig(TokenRewardConfig):
     whiten_advantages: bool = True
     """Whiten advantages over the rollout batch (all processes) after computing returns."""
     critic_learning_rate: float | None = None
-    """Peak learning rate of the critic's AdamW (None: ``learning_rate``)."""
+    """Peak learning rate of the critic's AdamW, at most 1 (None: ``learning_rate``)."""
     critic_warmup_steps: int = 0
     """Steps at the start during which only the critic trains (the actor stays frozen)."""
     def _validate_algorithm(self) -> list[str]:
@@ -478,8 +507,8 @@ class PPOConfig(TokenRewardConfig):
             errors.append(f"vf_coef={self.vf_coef} must be >= 0.")
         if self.value_clip_eps is not None and self.value_clip_eps <= 0:
             errors.append(f"value_clip_eps={self.value_clip_eps} must be > 0 (or None to disable value clipping).")
-        if self.critic_learning_rate is not None and self.critic_learning_rate < 0:
-            errors.append(f"critic_learning_rate={self.critic_learning_rate} must be >= 0.")
+        if self.critic_learning_rate is not None and not 0 <= self.critic_learning_rate <= 1:
+            errors.append(_learning_rate_error("critic_learning_rate", self.critic_learning_rate))
         if self.critic_warmup_steps < 0:
             errors.append(f"critic_warmup_steps={self.critic_warmup_steps} must be >= 0.")
         return errors
@@ -507,6 +536,11 @@ class ReinforceConfig(TokenRewardConfig):
             errors.append(f"num_generations={self.num_generations}: the reinforce++-baseline baseline subtracts the "
                           "mean reward of the prompt's group, so it needs at least 2 completions per prompt.")
         return errors
+
+
+def _learning_rate_error(name: str, value: float) -> str:
+    return (f"{name}={value} must be in [0, 1]: AdamW moves each weight by about the learning rate per step, so a "
+            "larger one destroys the model in one update; fine-tuning uses about 1e-6 to 1e-4.")
 
 
 def _divisors(n: int) -> list[int]:

@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 
+import pyarrow
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
@@ -24,7 +25,7 @@ def as_dataset(data, name: str = "train_dataset", streaming: bool = False) -> Da
     """A datasets.Dataset from a Dataset or a list of dicts, with a ``prompt`` column checked; with ``streaming``
     an IterableDataset is accepted too."""
     if isinstance(data, list):
-        data = Dataset.from_list(data)
+        data = _from_rows(data, name)
     if streaming and isinstance(data, IterableDataset):
         first = next(iter(data), None)
         if first is None:
@@ -44,6 +45,30 @@ def as_dataset(data, name: str = "train_dataset", streaming: bool = False) -> Da
     if len(data) == 0:
         raise ValueError(f"{name} is empty.")
     return data
+
+
+def _kind(value) -> str:
+    return ("number" if isinstance(value, (int, float)) and not isinstance(value, bool) else
+            "list" if isinstance(value, tuple) else type(value).__name__)
+
+
+def _from_rows(rows: list, name: str) -> Dataset:
+    """``Dataset.from_list``, with Arrow's error for a column whose rows differ in kind (strings in some, chat messages
+    in others) named by the column, the rows and the kinds."""
+    try:
+        return Dataset.from_list(rows)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
+        first: dict[str, tuple[int, str]] = {}
+        for i, row in enumerate(rows):
+            for column, value in (row.items() if isinstance(row, dict) else ()):
+                if value is None:
+                    continue
+                j, kind = first.setdefault(column, (i, _kind(value)))
+                if _kind(value) != kind:
+                    raise ValueError(f"{name}: column {column!r} of row {i} is a {_kind(value)}, but of row {j} a "
+                                     f"{kind}; give every row the same kind (e.g. prompts: all strings, or all lists of "
+                                     "chat messages).") from error
+        raise ValueError(f"{name}: the rows do not make a dataset ({error}).") from error
 
 
 # Roles a chat message may have (those of the common chat templates).
@@ -133,14 +158,22 @@ class PromptSampler:
 
     def refill_indices(self, step: int, round_index: int) -> list[int]:
         """All processes' prompts for refill round ``round_index`` >= 1 of ``step`` (dynamic sampling), in process
-        order: ``prompts_per_step`` distinct prompts (if the dataset has that many) drawn uniformly, seeded by
-        (seed, step, round) alone, so that the epoch order of later steps does not depend on how many rounds
-        earlier steps needed."""
-        key = hashlib.sha256(f"{self.seed}/{step}/{round_index}".encode()).digest()
+        order. Each draw is a prompt the step has used least so far (round 0 and the earlier refills counted), ties
+        broken by one random order of the dataset per step: no prompt repeats within a step while the dataset has
+        one the step has not used; past that, prompts repeat as evenly as they can. A pure function of (seed, step,
+        round), so the epoch order of later steps does not depend on how many rounds earlier steps needed."""
+        key = hashlib.sha256(f"{self.seed}/{step}/refill".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-        draw = torch.randperm(self.dataset_size, generator=generator)
-        repeats = -(-self.prompts_per_step // self.dataset_size)  # a dataset smaller than a step repeats
-        return draw.repeat(repeats)[: self.prompts_per_step].tolist()
+        order = torch.randperm(self.dataset_size, generator=generator)
+        used = torch.bincount(torch.tensor(self.global_indices(step)), minlength=self.dataset_size)[order]
+        # Least used first, draw after draw: level L = 0, 1, ... lists, in `order`, the prompts that round 0 used at
+        # most L times; each has then been used exactly L times, and every other prompt more.
+        end = round_index * self.prompts_per_step
+        draws, level = [], 0
+        while len(draws) < end:
+            draws += order[used <= level][: end - len(draws)].tolist()
+            level += 1
+        return draws[end - self.prompts_per_step:]
 
     def indices(self, step: int, round_index: int = 0) -> list[int]:
         """This process's prompts at ``step``: the epoch order in round 0, a refill draw in later rounds."""
@@ -249,25 +282,41 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+_VOCAB_FIX = ("The tokenizer does not fit the model: pass the model's own tokenizer (processing_class), or grow the "
+              "embedding first: model.resize_token_embeddings(len(tokenizer)) (the new rows start untrained).")
+
+
 def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None,
-                  truncate: bool = False, render=render_prompts) -> None:
+                  truncate: bool = False, render=render_prompts, vocab_size: int | None = None) -> int:
     """Before any training, every row: each prompt well-formed (``check_rows``), chat prompts need a chat template,
-    and no prompt may exceed ``max_prompt_length`` (unless ``truncate``, which keeps each prompt's end, with a
-    warning). Of a stream, the first 1024 rows are checked here; every later prompt when its step tokenises it.
-    ``render`` makes the prompt texts (with tools, ``rlhf.agent.AgentLoop.render_prompts``)."""
+    every prompt has at least one token, each below ``vocab_size`` (the model's embedding rows), and none may exceed
+    ``max_prompt_length`` (unless ``truncate``, which keeps each prompt's end, with a warning). Of a stream, the first
+    1024 rows are checked here; every later prompt when its step tokenises it. ``render`` makes the prompt texts (with
+    tools, ``rlhf.agent.AgentLoop.render_prompts``). Returns the longest prompt's tokens (after truncation)."""
     if isinstance(dataset, IterableDataset):
         dataset = Dataset.from_list(list(itertools.islice(dataset, 1024)))
     check_rows(dataset, name)
     render(dataset[:1]["prompt"], tokenizer)  # raises on chat prompts without a template
-    if max_prompt_length is None:
-        return
-    too_long = []
+    if vocab_size is not None and tokenizer.pad_token_id >= vocab_size:
+        raise ValueError(f"The tokenizer's pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, past the "
+                         f"model's input embedding ({vocab_size} rows); padding is embedded too. {_VOCAB_FIX}")
+    lengths = []
     for start in range(0, len(dataset), 1024):
         texts, is_chat = render(dataset[start:start + 1024]["prompt"], tokenizer)
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]]
-        too_long += [(start + i, n) for i, n in enumerate(lengths) if n > max_prompt_length]
+        chunk = tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]
+        lengths += [len(ids) for ids in chunk]
+        for i, ids in enumerate(chunk, start):  # each a reshape or an IndexError in the middle of step 1
+            if not ids:
+                raise ValueError(f"{name} row {i}: the prompt {dataset[i]['prompt']!r} has no tokens (the tokenizer "
+                                 "adds no BOS token); drop the row, or give it text.")
+            if vocab_size is not None and max(ids) >= vocab_size:
+                raise ValueError(f"{name} row {i}: the prompt {texts[i - start][:60]!r} has token id {max(ids)} "
+                                 f"({tokenizer.convert_ids_to_tokens(max(ids))!r}), past the model's input embedding "
+                                 f"({vocab_size} rows). {_VOCAB_FIX}")
+    longest = max(lengths)
+    too_long = [(i, n) for i, n in enumerate(lengths) if max_prompt_length is not None and n > max_prompt_length]
     if not too_long:
-        return
+        return longest
     examples = ", ".join(f"#{i} ({n} tokens)" for i, n in too_long[:5])
     if not truncate:
         raise ValueError(
@@ -276,3 +325,4 @@ def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBas
         )
     logger.warning("%d prompt(s) of %s are longer than max_prompt_length=%d (%s); their beginnings will be cut.",
                    len(too_long), name, max_prompt_length, examples)
+    return max_prompt_length

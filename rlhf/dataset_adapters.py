@@ -104,6 +104,9 @@ def load_dataset_spec(spec: str, split: str = "train", config_name: str | None =
     if ":" in spec and not os.path.exists(spec):
         return import_object(spec)()
     extension = os.path.splitext(spec)[1].lower()
+    if extension in DATA_FILE_FORMATS and not os.path.exists(spec):  # not a hub id: never looked up there
+        raise FileNotFoundError(f"data file {spec!r} does not exist ({os.path.abspath(spec)}); fix the path in "
+                                "dataset_name / eval_dataset_name.")
     if os.path.isfile(spec):
         if extension not in DATA_FILE_FORMATS:
             raise ValueError(f"{spec}: unsupported data file type {extension!r}; use one of {sorted(DATA_FILE_FORMATS)}.")

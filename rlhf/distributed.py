@@ -88,6 +88,26 @@ def model_for_generation(accelerator: Accelerator, model):
         yield unwrapped
 
 
+def sample_in_autocast(setting: bool | None, accelerator: Accelerator) -> bool:
+    """``autocast_generation``: as set, or (None) on an accelerator yes and on a CPU no."""
+    return setting if setting is not None else accelerator.device.type != "cpu"
+
+
+@contextmanager
+def without_autocast(model):
+    """``model`` with its own forward for the block, not the autocast one Accelerate's mixed precision installs on the
+    instance (``_original_forward`` is where Accelerate keeps it); unchanged when there is none."""
+    patched, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if patched is None or original is None:
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = patched
+
+
 def shutdown(accelerator: Accelerator) -> None:
     """End a distributed run cleanly: wait for every process, release the DDP reducers, then destroy the
     process group. Without it a process that finishes first can abort at exit (gloo) while another is still

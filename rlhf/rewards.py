@@ -17,7 +17,9 @@ keyword nobody passes is an error when the trainer is built, not after the first
 """
 
 import asyncio
+import copy
 import difflib
+import functools
 import inspect
 import logging
 import math
@@ -31,13 +33,16 @@ import torch
 from rlhf.reward_calls import (  # noqa: F401 - RewardContext and RewardError are part of this module's interface
     CONTEXT_KEYWORDS,
     STANDARD_KEYWORDS,
+    LoopBlocked,
     RewardContext,
     RewardError,
     _EventLoop,
     _preview,
-    call_with_timeout,
+    blocked_loop_error,
     is_async_callable,
+    loop_bound,
 )
+from rlhf.user_code import call_with_timeout, guarded, what_happened
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +53,13 @@ MAX_ABS_REWARD = 1e10
 
 
 def _what_happened(error: BaseException) -> str:
-    if isinstance(error, SystemExit):
-        return (f"called sys.exit({error.code!r}) (a reward function must return its values; raise an exception to "
-                "stop the run)")
-    return f"raised {type(error).__name__}: {error}"
+    return what_happened(error, "a reward function must return its values; raise an exception to stop the run")
 
 
 def reward_name(fn: Callable) -> str:
+    """TRL's name for a reward function (``get_callable_name``): a partial is named by the function it wraps."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
@@ -105,6 +110,16 @@ def _as_values(values):
     return values
 
 
+_ATOMIC = (str, bytes, int, float, type(None))
+
+
+def _copied(values) -> list:
+    """A copy of a list of per-completion values that shares nothing mutable with it: strings and numbers as they are,
+    flat lists (token ids) by ``list``, anything else (chat messages, structured columns) by ``deepcopy``."""
+    return [v if isinstance(v, _ATOMIC) else list(v) if isinstance(v, list) and all(isinstance(x, _ATOMIC) for x in v)
+            else copy.deepcopy(v) for v in values]
+
+
 class RewardFunction:
     """A callable reward with a name, validated on every call; ``timeout`` (seconds) bounds one call."""
 
@@ -150,8 +165,10 @@ class RewardFunction:
                 + "Add the column to the dataset, rename the parameter, or give it a default.")
 
     def _call(self, prompts, completions, completion_ids, columns, context: RewardContext | None = None):
-        """The function's result for these samples (a coroutine for an async function)."""
-        keywords = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+        """The function's result for these samples (a coroutine for an async function). It gets its own copies: what
+        it changes in place, the next function and completions.jsonl do not see."""
+        keywords = {"prompts": _copied(prompts), "completions": _copied(completions),
+                    "completion_ids": _copied(completion_ids), **{k: _copied(v) for k, v in columns.items()}}
         if context is not None:
             keywords.update(context.keywords())
         if not self.takes_any_keyword:
@@ -159,28 +176,38 @@ class RewardFunction:
         return self.fn(**keywords)
 
     def _run(self, prompts, completions, completion_ids, columns, context=None):
-        """Call the function and wait for its values (on the reward event loop when it is async)."""
+        """Call the function and wait for its values, however long (on the reward event loop when it is async)."""
         if self.is_async:
-            return _EventLoop.run(self._call(prompts, completions, completion_ids, columns, context))
+            return _EventLoop.run(guarded(self._call(prompts, completions, completion_ids, columns, context)))
         return self._call(prompts, completions, completion_ids, columns, context)
+
+    def _bounded(self, prompts, completions, completion_ids, columns, context=None):
+        """``_run`` within ``timeout``: TimeoutError past it, ``LoopBlocked`` when an async function holds the loop;
+        ``SystemExit`` and ``KeyboardInterrupt`` come back as ``UserExit``."""
+        if self.is_async:
+            return _EventLoop.run(self.acall(prompts, completions, completion_ids, columns, context),
+                                  loop_bound(self.timeout))
+        return call_with_timeout(lambda: self._call(prompts, completions, completion_ids, columns, context),
+                                 self.timeout, f"reward function {self.name!r}")
 
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence[Sequence[int]],
                  columns: dict[str, Sequence], context: RewardContext | None = None) -> torch.Tensor:
         """Rewards [N] as float64, NaN where the function returned None."""
         try:
-            values = call_with_timeout(lambda: self._run(prompts, completions, completion_ids, columns, context),
-                                       self.timeout)
+            values = self._bounded(prompts, completions, completion_ids, columns, context)
         except TimeoutError as error:
             raise self._locate_timeout(prompts, completions, completion_ids, columns) from error
+        except LoopBlocked as error:
+            raise blocked_loop_error([self], error) from None
         except RewardError:
             raise
-        except (Exception, SystemExit) as error:  # SystemExit: a stray sys.exit() must not end the run unnamed
+        except Exception as error:  # noqa: BLE001 - a sys.exit() too (UserExit): named, not the end of the run
             raise self._locate_exception(error, prompts, completions, completion_ids, columns) from error
         return self.validate(values, prompts, completions)
 
     async def acall(self, prompts, completions, completion_ids, columns, context=None):
         """The raw values of an async function, bounded by ``timeout`` (for awaiting several concurrently)."""
-        return await asyncio.wait_for(self._call(prompts, completions, completion_ids, columns, context),
+        return await asyncio.wait_for(guarded(self._call(prompts, completions, completion_ids, columns, context)),
                                       self.timeout)
 
     def validate(self, values, prompts: Sequence, completions: Sequence) -> torch.Tensor:
@@ -234,7 +261,7 @@ class RewardFunction:
         for i in range(len(completions)):
             try:
                 call_with_timeout(self._sample_call(i, prompts, completions, completion_ids, columns), self.timeout)
-            except (Exception, SystemExit):
+            except Exception:  # noqa: BLE001 - whatever it raised, this sample fails alone
                 return RewardError(
                     f"reward function {self.name!r} {_what_happened(error)} on sample {i}. "
                     f"Prompt: {_preview(prompts[i])}; completion: {_preview(completions[i])}"
@@ -284,7 +311,27 @@ def build_reward_functions(reward_funcs, tokenizers=None, *, device=None, batch_
             func = RewardModelFunction(func, tokenizer, device, batch_size, normalize=normalize, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
         built.append(RewardFunction(func, timeout=timeout))
+    _distinct_names(built)
     return built
+
+
+def _distinct_names(functions: list[RewardFunction]) -> None:
+    """Give functions that share a name (two lambdas, two partials of one function) the suffixes _2, _3, ... in order,
+    so that their metrics and completion columns stay apart (TRL logs such functions under one name, merged)."""
+    taken, renamed = {f.name for f in functions}, []
+    seen: set[str] = set()
+    for func in functions:
+        if func.name in seen:
+            number = 2
+            while f"{func.name}_{number}" in taken:
+                number += 1
+            renamed.append(f"{func.name!r} -> {func.name + '_' + str(number)!r}")
+            func.name = f"{func.name}_{number}"
+            taken.add(func.name)
+        seen.add(func.name)
+    if renamed:
+        logger.warning("Reward functions share a name; later ones are renamed in metrics and logs (name them with "
+                       "def, or set __name__, to choose): %s.", ", ".join(renamed))
 
 
 def check_reward_weights(weights, functions: list[RewardFunction]) -> list[float]:
@@ -299,10 +346,16 @@ def check_reward_weights(weights, functions: list[RewardFunction]) -> list[float
     return [float(w) for w in weights]
 
 
-def check_reward_columns(functions: list[RewardFunction], dataset) -> None:
+def check_reward_columns(functions: list[RewardFunction], dataset, name: str = "the dataset") -> None:
     """Every keyword a reward function requires is passed: a standard one, TRL's extras, or a column of ``dataset``
-    (a Dataset, or the column names)."""
+    (a Dataset, or the column names). No column may take the name of a keyword the trainer passes: it would replace
+    what every reward function receives under it."""
     columns = [c for c in (dataset if isinstance(dataset, (list, tuple)) else dataset.column_names) if c != "prompt"]
+    reserved = [c for c in columns if c in STANDARD_KEYWORDS or c in CONTEXT_KEYWORDS]
+    if functions and reserved:
+        raise ValueError(f"{name} has a column {reserved[0]!r}, a keyword the trainer passes to reward functions "
+                         f"itself ({[*STANDARD_KEYWORDS, *CONTEXT_KEYWORDS]}); rename it, e.g. "
+                         f"dataset.rename_column({reserved[0]!r}, 'reference_{reserved[0]}').")
     for func in functions:
         func.check_signature(columns)
 
@@ -336,7 +389,12 @@ def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float
         async def gather():
             return await asyncio.gather(*(func.acall(*batch, context) for _, func in waiting), return_exceptions=True)
 
-        for (j, func), result in zip(waiting, _EventLoop.run(gather())):
+        timeouts = [func.timeout for _, func in waiting]
+        try:
+            results = _EventLoop.run(gather(), None if None in timeouts else loop_bound(max(timeouts)))
+        except LoopBlocked as error:
+            raise blocked_loop_error([func for _, func in waiting], error) from None
+        for (j, func), result in zip(waiting, results):
             if isinstance(result, asyncio.TimeoutError):
                 raise func._locate_timeout(*batch) from result
             if isinstance(result, BaseException):

@@ -17,7 +17,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList
 
 from rlhf.data import left_pad, render_prompts, tokenize_prompts
 from rlhf.decode import SamplingParams, decode, sampling_processors
-from rlhf.distributed import model_for_generation, needs_synced_generation
+from rlhf.distributed import model_for_generation, needs_synced_generation, without_autocast
 from rlhf.forward import cache_argument, groups_share_prompts, run_shared_prompts
 
 
@@ -37,6 +37,7 @@ class Rollout:
     loss_mask: torch.Tensor  # [B, T] the tokens the loss counts: policy_tokens minus rows left out
     sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's own, from generation (0 past the end)
     correction_weights: torch.Tensor | None = None  # [B, T] rollout correction pi_old / pi_sampler, truncated
+    selected_tokens: torch.Tensor | None = None  # [B, T] 1 where the policy loss counts (top_entropy_quantile)
     teacher_logprobs: torch.Tensor | None = None  # [B, T] the teacher's (on-policy distillation)
     old_logprobs: torch.Tensor | None = None  # [B, T] the sampling policy's, when the update needs them
     ref_logprobs: torch.Tensor | None = None  # [B, T] the reference's, when there is a KL term
@@ -56,6 +57,16 @@ class Rollout:
         """[B, T] 1 on the tokens the policy sampled: the mask of every advantage, KL, loss and token count
         (``completion_mask``, which the forward passes attend with, also holds environment tokens)."""
         return self.completion_mask if self.policy_mask is None else self.policy_mask
+
+    @property
+    def loss_weights(self) -> torch.Tensor | None:
+        """[B, T] what multiplies each token's policy loss: the rollout correction's weights times the entropy
+        selection (None: both off). Unlike ``loss_mask`` it leaves the loss's token and sequence counts alone."""
+        if self.selected_tokens is None:
+            return self.correction_weights
+        if self.correction_weights is None:
+            return self.selected_tokens
+        return self.correction_weights * self.selected_tokens
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that are set, by name."""
@@ -145,6 +156,7 @@ class Policy:
     max_prompt_length: int | None = None
     truncate_prompts: bool = False
     prefill_group: bool = True  # prefill each group's prompt once (off under ZeRO-3 / FSDP)
+    autocast: bool = True  # sample in the mixed-precision autocast (autocast_generation; else in the weights' dtype)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -307,10 +319,12 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tens
 
 def generate(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
              group_size: int = 1):
-    """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast:
-    (completion_ids, completion_mask, truncated, sampler_logprobs); no log-probs (None) when greedy."""
+    """Completions from the actor (gathered from its shards if need be), in Accelerate's autocast unless
+    ``policy.autocast`` is off: (completion_ids, completion_mask, truncated, sampler_logprobs); no log-probs (None)
+    when greedy."""
     accelerator = policy.accelerator
-    with model_for_generation(accelerator, policy.model) as model, accelerator.autocast():
+    with model_for_generation(accelerator, policy.model) as model, \
+            (accelerator.autocast() if policy.autocast else without_autocast(model)):
         out = sample_completions(model, prompt_ids, prompt_mask, params, policy.eos_ids, policy.tokenizer.pad_token_id,
                                  synced_gpus=needs_synced_generation(accelerator),
                                  group_size=group_size if policy.prefill_group else 1, with_logprobs=params.do_sample)

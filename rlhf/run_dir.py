@@ -6,11 +6,13 @@ resumes from. Around that id:
 
 - **one run at a time**: the run holds ``output_dir/run.lock`` (``rlhf.dir_lock``) from construction
   until its process exits; a second run fails at once naming the holder.
-- **no new run over another run's checkpoints**: a fresh run in a directory that holds checkpoints is an
-  error, unless ``overwrite_output_dir`` (they are deleted) or the run resumes. The error is raised when the run
-  starts (``RunDirectory.start``: the first ``train()``, or a ``save_checkpoint()`` before it), not at
-  construction, so that TRL's ``trainer.train(resume_from_checkpoint=True)`` can still resume it; nothing in the
-  directory is touched before.
+- **no new run over another run's outputs**: a fresh run in a directory that holds another run's checkpoints, or
+  anything else a run writes (``RUN_OUTPUTS``: metrics, completions, alarms, eval samples, the report, the saved
+  model) that is not its own, is an error, unless ``overwrite_output_dir`` (they are deleted) or the run resumes.
+  The check runs when the run starts writing (``RunDirectory.start``: the first ``train()``, or a
+  ``save_checkpoint()``, ``save_model()`` or ``evaluate()`` into ``output_dir`` before it), not only at
+  construction: another trainer of the same process may have written there since, and TRL's
+  ``trainer.train(resume_from_checkpoint=True)`` must still resume. Nothing in the directory is touched before.
 - **latest** is the newest checkpoint of the run named in ``run.json`` whose manifest verifies (each one
   skipped is named, with the reason); rotation (``save_total_limit``) deletes only this run's checkpoints.
 - **resuming from an older checkpoint** moves this run's newer checkpoints, and the metrics.jsonl records
@@ -20,6 +22,7 @@ resumes from. Around that id:
 Decisions are made on the main process and broadcast, so every process raises the same error.
 """
 
+import glob
 import json
 import logging
 import os
@@ -39,6 +42,10 @@ RUN_FILE = "run.json"
 ABANDONED_DIR = "abandoned"
 METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+RUN_OUTPUTS = (METRICS_FILE, "completions.jsonl", "alarms.jsonl", "samples-*.jsonl", "report.html", "*.safetensors",
+               "model/*.safetensors", "critic/*.safetensors", "nonfinite-step*.pt")
+"""What a run writes in output_dir besides checkpoints and run.json (patterns; the recipes save the model in model/):
+a new run would delete or overwrite them."""
 
 
 class RunDirectoryError(RuntimeError):
@@ -67,6 +74,17 @@ def list_checkpoints(output_dir: str) -> list[Checkpoint]:
                 run_id = None
             found.append(Checkpoint(int(match.group(1)), path, run_id))
     return sorted(found, key=lambda c: c.step)
+
+
+def run_checkpoints(output_dir: str, run_id: str) -> list[str]:
+    """The complete checkpoints (with a manifest; unverified) of run ``run_id`` in ``output_dir``, oldest first."""
+    return [c.path for c in list_checkpoints(output_dir) if c.run_id == run_id]
+
+
+def run_outputs(output_dir: str) -> list[str]:
+    """The ``RUN_OUTPUTS`` files in ``output_dir``, relative to it, sorted."""
+    return sorted({os.path.relpath(path, output_dir) for pattern in RUN_OUTPUTS
+                   for path in glob.glob(os.path.join(glob.escape(output_dir), pattern)) if os.path.isfile(path)})
 
 
 def directory_owner(output_dir: str) -> str | None:
@@ -165,22 +183,23 @@ def _on_main(accelerator, fn):
 class RunDirectory:
     """``output_dir`` held by this run: its lock, its run id and the checkpoint it resumes from (``claim``)."""
 
-    def __init__(self, output_dir: str, run_id: str, checkpoint: str | None, lock, accelerator=None):
+    def __init__(self, output_dir: str, run_id: str, checkpoint: str | None, lock, accelerator=None,
+                 overwrite: bool = False):
         self.output_dir = output_dir
         self.run_id = run_id
         self.checkpoint = checkpoint  # the checkpoint the run resumes from, verified
         self.claimed = checkpoint  # resolved by claim(), handed out once by resolve()
         self.lock = lock  # on the main process only
         self.accelerator = accelerator
-        self.conflict: str | None = None  # why a new run may not start here (another run's checkpoints)
+        self.overwrite = overwrite  # overwrite_output_dir: another run's outputs are deleted, not refused
         self.started = False  # start() or resume() has run
 
     @classmethod
     def claim(cls, output_dir: str, accelerator=None, resume_from: str | None = None,
               overwrite: bool = False) -> "RunDirectory":
         """Lock ``output_dir``; find the checkpoint to resume from (verified) or make a new run id. A directory
-        holding another run's checkpoints is refused now when resuming, and by ``start`` for a new run (unless
-        ``overwrite``: they are deleted)."""
+        holding another run's checkpoints is refused now when resuming (unless ``overwrite``: they are deleted), and
+        by ``start`` for a new run."""
         holder = []
 
         def decide():
@@ -190,22 +209,19 @@ class RunDirectory:
             run_id = read_state(checkpoint)["run_id"] if checkpoint else uuid.uuid4().hex
             others = [c for c in list_checkpoints(output_dir)
                       if c.run_id != run_id and (checkpoint is None or c.run_id is not None)]
-            conflict = _conflict(output_dir, others) if others and not overwrite else None
-            if conflict and checkpoint is not None:
-                raise RunDirectoryError(conflict)
-            return run_id, checkpoint, [c.path for c in others], conflict
+            if others and not overwrite and checkpoint is not None:
+                raise RunDirectoryError(_conflict(output_dir, others, []))
+            if overwrite:
+                _delete([c.path for c in others], "overwrite_output_dir=True")
+            return run_id, checkpoint
 
         try:
-            run_id, checkpoint, others, conflict = _on_main(accelerator, decide)
+            run_id, checkpoint = _on_main(accelerator, decide)
         except BaseException:
             for lock in holder:
                 lock.release()
             raise
-        run = cls(output_dir, run_id, checkpoint, holder[0] if holder else None, accelerator)
-        run.conflict = conflict
-        if conflict is None:
-            run._main(lambda: _delete(others, "overwrite_output_dir=True"))
-        return run
+        return cls(output_dir, run_id, checkpoint, holder[0] if holder else None, accelerator, overwrite)
 
     def _main(self, fn):
         return _on_main(self.accelerator, fn)
@@ -218,26 +234,36 @@ class RunDirectory:
         return self._main(lambda: resolve_checkpoint(spec, self.output_dir))
 
     def start(self, trainer: str) -> None:
-        """A new run: write run.json, or refuse (``RunDirectoryError``) a directory holding another run's
-        checkpoints."""
-        if self.conflict is not None:
-            raise RunDirectoryError(self.conflict)
-        self._main(lambda: self._write_owner(trainer))
+        """A new run, before it writes anything: refuse (``RunDirectoryError``) a directory holding another run's
+        checkpoints or outputs, as it is now (unless ``overwrite``: they are deleted); then write run.json. Once
+        started (or resumed), a no-op."""
+        if self.started:
+            return
+        self._main(lambda: self._start(trainer))
         self.started = True
+
+    def _start(self, trainer: str) -> None:
+        others = [c for c in list_checkpoints(self.output_dir) if c.run_id != self.run_id]
+        files = run_outputs(self.output_dir) if directory_owner(self.output_dir) != self.run_id else []
+        if (others or files) and not self.overwrite:
+            raise RunDirectoryError(_conflict(self.output_dir, others, files))
+        _delete([c.path for c in others] + [os.path.join(self.output_dir, name) for name in files],
+                "overwrite_output_dir=True")
+        self._write_owner(trainer)
 
     def resume(self, path: str, state: dict, trainer: str) -> None:
         """After a checkpoint has loaded: continue its run. This run's checkpoints after its step, and the
         metrics.jsonl records after it, are moved to ``abandoned/`` (all of metrics.jsonl if another run wrote it)."""
         self.run_id = state["run_id"]
         self.checkpoint = path
-        others = [c for c in list_checkpoints(self.output_dir) if c.run_id not in (self.run_id, None)]
-        if others and self.conflict is not None:  # resumed after construction: claim() could not check this
-            raise RunDirectoryError(_conflict(self.output_dir, others))
-        self.conflict = None
         self._main(lambda: self._resume(state["step"], trainer))
         self.started = True
 
     def _resume(self, step: int, trainer: str) -> None:
+        others = [c for c in list_checkpoints(self.output_dir) if c.run_id not in (self.run_id, None)]
+        if others and not self.overwrite:  # written since claim(), or resumed after construction (TRL's way)
+            raise RunDirectoryError(_conflict(self.output_dir, others, []))
+        _delete([c.path for c in others], "overwrite_output_dir=True")
         foreign_metrics = directory_owner(self.output_dir) not in (None, self.run_id)
         newer = [c.path for c in list_checkpoints(self.output_dir)
                  if c.step > step and c.run_id in (self.run_id, None)]
@@ -257,9 +283,13 @@ class RunDirectory:
             {"run_id": self.run_id, "trainer": trainer, "resumed_from": self.checkpoint, "time": time.time()},
             indent=1) + "\n")
 
+    def checkpoints(self) -> list[str]:
+        """This run's complete checkpoints on disk (with a manifest; unverified), oldest first."""
+        return run_checkpoints(self.output_dir, self.run_id)
+
     def newest_checkpoint(self) -> str | None:
         """This run's newest checkpoint on disk (by step, unverified)."""
-        own = [c.path for c in list_checkpoints(self.output_dir) if c.run_id == self.run_id]
+        own = self.checkpoints()
         return own[-1] if own else None
 
     def release(self) -> None:
@@ -267,19 +297,30 @@ class RunDirectory:
             self.lock.release()
 
 
-def _conflict(output_dir: str, others: list[Checkpoint]) -> str:
-    names = ", ".join(os.path.basename(c.path) for c in others[:5]) + (", ..." if len(others) > 5 else "")
-    return (f"output_dir {output_dir} holds {len(others)} checkpoint(s) of another run ({names}). A new run there "
-            "would mix its checkpoints with them, and resume_from_checkpoint='latest' could pick the wrong run. "
-            "Resume that run (resume_from_checkpoint='latest'), give this run another output_dir, or set "
-            "overwrite_output_dir=True to delete them.")
+def _conflict(output_dir: str, others: list[Checkpoint], files: list[str]) -> str:
+    """Why a run may not write to ``output_dir``: another run's checkpoints ``others`` and outputs ``files``."""
+    held = []
+    if others:
+        names = ", ".join(os.path.basename(c.path) for c in others[:5]) + (", ..." if len(others) > 5 else "")
+        held.append(f"{len(others)} checkpoint(s) of another run ({names})")
+    if files:
+        held.append(f"another run's {', '.join(files[:6])}" + (", ..." if len(files) > 6 else ""))
+    resume = "Resume that run (resume_from_checkpoint='latest'), give" if others else "Give"
+    return (f"output_dir {output_dir} holds {' and '.join(held)}. A new run there would delete or overwrite them"
+            + (", and resume_from_checkpoint='latest' could pick the wrong run" if others else "")
+            + f". {resume} this run another output_dir, or set overwrite_output_dir=True (--overwrite_output_dir on "
+            "the command line) to delete them.")
 
 
 def _delete(paths: list[str], why: str) -> None:
     if paths:
-        logger.warning("%s: deleting %d checkpoint(s) of another run: %s", why, len(paths), ", ".join(paths))
+        logger.warning("%s: deleting %d checkpoint(s) or file(s) of another run: %s", why, len(paths),
+                       ", ".join(paths))
     for path in paths:
-        shutil.rmtree(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _move(path: str, directory: str) -> str:

@@ -9,14 +9,16 @@ tools=...)``). Tokenizers whose template ignores ``tools`` get the plain-text de
 
 and ending the turn (an EOS token). This is the Hermes / Qwen2.5 format; whitespace around the JSON is allowed.
 
-``ToolExecutor`` runs the calls of a turn. A call that raises, runs past ``timeout`` seconds, names an unknown
-tool, has bad arguments or returns more than ``max_chars`` characters gives the model an error message (or
-the cut result) of at most ``max_chars`` characters, never an exception in the trainer. With ``workers`` > 0
-the calls run in that many worker processes, and a call past its time is ended by killing its process (a
-thread cannot be killed: a tool that hangs forever would keep a thread, and a core, forever); ``workers=0``
-runs them in threads of the trainer's process, where a hung call is abandoned, not stopped.
+``ToolExecutor`` runs the calls of a turn (an ``async def`` tool too). A call that raises (or calls ``sys.exit``),
+runs past ``timeout`` seconds, names an unknown tool, has bad arguments or returns more than ``max_chars``
+characters gives the model an error message (or the cut result) of at most ``max_chars`` characters, never an
+exception in the trainer. With ``workers`` > 0 the calls run in that many worker processes, and a call past its
+time is ended by killing its process (a thread cannot be killed: a tool that hangs forever would keep a thread, and
+a core, forever); ``workers=0`` runs them in threads of the trainer's process, where a hung call is abandoned, not
+stopped.
 """
 
+import asyncio
 import inspect
 import json
 import logging
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from rlhf.rewards import call_with_timeout
+from rlhf.user_code import call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -100,22 +102,43 @@ class ToolResult:
     status: str
 
 
+MAX_CALL_DEPTH = 32
+"""Deepest nesting of objects and lists in a call's JSON; deeper is a bad call. Python's json, pickle (to a tool
+process) and the chat template all recurse, and ~1000 levels raise RecursionError in the trainer."""
+
+
+def _parse_json(text: str):
+    """(value, None), or (None, why) for text that is not JSON or nests deeper than ``MAX_CALL_DEPTH``."""
+    too_deep = f"the call's JSON is nested deeper than {MAX_CALL_DEPTH} levels: {bounded(text, 200)[0]}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"the call is not valid JSON ({error.msg}): {bounded(text, 200)[0]}"
+    except RecursionError:
+        return None, too_deep
+    stack = [(value, 1)]
+    while stack:  # a loop, not recursion: the depth is what is being bounded
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_CALL_DEPTH:
+                return None, too_deep
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value, None
+
+
 def parse_tool_calls(text: str) -> list[ToolCall]:
-    """Every ``<tool_call>...</tool_call>`` block of ``text``, in order; an unclosed block is a bad call."""
+    """Every ``<tool_call>...</tool_call>`` block of ``text``, in order; an unclosed block, JSON that does not parse or
+    nests deeper than ``MAX_CALL_DEPTH``, is a bad call (never an exception)."""
     calls = []
     for block in TOOL_CALL.findall(text):
-        try:
-            data = json.loads(block)
-        except json.JSONDecodeError as error:
-            calls.append(ToolCall(None, None, f"the call is not valid JSON ({error.msg}): {bounded(block, 200)[0]}"))
+        data, error = _parse_json(block)
+        if error is not None:
+            calls.append(ToolCall(None, None, error))
             continue
         name = data.get("name") if isinstance(data, dict) else None
         arguments = data.get("arguments", data.get("parameters", {})) if isinstance(data, dict) else None
         if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                arguments = None
+            arguments = _parse_json(arguments)[0]
         if not isinstance(name, str) or not isinstance(arguments, dict):
             calls.append(ToolCall(name if isinstance(name, str) else None, None,
                                   'a call is {"name": <string>, "arguments": {<object>}}; got '
@@ -136,9 +159,13 @@ def bounded(text: str, max_chars: int) -> tuple[str, bool]:
 
 
 def _call(fn: Callable, arguments: dict, max_chars: int) -> tuple[str, str]:
-    """(status, content) of one call; never raises. Runs in a worker (process or thread)."""
+    """(status, content) of one call; never raises (a ``sys.exit`` in the tool included). Runs in a worker (process or
+    thread); an ``async def`` tool is run to completion there."""
     try:
-        content, cut = bounded(str(fn(**arguments)), max_chars)
+        result = fn(**arguments)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+        content, cut = bounded(str(result), max_chars)
         return ("long" if cut else "ok"), content
     except BaseException as error:  # noqa: BLE001 - the model sees it; the trainer carries on
         return "error", bounded(f"Error: {type(error).__name__}: {error}", max_chars)[0]

@@ -90,17 +90,34 @@ def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[s
         notes.append(f"{key}=None -> the default here, {defaults.get(key)!r}")
     out = dict(ours)
     explicit = set(ours)
+    set_by: dict[str, str] = {}  # our field -> the TRL setting that gave it
 
     def give(name: str, value, source: str) -> None:
-        """Set our field ``name`` from a TRL setting, unless the user set it as well (settings that decide over
-        another, as TRL's save_strategy over save_steps, or add to one, as reward_model_name_or_path, always set)."""
+        """Set our field ``name`` from a TRL setting, unless the user set it as well, or another TRL setting gave it
+        another value (settings that decide over another, as TRL's save_strategy over save_steps, or add to one, as
+        reward_model_name_or_path, always set): the last one would win silently."""
         if name in explicit and out.get(name) != value and source not in OVERRIDING:
             errors.append(f"{source} sets {name}={value!r}, but {name}={out[name]!r} is given too; keep one of them.")
+            return
+        if name in set_by and out.get(name) != value and source not in OVERRIDING and set_by[name] not in OVERRIDING:
+            errors.append(f"{set_by[name]} sets {name}={out[name]!r} and {source} sets {name}={value!r}; keep one of "
+                          "them.")
             return
         if name not in fields:
             errors.append(f"{source}: {name} is not a field here.")
             return
         out[name] = value
+        set_by[name] = source
+
+    if "bf16" in trl and "fp16" in trl:  # as TRL: the one that is true decides; both true, give() reports
+        try:
+            on = [k for k in ("bf16", "fp16") if trl[k] is not None and parse_bool(trl[k], k)]
+        except ValueError:  # the rule itself reports it
+            on = None
+        if on in ([], ["bf16"]):
+            del trl["fp16"]
+        elif on == ["fp16"]:
+            del trl["bf16"]
 
     for key in [k for k in trl if k in SHARED_RULES]:  # TRL values for names we share
         value = trl.pop(key)
@@ -296,6 +313,28 @@ def log_notes(notes: list[str]) -> None:
     _logged.update(fresh)
     if fresh and os.environ.get("RANK", "0") == "0":
         logger.warning("TRL settings, as this library reads them:\n  " + "\n  ".join(fresh))
+
+
+def trl_attribute(config, name: str, value) -> dict | None:
+    """Our fields for TRL's ``name`` set on ``config`` after construction (``args.beta = 0.5``), by the rule that maps
+    it at construction; None for a name that has no effect here. A name whose rule needs the other settings (TRL's
+    batch sizes, save_strategy) or that maps to no field of this config is an AttributeError naming what to set
+    instead; a value with no equivalent here is a ValueError, as at construction."""
+    entry, fields = BY_NAME[name], {f.name for f in dataclasses.fields(config)}
+    if entry.kind == "accepted" or entry.becomes.startswith("no effect"):
+        return None
+    mapped = None
+    if entry.apply is not None and name not in BATCH_NAMES:
+        mapped = entry.apply(value)  # ValueError: the value has no equivalent here
+    where = f"{type(config).__name__} has no attribute {name} (TRL's name)"
+    if name in SHARED_RULES or (mapped is not None and not set(mapped) <= fields):
+        raise AttributeError(f"{where}, nor a field it maps to: this algorithm does not use it.")
+    if mapped is None:
+        raise AttributeError(f"{where} after construction: set {entry.becomes.split(';')[0]} instead, or give {name} "
+                             "to the constructor.")
+    log_notes([f"{name}={_shown(value)!r} (set after construction) -> "
+               + (", ".join(f"{n}={_shown(v)!r}" for n, v in mapped.items()) or "nothing")])
+    return mapped
 
 
 class AcceptsTRLNames(type):

@@ -24,7 +24,7 @@ def test_bench_smoke_runs_ours_and_trl_and_writes_the_record(tmp_path):
     for run in record["results"].values():
         assert len(run["step_seconds"]) == 2 and run["median_step_s"] > 0 and run["peak_memory_mb"] > 0
     assert {"generate", "update", "reference", "score"} <= set(record["results"]["ours_grpo"]["phases"])
-    assert record["floors"]["generate"] > 0 and record["torch"] and record["matched_settings"]
+    assert record["floors"]["ours_grpo"]["generate"] > 0 and record["torch"] and record["matched_settings"]
     (path,) = glob.glob(str(tmp_path / "memory_smoke-*.json"))
     record = json.load(open(path))
     assert set(record["results"]) == {"ours_grpo"} and "x floor" in result.stdout

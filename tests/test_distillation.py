@@ -7,8 +7,10 @@ import pytest
 import torch
 from helpers import gradient, independent_lengths, make_trainer, policy_gradient_reference, relative_error
 from test_policy_variants import perturb, sequence_scores
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 
-from rlhf.extras.tiny import char_tokenizer, save_tiny, tiny_model
+from rlhf.extras.tiny import TOOL_VOCAB_SIZE, char_tokenizer, save_tiny, tiny_model
 from rlhf.metrics import StepMetrics
 
 
@@ -69,14 +71,47 @@ def test_distillation_alone_is_the_policy_gradient_of_the_teacher_signal(tmp_pat
     assert relative_error(grad, reference) < 1e-5
 
 
+def swapped_tokenizer():
+    """The character tokenizer with the ids of "a" and "b" exchanged: one vocabulary, another numbering."""
+    vocab = char_tokenizer().get_vocab()
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")))
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_at_construction(tmp_path):
-    other = char_tokenizer()
-    other.add_tokens(["<tool>"])
-    with pytest.raises(ValueError, match="does not share the student's tokenizer"):
-        make_trainer(tmp_path, model=student(), trainer_kwargs=dict(teacher_model=teacher(),
-                                                                    teacher_processing_class=other))
+    with pytest.raises(ValueError, match=r"does not share the student's tokenizer.*'a': student 14, teacher 15"):
+        make_trainer(tmp_path / "swapped", model=student(), trainer_kwargs=dict(
+            teacher_model=teacher(), teacher_processing_class=swapped_tokenizer()))
+    # Extra teacher tokens at ids the student's model can sample (its head has 104 rows, its tokenizer 102 tokens):
+    # the same id would mean a token to one and nothing to the other.
+    with pytest.raises(ValueError, match=r"'<tool_call>': student None, teacher 102"):
+        make_trainer(tmp_path / "padded", model=tiny_model("llama", vocab_size=TOOL_VOCAB_SIZE, hidden_size=32),
+                     trainer_kwargs=dict(teacher_model=tiny_model("llama", vocab_size=TOOL_VOCAB_SIZE),
+                                         teacher_processing_class=char_tokenizer(tools=True)))
     with pytest.raises(ValueError, match="teacher_processing_class"):  # an object with no tokenizer to check
-        make_trainer(tmp_path, model=student(), trainer_kwargs=dict(teacher_model=teacher()))
+        make_trainer(tmp_path / "object", model=student(), trainer_kwargs=dict(teacher_model=teacher()))
+
+
+def test_a_teacher_whose_vocabulary_extends_the_students_is_scored_over_the_students_ids(tmp_path):
+    """A teacher whose tokenizer adds tokens after the student's ids (<tool_call>, </tool_call> at 102, 103) is
+    accepted. The student samples only its own ids, so the teacher's distribution is taken over those, renormalised:
+    log p_T(y) = x_y - logsumexp(x[:V_student]), here from the untouched teacher's full logits, sequence by sequence.
+    The negative control: the teacher's log-probs over its whole vocabulary differ (it puts mass on its extra ids)."""
+    big = tiny_model("llama", vocab_size=TOOL_VOCAB_SIZE, hidden_size=64, num_layers=3, num_heads=4, seed=7)
+    untouched = copy.deepcopy(big)
+    trainer = make_trainer(tmp_path, model=student(), trainer_kwargs=dict(
+        teacher_model=big, teacher_processing_class=char_tokenizer(tools=True)))
+    batch, _ = trainer.make_rollout(0)
+    vocab = student().config.vocab_size
+    with torch.no_grad():
+        for i, n in enumerate(independent_lengths(batch.completion_ids)):
+            prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+            completion = batch.completion_ids[i, :n]
+            logits = untouched(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1: -1]
+            restricted = torch.log_softmax(logits[:, :vocab], -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+            whole = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+            torch.testing.assert_close(batch.teacher_logprobs[i, :n], restricted, atol=1e-5, rtol=0)
+            assert ((whole - restricted).abs() > 1e-3).all()
 
 
 def test_a_teacher_from_a_path_in_its_own_dtype_offloaded(tmp_path):

@@ -83,6 +83,45 @@ def test_refill_prompts_are_a_pure_function_of_seed_step_and_round():
     assert PromptSampler(3, 4, seed=5).refill_indices(0, 1) != []  # a dataset smaller than a step repeats
 
 
+def check_refills_draw_the_least_used_prompts(sampler, step, rounds):
+    """Replays round 0 and the refill rounds of ``step`` prompt by prompt, counting how often the step has used each
+    prompt: every refill draw must be one of the least used so far (so no prompt repeats while one is unused).
+    Returns the counts."""
+    counts = [0] * sampler.dataset_size
+    for index in sampler.global_indices(step):
+        counts[index] += 1
+    for round_index in range(1, rounds + 1):
+        for index in sampler.refill_indices(step, round_index):
+            assert counts[index] == min(counts), (step, round_index, index, counts)
+            counts[index] += 1
+    return counts
+
+
+def test_refills_never_repeat_a_prompt_of_the_step_while_the_dataset_has_unused_ones():
+    """30 prompts, 4 a round: round 0 and six refill rounds use 28 distinct prompts, at every step."""
+    sampler = PromptSampler(30, 4, seed=5)
+    for step in range(20):
+        counts = check_refills_draw_the_least_used_prompts(sampler, step, rounds=6)
+        assert max(counts) == 1 or step * 4 % 30 > 26  # round 0 itself may straddle two epochs
+
+
+def test_once_the_dataset_is_used_up_refills_take_the_least_used_prompts():
+    """10 prompts, 4 a round: after 10 every prompt is used once, and a prompt is drawn a third time only after every
+    prompt was drawn twice. A dataset smaller than a step (3 prompts, 4 a round) repeats, as evenly as it can."""
+    for size in (10, 3):
+        sampler = PromptSampler(size, 4, seed=1)
+        for step in range(5):
+            counts = check_refills_draw_the_least_used_prompts(sampler, step, rounds=6)
+            assert max(counts) - min(counts) <= 2 and sum(counts) == 28
+
+
+def test_every_process_takes_its_share_of_the_same_refill():
+    processes = [PromptSampler(30, 4, seed=5, num_processes=2, process_index=rank) for rank in (0, 1)]
+    for round_index in (1, 2):
+        assert processes[0].indices(3, round_index) + processes[1].indices(3, round_index) == \
+            processes[0].refill_indices(3, round_index)
+
+
 def test_resume_with_dynamic_sampling_equals_an_uninterrupted_run(tmp_path):
     common = dict(max_steps=2, save_steps=1, reward=half_informative, filter_zero_std_groups=True,
                   max_sampling_rounds=6, num_epochs=2, mini_batch_size=8, micro_batch_size=8)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from launching import run_launch
 from transformers import AutoModelForCausalLM
 
@@ -39,7 +40,16 @@ def test_grpo_recipe_learns_through_accelerate_launch(tmp_path):
         assert key in records[0], key
     rewards = [r["reward/mean"] for r in records]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
-    assert AutoModelForCausalLM.from_pretrained(str(out / "model")) is not None
+    assert_trained_model_saved(str(out / "model"), model_dir)
+
+
+def assert_trained_model_saved(saved: str, initial: str, changed: bool = True) -> None:
+    """``saved`` holds a whole model of ``initial``'s architecture (every tensor, finite), and with ``changed`` one
+    whose weights training moved (a run whose rewards were all equal may legitimately not move them)."""
+    trained, start = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (saved, initial))
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert not changed or any(not torch.equal(trained[k], start[k]) for k in start)
 
 
 def test_ppo_and_reinforce_recipes_run_through_accelerate_launch(tmp_path):
@@ -56,14 +66,16 @@ def test_ppo_and_reinforce_recipes_run_through_accelerate_launch(tmp_path):
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2, 3]
         assert all(r["kl_coef"] == 0.05 and "kl/sequence" in r for r in records)
-        assert AutoModelForCausalLM.from_pretrained(str(out / "model")) is not None
+        assert_trained_model_saved(str(out / "model"), model_dir, changed=False)  # 3 steps of a random model
     assert "critic/explained_variance" not in records[0]  # the last run, reinforce, has no critic
     critic_records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss/value", "critic/value_clip_frac", "critic/explained_variance", "critic/returns_mean",
                 "critic/values_mean", "policy/approx_kl", "kl"):
         assert key in critic_records[-1], key
     assert "grad_norm" not in critic_records[0] and "grad_norm" in critic_records[1]  # critic warm-up step
-    assert ValueModel.from_pretrained(str(tmp_path / "ppo" / "critic")) is not None
+    critic = ValueModel.from_pretrained(str(tmp_path / "ppo" / "critic"))
+    values = critic(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long)).values
+    assert values.shape == (1, 3) and torch.isfinite(values).all()
 
 
 def test_rlhf_chain_reward_model_then_ppo_through_accelerate_launch(tmp_path):

@@ -24,7 +24,7 @@ def test_two_processes_match_one(tmp_path):
     # Rewards and group advantages were computed over both processes: the reduced metric is the mean over
     # all 16 completions, and each group of 4 (kept on one process) has advantages summing to 0.
     # Greedy evaluation with the prompts dealt to two processes (4 and 3) equals the one-process evaluation.
-    single = make_trainer(tmp_path / "eval", **EVAL_SETTINGS).evaluate(EVAL_PROMPTS, step=0)
+    single = make_trainer(tmp_path / "eval_single", **EVAL_SETTINGS).evaluate(EVAL_PROMPTS, step=0)
     assert out["evaluation"] == single and 0 < single["eval/accuracy"] < 1
     trainer = make_trainer(tmp_path / "single", mini_batch_size=16, micro_batch_size=4, kl_coef=0.1)
     lengths = batch.completion_mask.sum(dim=1).tolist()

@@ -196,23 +196,87 @@ def test_a_step_logs_the_mismatch_with_or_without_a_correction(tmp_path):
 
 # ---------------------------------------------------------------- entropy-selected tokens
 
+def independent_selection(model, batch, fraction):
+    """[B, T] 1 on the ceil(fraction * N) valid tokens of highest entropy, each sequence scored alone, by sorting a
+    list. Asserts that the choice is clear (no entropy within 1e-5 of the threshold on the other side)."""
+    scored = []
+    with torch.no_grad():
+        for i, n in enumerate(independent_lengths(batch.completion_ids)):
+            _, entropy = sequence_scores(model, batch, i)
+            scored += [(entropy[t].item(), i, t) for t in range(n)]
+    scored.sort(key=lambda e: -e[0])
+    keep = math.ceil(fraction * len(scored))
+    assert keep == len(scored) or scored[keep - 1][0] - scored[keep][0] > 1e-5
+    selected = torch.zeros(batch.completion_ids.shape)
+    for _, i, t in scored[:keep]:
+        selected[i, t] = 1.0
+    return selected
+
+
 @pytest.mark.parametrize("fraction", [0.2, 0.5])
-def test_entropy_selection_keeps_exactly_the_highest_entropy_fraction(tmp_path, fraction):
+def test_entropy_selection_zeroes_the_others_loss_but_keeps_them_in_the_token_count(tmp_path, fraction):
+    """Wang et al. 2025 (and TRL's top_entropy_quantile): the policy loss of the tokens outside the highest-entropy
+    fraction is multiplied by 0, the normaliser stays every valid completion token. First on-policy pass:
+    -sum_{selected} A grad log p / N_all, sequence by sequence. Negative control: dividing by the selected tokens
+    only (the ``top_entropy_normalization="selected"`` rule) is another gradient, about 1 / fraction larger."""
     trainer = make_trainer(tmp_path, top_entropy_quantile=fraction)
     batch, _ = trainer.make_rollout(0)
-    lengths = independent_lengths(batch.completion_ids)
-    kept, dropped = [], []
-    with torch.no_grad():
-        for i, n in enumerate(lengths):
-            _, entropy = sequence_scores(trainer.model, batch, i)
-            kept += entropy[batch.loss_mask[i, :n].bool()].tolist()
-            dropped += entropy[~batch.loss_mask[i, :n].bool()].tolist()
-    assert len(kept) == math.ceil(fraction * sum(lengths)) and len(kept) + len(dropped) == sum(lengths)
-    assert min(kept) >= max(dropped) - 1e-5
-    # The others are out of the loss and of its token count: the gradient is the policy gradient of the kept
-    # tokens, divided by their number.
+    selected = independent_selection(trainer.model, batch, fraction)
     grad = gradient(trainer, batch)
-    assert relative_error(grad, weighted_policy_gradient(trainer.model, batch, batch.loss_mask)) < 1e-5
+    reference = weighted_policy_gradient(trainer.model, batch, batch.completion_mask, selected)
+    assert relative_error(grad, reference) < 1e-5
+    assert relative_error(weighted_policy_gradient(trainer.model, batch, selected), reference) > 0.5
+    assert torch.equal(batch.selected_tokens.float(), selected) and torch.equal(batch.loss_mask, batch.completion_mask)
+
+
+def test_entropy_selection_counted_over_the_selected_tokens_on_request(tmp_path):
+    """``top_entropy_normalization="selected"``: the others leave the loss and its token count (-sum_{selected} A
+    grad log p / N_selected)."""
+    trainer = make_trainer(tmp_path, top_entropy_quantile=0.3, top_entropy_normalization="selected")
+    batch, _ = trainer.make_rollout(0)
+    selected = independent_selection(trainer.model, batch, 0.3)
+    assert torch.equal(batch.loss_mask.float(), selected)
+    assert relative_error(gradient(trainer, batch), weighted_policy_gradient(trainer.model, batch, selected)) < 1e-5
+
+
+def gspo_selected_gradient(model, batch, selected, clip_eps, ratio_tokens):
+    """GSPO with entropy-selected tokens, by loop: s_i = exp(mean over the tokens of ``ratio_tokens`` ([B, T]) of
+    log p - log p_old), l_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps, 1 + eps)) at each selected token of row i; the
+    sum over rows, divided by every valid token (token-mean). Returns (gradient, [B] bool: row i clipped)."""
+    model.zero_grad(set_to_none=True)
+    loss, clipped = 0.0, []
+    for i, n in enumerate(independent_lengths(batch.completion_ids)):
+        logprobs, _ = sequence_scores(model, batch, i)
+        tokens = ratio_tokens[i, :n].bool()
+        if not tokens.any():  # the row has no selected token: no ratio, no loss
+            clipped.append(False)
+            continue
+        s = torch.exp((logprobs - batch.old_logprobs[i, :n])[tokens].mean())
+        a = batch.advantages[i]
+        loss = loss + selected[i, :n].sum() * torch.maximum(-a * s, -a * s.clamp(1 - clip_eps, 1 + clip_eps))
+        clipped.append(bool(abs(s.item() - 1) > clip_eps))
+    (loss / batch.completion_mask.sum()).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]), torch.tensor(clipped)
+
+
+@pytest.mark.parametrize("normalization", ["completion", "selected"])
+def test_gspo_sequence_ratio_spans_the_whole_completion_under_entropy_selection(tmp_path, normalization):
+    """GSPO (Zheng et al. 2025) and TRL take the sequence ratio over all of a completion's tokens; the entropy
+    selection only chooses which tokens carry the loss, whatever counts them. Compared by direction (token-mean: the
+    normaliser is a constant, the previous tests'); the negative control, the ratio over the selected tokens only,
+    clips other rows."""
+    eps = 0.02
+    trainer = make_trainer(tmp_path, importance_sampling_level="sequence", top_entropy_quantile=0.3, num_epochs=2,
+                           clip_eps_low=eps, clip_eps_high=eps, top_entropy_normalization=normalization)
+    batch, _ = trainer.make_rollout(0)
+    selected = independent_selection(trainer.model, batch, 0.3)
+    perturb(trainer.model)
+    grad = gradient(trainer, batch)
+    reference, clipped = gspo_selected_gradient(trainer.model, batch, selected, eps, batch.completion_mask)
+    naive, naive_clipped = gspo_selected_gradient(trainer.model, batch, selected, eps, selected)
+    assert 0 < clipped.sum() < len(clipped) and (clipped != naive_clipped).any()
+    assert relative_error(grad / grad.norm(), reference / reference.norm()) < 1e-5
+    assert relative_error(naive / naive.norm(), reference / reference.norm()) > 1e-2
 
 
 # ---------------------------------------------------------------- micro-batch invariance of every new loss
@@ -224,6 +288,8 @@ VARIANTS = {
     "token_truncate": dict(rollout_correction="token_truncate", top_k=20),
     "sequence_mask": dict(rollout_correction="sequence_mask", rollout_correction_cap=1.84, top_p=0.9),  # drops 5 of 16
     "entropy": dict(top_entropy_quantile=0.3, kl_coef=0.1, entropy_coef=0.01),
+    "entropy_selected": dict(top_entropy_quantile=0.3, top_entropy_normalization="selected", kl_coef=0.1,
+                             entropy_coef=0.01, importance_sampling_level="sequence_token"),
     "reinforce_pp_baseline": dict(algo="reinforce", baseline="reinforce++-baseline"),
 }
 
@@ -232,8 +298,10 @@ VARIANTS = {
 def test_gradient_does_not_depend_on_micro_batch_size(tmp_path, variant):
     trainer = make_trainer(tmp_path, num_epochs=2, **VARIANTS[variant])
     batch, _ = trainer.make_rollout(0)
-    if variant in ("sequence_mask", "entropy"):  # the variant does leave tokens out
+    if variant in ("sequence_mask", "entropy_selected"):  # the variant does leave tokens out
         assert 0 < batch.loss_mask.sum() < batch.completion_mask.sum()
+    if variant == "entropy":  # the others' policy loss is zeroed, they stay in the counts
+        assert 0 < batch.selected_tokens.sum() < batch.loss_mask.sum() == batch.completion_mask.sum()
     perturb(trainer.model)
     grads = {}
     for size in (1, 2, batch.size):

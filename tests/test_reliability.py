@@ -2,6 +2,8 @@
 that a crash cannot make look valid."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -97,6 +99,34 @@ def test_an_incomplete_checkpoint_is_never_latest(tmp_path):
 def test_save_total_limit_keeps_the_newest(tmp_path):
     make_trainer(tmp_path, max_steps=4, save_steps=1, save_total_limit=2).train()
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_a_full_disk_is_named_with_the_last_complete_checkpoint(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored) fails writes past it as a full disk does; torch's own
+    error for that is "unexpected pos 576 vs 534". In a real process, checkpoint-2 (its first file, the RNG state, is
+    14 kB) and then the final model are saved under a 4 kB limit: each names the directory, the fix and the last
+    complete checkpoint, and the half-written checkpoint is gone, so "latest" still finds checkpoint-1."""
+    code = (f"import resource, signal, sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "from helpers import make_trainer\n"
+            f"trainer = make_trainer({str(tmp_path)!r}, max_steps=1, save_steps=1, max_new_tokens=4)\n"
+            "trainer.train()\n"
+            "trainer.run_step()\n"
+            "trainer.step += 1\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            f"for save in (trainer.save_checkpoint, lambda: trainer.save_model({str(tmp_path / 'final')!r})):\n"
+            "    try:\n        save()\n    except Exception as error:\n"
+            "        print(f'{type(error).__name__}: {error}')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint, final = result.stdout.strip().splitlines()[-2:]
+    last = f"the last complete checkpoint is {tmp_path / 'checkpoint-1'}."
+    assert checkpoint.startswith(f"DiskFullError: no space left on {tmp_path / 'checkpoint-2'} (") and (
+        "free space or change output_dir; " + last) in checkpoint, checkpoint
+    assert final.startswith(f"DiskFullError: no space left on {tmp_path / 'final'} (") and (
+        "free space or save to another path; " + last) in final, final
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    assert [p for p in sorted(os.listdir(tmp_path)) if p.startswith(("checkpoint", "final"))] == ["checkpoint-1"]
 
 
 def test_checkpoint_state_loads_without_pickle(tmp_path):

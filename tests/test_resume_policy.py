@@ -13,7 +13,7 @@ from test_reliability import poison_advantages
 from rlhf.extras.tiny import tiny_model
 from rlhf.integrity import CheckpointError, sha256
 from rlhf.run_dir import RunDirectoryError, resolve_checkpoint
-from rlhf.trainer import NonFiniteError
+from rlhf.trainer import NonFiniteError, WeightsBlownUpError
 
 FAST = dict(max_new_tokens=4)
 
@@ -208,3 +208,39 @@ def test_a_run_that_recovers_skips_only_the_checkpoint_of_the_bad_step(tmp_path,
     trainer.train()
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-3"]
     assert "Step 2: an update was skipped as non-finite; no checkpoint is written" in caplog.text
+
+
+def blow_up_learning_rate(trainer, learning_rate=1e30):
+    """A learning rate that no config accepts (validation stops at 1), set on the built optimizer and schedule: the
+    next update moves every weight by about 1e30, which stays finite."""
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = learning_rate
+    trainer.scheduler.base_lrs = [learning_rate] * len(trainer.optimizer.param_groups)
+
+
+def test_an_update_that_blows_the_weights_up_stops_the_run_before_they_are_saved(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3, save_steps=1, **FAST)
+    blow_up_learning_rate(trainer)
+    with pytest.raises(WeightsBlownUpError, match=r"step 1: an optimizer step blew up the actor's weights: their norm "
+                                                  r"went from [0-9.]+ to .* in one update.*lower learning_rate.*this "
+                                                  r"run has written no checkpoint"):
+        trainer.train()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("checkpoint")]
+
+
+def test_a_checkpoint_with_blown_up_weights_is_never_called_the_last_good_one(tmp_path):
+    """Weights blown up outside an update (here by a callback, so the update guard never sees it) are saved as
+    checkpoint-2; the NonFiniteError that follows names checkpoint-1, whose weights are healthy."""
+    class Inflate:
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.mul_(1e30)
+
+    trainer = make_trainer(tmp_path, max_steps=6, save_steps=1, max_nonfinite_updates=2,
+                           trainer_kwargs={"callbacks": [Inflate()]}, **FAST)
+    poison_advantages(trainer, {2, 3})
+    with pytest.raises(NonFiniteError, match=rf"the last good one is {tmp_path / 'checkpoint-1'}\."):
+        trainer.train()
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]

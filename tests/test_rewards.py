@@ -1,6 +1,7 @@
 """Reward functions: TRL's calling convention, validation that names the function and sample, None."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -52,6 +53,34 @@ def test_an_exception_is_traced_to_its_sample():
 
     with pytest.raises(RewardError, match=r"'fragile' raised ZeroDivisionError.* on sample 1"):
         call(fragile)
+
+
+def test_sys_exit_and_keyboard_interrupt_are_named_and_a_ctrl_c_stays_one():
+    """With reward_timeout the function runs in a thread of its own, where a KeyboardInterrupt can only be its own
+    doing: named like a sys.exit. Without one it runs in the trainer's thread, where it may be the user's Ctrl-C: it
+    stays a KeyboardInterrupt, noting the function it interrupted."""
+    def leaves(prompts, completions, **kwargs):
+        if "5" in completions:
+            raise KeyboardInterrupt if kwargs["answer"][1] == "4" else SystemExit(3)
+        return [0.0] * len(completions)
+
+    def outcome(fn, columns, timeout):
+        try:  # a KeyboardInterrupt escaping pytest.raises would end the whole session
+            RewardFunction(fn, timeout=timeout)(PROMPTS, COMPLETIONS, IDS, columns)
+        except BaseException as error:  # noqa: BLE001 - the point of the test
+            return error
+        return None
+
+    advice = r" \(a reward function must return its values; raise an exception to stop the run\) on sample 1"
+    error = outcome(leaves, COLUMNS, timeout=5)
+    assert isinstance(error, RewardError) and re.match(rf"reward function 'leaves' raised KeyboardInterrupt{advice}",
+                                                        str(error)), repr(error)
+    for timeout in (5, None):
+        error = outcome(leaves, {"answer": ["2", "x", "6"]}, timeout)
+        assert isinstance(error, RewardError) and re.match(rf"reward function 'leaves' called sys.exit\(3\){advice}",
+                                                            str(error)), repr(error)
+    error = outcome(leaves, COLUMNS, timeout=None)
+    assert type(error) is KeyboardInterrupt and error.__notes__ == ["(interrupted reward function 'leaves')"]
 
 
 def test_none_means_not_applicable_and_numbers_of_any_kind_are_accepted():

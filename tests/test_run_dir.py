@@ -1,8 +1,10 @@
 """A run owns its output directory: run identity, refusing another run's checkpoints, latest and rotation per
 run, the directory lock (real processes and signals), and resuming from an older checkpoint."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import make_trainer
+from helpers import PROMPTS, make_trainer
 
 from rlhf import GRPOConfig
 from rlhf.dir_lock import LOCK_FILE, DirectoryLocked
@@ -68,6 +70,67 @@ def test_latest_and_rotation_consider_only_this_runs_checkpoints(tmp_path):
     assert checkpoints(mine) == ["checkpoint-2", "checkpoint-9"]
     with pytest.raises(RunDirectoryError, match=r"checkpoint-9"):  # resuming next to it needs overwrite_output_dir
         make_trainer(mine, max_steps=3, resume_from_checkpoint="latest")
+
+
+def snapshot(directory) -> dict[str, str]:
+    """Every file under ``directory`` (but the lock) and a hash of its bytes."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if name != LOCK_FILE:
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def refusal(directory, holds: str) -> str:
+    return (rf"output_dir {re.escape(str(directory))} holds {holds}\. A new run there would delete or overwrite them.*"
+            r"this run another output_dir, or set overwrite_output_dir=True \(--overwrite_output_dir on the command "
+            r"line\) to delete them\.")
+
+
+def test_a_second_trainer_on_the_same_output_dir_is_refused_when_it_starts_writing(tmp_path):
+    """Ownership is checked when a run starts writing, not only at construction: both trainers are built on an empty
+    directory; before, the second overwrote the first's checkpoints and deleted its metrics."""
+    first = make_trainer(tmp_path, max_steps=2, save_steps=1)
+    second = make_trainer(tmp_path, max_steps=2, save_steps=1)
+    first.train()
+    written = snapshot(tmp_path)
+    holds = r"2 checkpoint\(s\) of another run \(checkpoint-1, checkpoint-2\) and another run's completions.jsonl, " \
+            r"metrics.jsonl"
+    for write in (second.train, second.save_checkpoint, second.save_model):
+        with pytest.raises(RunDirectoryError, match=refusal(tmp_path, holds)):
+            write()
+    assert snapshot(tmp_path) == written and directory_owner(str(tmp_path)) == first.run.run_id
+
+
+def test_a_finished_run_without_checkpoints_keeps_its_outputs_and_model(tmp_path):
+    """save_steps=0 leaves no checkpoint; before, a new run there deleted the old metrics.jsonl, completions.jsonl
+    and alarms.jsonl, and save_model() overwrote the old model."""
+    run = tmp_path / "run"
+    old = make_trainer(run, max_steps=1)
+    old.train()
+    old.save_model()  # TRL's default: output_dir itself
+    old.save_model(str(run / "model"))  # the recipes' place
+    (run / "alarms.jsonl").write_text('{"step": 1, "alarm": "written by the old run"}\n')
+    written = snapshot(run)
+    new = make_trainer(run, max_steps=1)
+    holds = r"another run's alarms.jsonl, completions.jsonl, metrics.jsonl, model.safetensors, model/model.safetensors"
+    for write in (new.train, new.save_model, lambda: new.save_model(str(run / "model")),
+                  lambda: new.evaluate(PROMPTS[:2])):
+        with pytest.raises(RunDirectoryError, match=refusal(run, holds)):
+            write()
+    assert snapshot(run) == written
+    new.save_model(str(tmp_path / "elsewhere"))  # outside output_dir: the user's to choose
+    assert os.path.exists(tmp_path / "elsewhere" / "model.safetensors")
+
+    replacing = make_trainer(run, max_steps=1, overwrite_output_dir=True)
+    replacing.train()
+    assert steps(run / "metrics.jsonl") == [1] and not os.path.exists(run / "model.safetensors")
+    alarms = run / "alarms.jsonl"  # this run's alarms, if it had any
+    assert not alarms.exists() or "the old run" not in alarms.read_text()
+    assert directory_owner(str(run)) == replacing.run.run_id
 
 
 @pytest.mark.parametrize("limit", [0, -1])

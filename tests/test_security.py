@@ -4,8 +4,10 @@ footguns are refused without an opt-in, --help says so, and LoRA adapters load o
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
+import torch
 
 from rlhf.cli import ConfigError, ScriptArguments, parse_args
 from rlhf.dataset_adapters import parse_mapping
@@ -30,6 +32,42 @@ def test_the_working_directory_never_shadows_an_installed_package(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     module, package_file, local = result.stdout.split()
     assert module == "reward_models.rules" and package_file.startswith(ROOT) and local == "my_rewards"
+    assert not marker.exists()
+
+
+def test_the_working_directory_never_shadows_an_editable_install(tmp_path):
+    """`pip install -e` finds a package through a finder that sits after the path finder in sys.meta_path, so a
+    same-named file in the working directory used to win even from the end of sys.path. A throwaway package installed
+    editable into a fresh venv (no network: a .pth lends it this interpreter's packages, setuptools and pip among
+    them), imported by a config path from a directory that holds a same-named module: the installed package is
+    imported, the local file never runs; a module only the working directory has is still importable."""
+    project, work, venv = tmp_path / "project", tmp_path / "work", tmp_path / "venv"
+    (project / "shadowed").mkdir(parents=True)
+    (project / "shadowed" / "__init__.py").write_text("")
+    (project / "shadowed" / "rules.py").write_text("def reward(prompts, completions, **kwargs):\n    return [1.0]\n")
+    (project / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools>=64"]\n'
+                                            'build-backend = "setuptools.build_meta"\n'
+                                            '[project]\nname = "shadowed"\nversion = "0"\n')
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    with open(os.path.join(site_packages, "lent.pth"), "w") as lent:
+        lent.write(sysconfig.get_path("purelib") + "\n")
+    python = str(venv / "bin" / "python")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": ROOT}
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e",
+                    str(project)], check=True, capture_output=True, env=env, timeout=120)
+    work.mkdir()
+    marker = tmp_path / "shadow-ran"
+    (work / "shadowed.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (work / "my_rewards.py").write_text("def length(prompts, completions, **kwargs):\n    return [0.0]\n")
+    code = ("from rlhf.imports import import_object\n"
+            "rule = import_object('shadowed.rules:reward')\n"
+            "local = import_object('my_rewards:length')\n"
+            "print(__import__('shadowed').__file__, local.__module__)\n")
+    result = subprocess.run([python, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    package_file, local = result.stdout.split()
+    assert package_file == str(project / "shadowed" / "__init__.py") and local == "my_rewards"
     assert not marker.exists()
 
 
@@ -79,4 +117,7 @@ def test_a_lora_adapter_loads_only_from_safetensors(tmp_path):
                                          r"\['adapter_model.bin'\]\); weights load only from safetensors"):
         load_policy(str(tmp_path / "pickled"), base_model_name_or_path=base)
     adapter.save_pretrained(tmp_path / "safe")
-    assert load_policy(str(tmp_path / "safe"), base_model_name_or_path=base) is not None
+    loaded = load_policy(str(tmp_path / "safe"), base_model_name_or_path=base)
+    expected = {k: v for k, v in adapter.state_dict().items() if "lora_" in k}
+    got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

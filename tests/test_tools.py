@@ -1,6 +1,7 @@
 """Tools: schemas from type hints and docstrings, the call format, and calls that raise, hang, crash or return
 too much (real functions, real timeouts, real processes)."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -70,7 +71,46 @@ def pid(x: int) -> str:
     return str(os.getpid())
 
 
-TOOLS = [calc, raises, hangs, sleeps, huge, crashes, pid]
+def exits(x: int) -> str:
+    """Call sys.exit.
+
+    Args:
+        x: The exit status.
+    """
+    sys.exit(x)
+
+
+def interrupts(x: int) -> str:
+    """Raise KeyboardInterrupt.
+
+    Args:
+        x: Any number.
+    """
+    raise KeyboardInterrupt
+
+
+async def adds(a: int, b: int) -> str:
+    """Add two numbers, asynchronously.
+
+    Args:
+        a: A number.
+        b: Another.
+    """
+    await asyncio.sleep(0)
+    return str(a + b)
+
+
+async def waits(seconds: float) -> str:
+    """Wait, asynchronously.
+
+    Args:
+        seconds: How long.
+    """
+    await asyncio.sleep(seconds)
+    return "waited"
+
+
+TOOLS = [calc, raises, hangs, sleeps, huge, crashes, pid, exits, interrupts, adds, waits]
 
 
 def call(name, **arguments):
@@ -129,6 +169,19 @@ def test_faulty_tools_give_bounded_messages_and_never_raise(workers):
         assert statuses[7] == "error" and "crashed" in results[7].content
         assert executor.run([call("calc", expr="1+1")])[0].content == "2"  # a new worker took over
     assert all(len(r.content) <= LIMIT for r in results)
+    executor.close()
+
+
+@pytest.mark.parametrize("workers", [2, 0], ids=["processes", "threads"])
+def test_tools_that_exit_or_interrupt_give_messages_and_async_tools_are_awaited(workers):
+    """A tool's sys.exit or KeyboardInterrupt is the model's error message, not the end of the run; an async def tool
+    is awaited (before, the model saw '<coroutine object ...>'), within the timeout."""
+    executor = ToolExecutor(TOOLS, timeout=0.5, max_chars=LIMIT, workers=workers)
+    results = executor.run([call("exits", x=4), call("interrupts", x=0), call("adds", a=2, b=3),
+                            call("waits", seconds=30)])
+    assert [(r.status, r.content) for r in results] == [
+        ("error", "Error: SystemExit: 4"), ("error", "Error: KeyboardInterrupt: "), ("ok", "5"),
+        ("timeout", "Error: waits did not return within 0.5 s and was stopped.")]
     executor.close()
 
 

@@ -13,6 +13,9 @@ from rlhf.rollout import RolloutTexts
 
 @pytest.mark.parametrize("overrides, message", [
     ({"learning_rate": float("inf")}, r"learning_rate=inf must be finite"),
+    ({"learning_rate": 1e30}, r"learning_rate=1e\+30 must be in \[0, 1\]: AdamW moves each weight by about the "
+                              r"learning rate per step"),
+    ({"learning_rate": -1e-5}, r"learning_rate=-1e-05 must be in \[0, 1\]"),
     ({"kl_coef": float("inf")}, r"kl_coef=inf must be finite"),
     ({"temperature": float("inf")}, r"temperature=inf must be finite"),
     ({"temperature": float("nan")}, r"temperature=nan must be finite"),
@@ -29,6 +32,14 @@ from rlhf.rollout import RolloutTexts
 def test_bad_field_values_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**overrides).validate()
+
+
+def test_the_critic_learning_rate_is_bounded_like_the_actors():
+    from rlhf import PPOConfig
+
+    with pytest.raises(ValueError, match=r"critic_learning_rate=2.0 must be in \[0, 1\]"):
+        PPOConfig(critic_learning_rate=2.0).validate()
+    PPOConfig(learning_rate=1.0, critic_learning_rate=0.0).validate()  # the bounds themselves are accepted
 
 
 def test_a_trainer_refuses_an_ill_typed_config_before_touching_anything(tmp_path):

@@ -39,16 +39,16 @@ def test_two_processes_give_one_process_gradient(two_processes, tmp_path, name):
 
 
 def test_entropy_selection_is_global_over_processes(two_processes, tmp_path):
-    """The gathered loss mask is the selection over the whole batch, recomputed here on one process; selecting within
+    """The gathered selection is the one over the whole batch, recomputed here on one process; selecting within
     each process's half (the naive way) keeps other tokens."""
     results, _ = two_processes
     batch = Rollout(**results["entropy"]["batch"])
     trainer = build(str(tmp_path), "entropy")
     _, entropy = rollout_logprobs(trainer.model, batch, trainer.plan, 1.0, with_entropy=True)
     mask = batch.completion_mask
-    assert torch.equal(batch.loss_mask.bool(), top_fraction_mask(entropy, mask, 0.3).bool())
+    assert torch.equal(batch.selected_tokens.bool(), top_fraction_mask(entropy, mask, 0.3).bool())
     halves = torch.cat([top_fraction_mask(entropy[rows], mask[rows], 0.3) for rows in (slice(0, 8), slice(8, 16))])
-    assert not torch.equal(halves.bool(), batch.loss_mask.bool())
+    assert not torch.equal(halves.bool(), batch.selected_tokens.bool())
 
 
 def test_reinforce_pp_baseline_whitens_over_both_processes(two_processes, tmp_path):

@@ -129,9 +129,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     ``tokens`` [...]. Equal to ``token_logprobs_and_entropy`` on the full logits, without building them in the
     forward or keeping them for the backward. The matmuls run in ``compute_dtype`` (default: the weight's), the
     softmax in fp32. The entropy has a gradient only with ``entropy_grad``. Tiles: ``token_chunk`` x
-    ``vocab_chunk`` (default ``TOKEN_CHUNK`` x ``VOCAB_CHUNK``, 64 MiB of fp32)."""
+    ``vocab_chunk`` (default ``TOKEN_CHUNK`` x ``VOCAB_CHUNK``, 64 MiB of fp32). A token id outside [0, V) raises
+    IndexError, as the logits path's gather does (the tiles would silently give it the log-prob of a zero logit)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_tokens = tokens.reshape(-1)
+    if flat_tokens.numel():
+        low, high = torch.stack(torch.aminmax(flat_tokens)).tolist()  # one reduction, one sync
+        if low < 0 or high >= weight.shape[0]:
+            raise IndexError(f"token id {low if low < 0 else high} is outside the LM head's vocabulary of "
+                             f"{weight.shape[0]} ids (0 .. {weight.shape[0] - 1}): the tokens come from another "
+                             "vocabulary than the model's.")
     logprobs, entropy = _LinearTokenLogprobs.apply(
         flat_hidden, weight, bias, flat_tokens, float(temperature), compute_dtype or weight.dtype,
         token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, entropy_grad)

@@ -86,6 +86,7 @@ def policy_loss(
     level: ImportanceLevel = "token",
     loss_type: PolicyLossType = "ppo",
     weights: torch.Tensor | None = None,
+    ratio_mask: torch.Tensor | None = None,
     **denominators,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss per token, aggregated with ``agg``. r = exp(log_importance_ratio(..., ``level``)): per token,
@@ -98,9 +99,12 @@ def policy_loss(
       with a clipped, stop-gradient importance weight: a clipped token still gives gradient, with its weight held at
       the bound.
 
-    ``weights`` [B, T] (no gradient; the rollout correction's) multiply each token's loss. ``advantages`` is
-    [B, T] or [B] (one per sequence, broadcast over its tokens). ``denominators`` (num_tokens, num_seqs, seq_len) are
-    passed to :func:`aggregate_loss`.
+    ``weights`` [B, T] (no gradient: the rollout correction's, the entropy selection's 0 / 1) multiply each token's
+    loss; ``mask`` alone decides what the denominators count. ``ratio_mask`` [B, T]: the tokens a sequence ratio
+    averages over, every valid token of the completion as in GSPO and TRL (default ``mask``); pass it when ``mask``
+    keeps only some of a row's tokens. ``advantages`` is [B, T] or [B] (one per sequence, broadcast over its tokens).
+    ``denominators`` (num_tokens, num_seqs, seq_len) are passed to :func:`aggregate_loss`. Log-probs outside both
+    masks may be -inf or NaN (a pad token's): they never reach the loss, a metric or the gradient.
 
     Metrics (masked means over the valid tokens): ``clip_frac_low`` / ``clip_frac_high`` (tokens whose clip is
     active: for ppo r < 1 - eps_low with A < 0, r > 1 + eps_high with A > 0; for cispo any r beyond a bound),
@@ -110,7 +114,11 @@ def policy_loss(
         raise ValueError(f"policy loss type must be one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    ratio = torch.exp(log_importance_ratio(logprobs, old_logprobs, mask, level).clamp(-20.0, 20.0))
+    ratio_mask = mask if ratio_mask is None else ratio_mask
+    # Zero the padding first: logp - sg(logp) of a -inf is NaN, and the backward's 0 x NaN would be NaN too.
+    scored = mask.bool() | ratio_mask.bool()
+    logprobs, old_logprobs = torch.where(scored, logprobs, 0.0), torch.where(scored, old_logprobs, 0.0)
+    ratio = torch.exp(log_importance_ratio(logprobs, old_logprobs, ratio_mask, level).clamp(-20.0, 20.0))
     clipped_ratio = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
     dual_clipped = torch.zeros_like(ratio, dtype=torch.bool)
     if loss_type == "cispo":

@@ -3,6 +3,6 @@
 checkpoints (``checkpointing.py``)."""
 
 from rlhf.trainer.trainer import GRPOTrainer, PPOTrainer, ReinforceTrainer, RLTrainer
-from rlhf.trainer.update import NonFiniteError
+from rlhf.trainer.update import NonFiniteError, WeightsBlownUpError
 
-__all__ = ["GRPOTrainer", "NonFiniteError", "PPOTrainer", "RLTrainer", "ReinforceTrainer"]
+__all__ = ["GRPOTrainer", "NonFiniteError", "PPOTrainer", "RLTrainer", "ReinforceTrainer", "WeightsBlownUpError"]

@@ -35,10 +35,12 @@ REFUSED_CHANGES = ("seed", "prompts_per_step", "num_generations", "mini_batch_si
 REFUSED_IDENTITY = ("trainer", "num_processes", "model_fingerprint", "train_dataset")
 
 
-def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = False) -> str:
+def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = False,
+               last_checkpoint: str | None = None) -> str:
     """Write the actor and tokenizer (safetensors) so that ``from_pretrained(path)`` loads them; a LoRA actor
     writes its adapter (``PeftModel.from_pretrained``), or with ``merge_lora`` the merged model. Other files
-    already in ``path`` are left alone. A collective: every process calls it."""
+    already in ``path`` are left alone; a full disk is a ``DiskFullError`` naming ``last_checkpoint``. A
+    collective: every process calls it."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -46,7 +48,8 @@ def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = Fals
         if merge_lora and hasattr(unwrapped, "merge_and_unload"):
             # Merge into a copy: merging and unmerging in place would not restore the weights bit for bit.
             unwrapped, state_dict = copy.deepcopy(unwrapped).merge_and_unload(), None
-        with ckpt.staged_directory(path) as tmp:
+        with (ckpt.naming_a_full_disk(path, "free space or save to another path", lambda: last_checkpoint),
+              ckpt.staged_directory(path) as tmp):
             _save_weights(unwrapped, tmp, state_dict, tokenizer)
     accelerator.wait_for_everyone()
     return path
@@ -73,28 +76,36 @@ def save_checkpoint(output_dir: str, step: int, accelerator, trained: list, toke
     tmp = f"{path}.tmp"
     accelerator.wait_for_everyone()
     state_dicts = [accelerator.get_state_dict(m.model) for m in trained]  # a collective under sharding
-    if accelerator.is_main_process:
-        for stale in (tmp, f"{path}.old"):
-            shutil.rmtree(stale, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    ckpt.save_torch_state(ckpt.rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
-    if accelerator.is_main_process:
-        for m, state_dict in zip(trained, state_dicts):
-            directory = os.path.join(tmp, m.directory)
-            os.makedirs(directory, exist_ok=True)
-            _save_weights(m.unwrapped, directory, state_dict, tokenizer if m.directory == "model" else None)
-            ckpt.save_torch_state(m.optimizer.state_dict(), os.path.join(tmp, f"{_prefix(m.directory)}optimizer.pt"))
-            ckpt.save_torch_state(m.scheduler.state_dict(), os.path.join(tmp, f"{_prefix(m.directory)}scheduler.pt"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.write_state(tmp, state)
-        write_manifest(tmp, {"run_id": state["run_id"], "step": step})  # written last: marks the checkpoint complete
-        if os.path.exists(path):
-            os.rename(path, f"{path}.old")
-        os.rename(tmp, path)
-        shutil.rmtree(f"{path}.old", ignore_errors=True)
-        run_dir.rotate_checkpoints(output_dir, save_total_limit, state["run_id"])
+
+    def last_complete():
+        return (run_dir.run_checkpoints(output_dir, state["run_id"]) or [None])[-1]
+
+    with ckpt.naming_a_full_disk(path, "free space or change output_dir", last_complete,
+                                 partial=tmp if accelerator.is_main_process else None):
+        if accelerator.is_main_process:
+            for stale in (tmp, f"{path}.old"):
+                shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        ckpt.save_torch_state(ckpt.rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            for m, state_dict in zip(trained, state_dicts):
+                directory = os.path.join(tmp, m.directory)
+                os.makedirs(directory, exist_ok=True)
+                _save_weights(m.unwrapped, directory, state_dict, tokenizer if m.directory == "model" else None)
+                prefix = os.path.join(tmp, _prefix(m.directory))
+                ckpt.save_torch_state(m.optimizer.state_dict(), f"{prefix}optimizer.pt")
+                ckpt.save_torch_state(m.scheduler.state_dict(), f"{prefix}scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.write_state(tmp, state)
+            # Written last: marks the checkpoint complete.
+            write_manifest(tmp, {"run_id": state["run_id"], "step": step})
+            if os.path.exists(path):
+                os.rename(path, f"{path}.old")
+            os.rename(tmp, path)
+            shutil.rmtree(f"{path}.old", ignore_errors=True)
+            run_dir.rotate_checkpoints(output_dir, save_total_limit, state["run_id"])
     accelerator.wait_for_everyone()
     return path
 

@@ -7,12 +7,14 @@
   policy to the reference, aggregated like the policy loss, with gradient.
 - ``kl_in=None`` or ``kl_coef=0``: no KL, and no reference model is loaded.
 
-``kl_target`` makes ``kl_coef`` adaptive (Ziegler et al. 2019) in either place.
+``kl_target`` makes ``kl_coef`` adaptive (Ziegler et al. 2019) in either place. It follows the rollout's KL to the
+reference, measured once per step: ``KLPenalty.measure`` when the rollout has the sampling policy's log-probs, else
+(on-policy, KL in the loss) the update's pass, which has not moved the policy yet (``UpdateResult.rollout_kl``).
 """
 
 import torch
 
-from rlhf.core import aggregate_loss, kl_penalty, masked_mean, masked_sum
+from rlhf.core import aggregate_loss, kl_penalty, masked_sum
 
 
 class AdaptiveKLController:
@@ -43,30 +45,60 @@ class KLPenalty:
         self.estimator = estimator
         self.controller = AdaptiveKLController(target, horizon) if target else None
 
-    def in_reward(self, token_rewards: torch.Tensor, rollout, metrics) -> torch.Tensor:
-        """``token_rewards`` [B, T] minus ``coef * KL`` per valid token when the KL sits in the reward (else
-        unchanged). Logs the rollout's KL per sequence whenever it is measured."""
+    def rollout_kl(self, rollout) -> torch.Tensor | None:
+        """The rollout's KL to the reference per token [B, T] (no gradient), from the sampling policy's and the
+        reference's log-probs when the rollout has both; else None (on-policy with the KL in the loss, the update's
+        pass measures it)."""
         if rollout.ref_logprobs is None or rollout.old_logprobs is None:
+            return None
+        return kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.estimator)
+
+    def measure(self, rollout, accelerator, metrics) -> float | None:
+        """The rollout's mean KL per sequence to the reference over every process (logged as ``kl/sequence``),
+        when the rollout has both log-probs; else None."""
+        kl = self.rollout_kl(rollout)
+        return None if kl is None else rollout_mean_kl(sequence_kl(kl, rollout.policy_tokens), accelerator, metrics)
+
+    def in_reward(self, token_rewards: torch.Tensor, rollout, metrics) -> torch.Tensor:
+        """``token_rewards`` [B, T] minus ``coef * KL`` per valid token when the KL sits in the reward (the rollout's
+        KL); else unchanged."""
+        kl = self.rollout_kl(rollout) if self.placement == "reward" else None
+        if kl is None:
             return token_rewards
-        mask = rollout.policy_tokens
-        kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.estimator)  # [B, T], no gradient
-        sequence_kl = masked_sum(kl, mask, dim=1)
-        metrics.add("kl/sequence", sequence_kl.mean(), sequence_kl.numel())
-        if self.placement != "reward":
-            return token_rewards
+        mask, sequences = rollout.policy_tokens, rollout.size
         metrics.add("kl", masked_sum(kl, mask) / mask.sum().clamp(min=1), mask.sum())
-        metrics.add("kl/reward_penalty", -self.coef * sequence_kl.mean(), sequence_kl.numel())
+        metrics.add("kl/reward_penalty", -self.coef * masked_sum(kl, mask) / sequences, sequences)
         return token_rewards - self.coef * torch.where(mask.bool(), kl.to(token_rewards.dtype), 0.0)
 
     def in_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, mask: torch.Tensor, agg: str,
-                denominators: dict) -> tuple[torch.Tensor | float, dict]:
-        """(``coef * aggregate(KL)`` with gradient, and its metric) when the KL sits in the loss; (0, {}) otherwise."""
+                denominators: dict) -> tuple[torch.Tensor | float, torch.Tensor | None]:
+        """(``coef * aggregate(KL)`` with gradient, and the KL per token, detached) when the KL sits in the loss;
+        (0, None) otherwise."""
         if self.placement != "loss":
-            return 0.0, {}
+            return 0.0, None
         kl = kl_penalty(logprobs, ref_logprobs, self.estimator)
-        return self.coef * aggregate_loss(kl, mask, agg, **denominators), {"kl": masked_mean(kl.detach(), mask)}
+        return self.coef * aggregate_loss(kl, mask, agg, **denominators), kl.detach()
 
     def update_coef(self, kl_per_sequence: float | None, num_samples: int) -> None:
-        """After a step: move an adaptive coefficient towards its target."""
+        """After a step: move an adaptive coefficient towards its target, given the rollout's mean KL per sequence
+        (None when the step measured none: the coefficient stays)."""
         if self.controller is not None and kl_per_sequence is not None:
             self.coef = self.controller.update(self.coef, kl_per_sequence, num_samples)
+
+
+def sequence_kl(token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(sum over rows of each row's KL, number of rows) as a float64 pair: pairs add over micro-batches and processes,
+    and their ratio is the mean KL per sequence."""
+    per_row = masked_sum(token_kl.double(), mask, dim=1)
+    return torch.stack([per_row.sum(), torch.tensor(float(per_row.numel()), dtype=torch.float64, device=per_row.device)])
+
+
+def rollout_mean_kl(total: torch.Tensor, accelerator, metrics=None) -> float:
+    """The mean KL per sequence over every process's rows, from this process's (sum, rows) pair; logged as
+    ``kl/sequence`` when ``metrics`` is given."""
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    mean = (total[0] / total[1].clamp(min=1)).item()
+    if metrics is not None:
+        metrics.add("kl/sequence", mean)  # already global: every process adds the same value
+    return mean

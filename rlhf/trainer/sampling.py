@@ -2,8 +2,9 @@
 
 One round: this process's share of the step's prompts, ``num_generations`` completions each, scored over the
 whole batch. With ``filter_zero_std_groups`` and ``max_sampling_rounds`` > 1, a group whose completions all scored
-the same carries no signal, so rounds of fresh prompts (``PromptSampler.indices(step, round)``, a pure function of
-seed, step and round) are sampled until ``prompts_per_step`` informative groups are collected or the rounds run out.
+the same carries no signal, so rounds of prompts the step has not used are sampled (``PromptSampler.refill_indices``:
+a pure function of seed, step and round; once the dataset is used up, the least used prompts repeat) until
+``prompts_per_step`` informative groups are collected or the rounds run out.
 The decision is taken on the gathered rewards, so every process runs the same rounds. The chosen groups are then
 dealt out so that each process holds its share: informative groups first, in (round, process, group) order, topped
 up with uninformative ones (which the filter then leaves out of the loss) when too few were found.

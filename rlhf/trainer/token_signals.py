@@ -25,16 +25,20 @@ def log_mismatch(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: t
     metrics.add_max("rollout/max_abs_log_ratio", stats["max_abs_log_ratio"])
 
 
-def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, reduce, metrics) -> torch.Tensor:
-    """[B, T] mask of this process's tokens among the ``fraction`` of highest entropy in the whole batch: the
-    selection runs on the batch gathered from every process (the same on each), so it does not depend on how
-    the batch is split. Logs the fraction kept and the lowest entropy kept (both global)."""
+def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, normalization: str, reduce,
+                        metrics) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss mask, selected tokens or None), both [B, T], for this process's tokens among the ``fraction`` of highest
+    entropy in the whole batch: the selection runs on the batch gathered from every process (the same on each), so
+    it does not depend on how the batch is split. ``normalization`` (``top_entropy_normalization``): "completion"
+    keeps ``mask`` and returns the selection, which weighs the policy loss; "selected" takes the others out of the
+    mask, and so out of every loss term and count. Logs the fraction kept and the lowest entropy kept (global)."""
     entropies, masks = reduce.gather(entropy), reduce.gather(mask)
     selected = top_fraction_mask(entropies, masks, fraction)
     metrics.add("entropy/selected_frac", selected.sum() / masks.sum().clamp(min=1))
     if selected.any():
         metrics.add("entropy/selection_threshold", entropies[selected.bool()].min())
-    return reduce.local_rows(selected)[:, :mask.shape[1]]
+    selected = reduce.local_rows(selected)[:, :mask.shape[1]]
+    return (mask * selected, None) if normalization == "selected" else (mask, selected)
 
 
 def teacher_advantages(advantages: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,

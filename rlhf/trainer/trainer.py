@@ -27,21 +27,24 @@ from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
 from rlhf.core import rollout_correction
 from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, StreamSampler, as_dataset, check_prompts, dataset_columns, render_prompts
-from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
+from rlhf.distributed import fill_deepspeed_config, make_accelerator, sample_in_autocast, shards_parameters
 from rlhf.evaluation import evaluate, sampling_params
 from rlhf.fingerprints import dataset_fingerprint, model_fingerprint
 from rlhf.forward import enable_token_scoring
 from rlhf.metrics import CompletionSamples, PhaseTimer, StepMetrics, read_metrics
 from rlhf.monitor import HealthMonitor
 from rlhf.models import (
+    absolute_positions,
     apply_lora,
     check_reference_options,
     disable_dropout,
     eos_token_ids,
     frozen_copy,
+    input_vocab_size,
     load_causal_lm,
     load_teacher,
     load_tokenizer,
+    output_vocab_size,
     resolve_dtype,
 )
 from rlhf.rewards import (
@@ -60,7 +63,7 @@ from rlhf.trainer.run_log import RunLog
 from rlhf.trainer.sampling import informative_rows, sample_groups
 from rlhf.trainer.scoring import frozen_logprobs, reference_logprobs, rollout_logprobs, rollout_values
 from rlhf.trainer.token_signals import high_entropy_tokens, log_mismatch, teacher_advantages
-from rlhf.trainer.update import NonFiniteGuard, TrainedModel, plan_step, update
+from rlhf.trainer.update import NonFiniteGuard, StepResult, TrainedModel, plan_step, update, weight_norms
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class RLTrainer:
         if any(o is not None for o in optimizers):
             raise ValueError("optimizers: the trainer builds its own AdamW and schedule from the config; set "
                              "learning_rate, lr_scheduler_type, warmup_steps, weight_decay, adam_beta1/2 instead.")
-        self.callbacks = Callbacks(callbacks)
+        self.callbacks = Callbacks(callbacks, args.callback_timeout)
         accelerator = self.accelerator = make_accelerator(log_with=trackers.build(args) or None,
                                                           project_dir=args.output_dir,
                                                           mixed_precision=args.mixed_precision)
@@ -105,6 +108,7 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(model, processing_class, args.trust_remote_code,
                                         args.model_init_kwargs.get("revision"))
         actor = load_causal_lm(model, args.dtype, args.trust_remote_code, args.model_init_kwargs)
+        vocab_rows = input_vocab_size(actor)  # a prompt id past these is an IndexError at step 1: checked below
         initial_weights = model_fingerprint(actor)  # a resume must start from the same model (its reference)
         eos_ids = eos_token_ids(actor, self.tokenizer)
         if args.chunked_lm_head:
@@ -140,7 +144,7 @@ class RLTrainer:
         self.teacher = None
         if teacher_model is not None:
             self.teacher = load_teacher(teacher_model, self.tokenizer, args.teacher_dtype, args.dtype,
-                                        teacher_processing_class, args.trust_remote_code)
+                                        teacher_processing_class, args.trust_remote_code, output_vocab_size(actor))
             if args.chunked_lm_head:
                 enable_token_scoring(self.teacher)
             self.teacher.to("cpu" if args.offload_teacher else accelerator.device)
@@ -164,16 +168,21 @@ class RLTrainer:
                              "multi-turn rollout does not record the sampler's log-probs it needs. Leave it None.")
         self.train_dataset = as_dataset(train_dataset, "train_dataset", streaming=True)
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        longest_prompt = 0
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None:
-                check_reward_columns(self.reward_functions, dataset_columns(dataset))
-                check_prompts(dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts,
-                              render=self.agent.render_prompts if self.agent is not None else render_prompts)
+                check_reward_columns(self.reward_functions, dataset_columns(dataset), name)
+                longest_prompt = max(longest_prompt, check_prompts(
+                    dataset, name, self.tokenizer, args.max_prompt_length, args.truncate_prompts,
+                    render=self.agent.render_prompts if self.agent is not None else render_prompts,
+                    vocab_size=vocab_rows))
         streamed = isinstance(self.train_dataset, IterableDataset)
+        if streamed and args.max_prompt_length:  # only the stream's first rows were measured
+            longest_prompt = args.max_prompt_length
         self.num_prompts = None if streamed else len(self.train_dataset)
         # num_train_epochs, a fractional save_steps and warmup_ratio become steps now that the data is known
         self.args = args = args.for_dataset(self.num_prompts)
-        _warn_past_positions(actor, args)
+        _check_positions(actor, args, longest_prompt, multi_turn=self.agent is not None)
         # A .gguf path stays that (the loaders find its converted directory in the cache).
         self.model_source = (os.fspath(model) if isinstance(model, (str, os.PathLike))
                              else getattr(actor.config, "_name_or_path", ""))
@@ -205,10 +214,11 @@ class RLTrainer:
                                              accelerator.unwrap_model(self.critic), "critic")
         self.policy = Policy(self.model, accelerator, self.tokenizer, eos_ids, args.max_prompt_length,
                              args.truncate_prompts, prefill_group=args.share_prompt_prefix
-                             and not shards_parameters(accelerator))
+                             and not shards_parameters(accelerator),
+                             autocast=sample_in_autocast(args.autocast_generation, accelerator))
         self.sampling = sampling_params(args)
         self.reduce = BatchReduce(accelerator)
-        self.guard = NonFiniteGuard(args.max_nonfinite_updates, args.output_dir, self.run.newest_checkpoint)
+        self.guard = NonFiniteGuard(args.max_nonfinite_updates, args.output_dir, self.run.checkpoints)
         self.state = new_state(args, accelerator, self.num_prompts)  # transformers' TrainerState: the step lives here
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
@@ -260,9 +270,10 @@ class RLTrainer:
                                                                   rollout.loss_mask, args.rollout_correction,
                                                                   args.rollout_correction_cap)
             rollout.loss_mask = rollout.loss_mask * keep.unsqueeze(1)
-        if selecting:
-            rollout.loss_mask = rollout.loss_mask * high_entropy_tokens(entropy, rollout.loss_mask,
-                                                                        args.top_entropy_quantile, self.reduce, metrics)
+        if selecting:  # the others' policy loss is 0; top_entropy_normalization="selected" also takes them out
+            rollout.loss_mask, rollout.selected_tokens = high_entropy_tokens(
+                entropy, rollout.loss_mask, args.top_entropy_quantile, args.top_entropy_normalization, self.reduce,
+                metrics)
         log_rollout(rollout, texts, accelerator, metrics)
         return rollout, texts
 
@@ -271,15 +282,20 @@ class RLTrainer:
         """One rollout batch, start to finish. Returns global metrics (identical on every process); ``timer`` (e.g.
         a profiler's) times the phases; ``samples``, when given, keeps a few of the step's completions with their
         rewards for the completions table."""
+        return self.run_step(timer, samples).metrics
+
+    def run_step(self, timer: PhaseTimer | None = None, samples: CompletionSamples | None = None) -> StepResult:
+        """``training_step``, returning what the step did as fields (``StepResult``) beside its metrics."""
         args = self.args
         timer, metrics = timer if timer is not None else PhaseTimer(), StepMetrics()
         start = time.perf_counter()
         rollout, texts = self.make_rollout(self.step, metrics, timer)
+        rollout_kl = self.kl.measure(rollout, self.accelerator, metrics)  # None: the update's pass measures it
         warming_up = self.critic is not None and self.step < args.critic_warmup_steps  # PPO: the critic alone first
         with timer("update"):
-            update(None if warming_up else self.actor, self.critic_model if self.critic is not None else None,
-                   rollout, texts, args, self.plan, self.kl, self.accelerator, self.step, self.guard,
-                   metrics, target_kl=args.target_kl)
+            result = update(None if warming_up else self.actor, self.critic_model if self.critic is not None else None,
+                            rollout, texts, args, self.plan, self.kl, self.accelerator, self.step, self.guard,
+                            metrics, target_kl=args.target_kl)
         seconds = time.perf_counter() - start
         out = metrics.reduce(self.accelerator)
         out.update({f"time/{phase}": s for phase, s in timer.seconds.items()})
@@ -288,10 +304,11 @@ class RLTrainer:
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         if self.plan.kl_in is not None:
             out["kl_coef"] = self.kl.coef
-        self.kl.update_coef(out.get("kl/sequence"), args.rollout_batch_size)
+        rollout_kl = rollout_kl if rollout_kl is not None else result.rollout_kl
+        self.kl.update_coef(rollout_kl, args.rollout_batch_size)
         if samples is not None:
             samples.record(self.step + 1, texts, rollout)
-        return out
+        return StepResult(out, result, rollout_kl)
 
     # ------------------------------------------------------------------ the run
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
@@ -301,8 +318,7 @@ class RLTrainer:
         args, accelerator = self.args, self.accelerator
         if resume_from_checkpoint:
             self.load_checkpoint("latest" if resume_from_checkpoint is True else resume_from_checkpoint)
-        if not self.run.started:  # a new run; refused here if output_dir holds another run's checkpoints
-            self.run.start(type(self).__name__)
+        self._writing_to(None)  # a new run: refused if output_dir holds another run's checkpoints or outputs
         if self.step >= args.max_steps:
             accelerator.print(f"Training already finished: step {self.step} of max_steps={args.max_steps}. "
                               "Nothing to do; raise max_steps to train further.")
@@ -318,7 +334,8 @@ class RLTrainer:
             records.append(run_log.log_eval(self.step, self.evaluate()))
         while self.step < args.max_steps:
             self._event("on_step_begin")
-            step_metrics = self.training_step(samples=run_log.samples)
+            step_result = self.run_step(samples=run_log.samples)
+            step_metrics = step_result.metrics
             run_log.accumulate(step_metrics)
             self.step += 1
             self.state.epoch = epoch_at(self.step, args.prompts_per_step, self.num_prompts)
@@ -335,7 +352,7 @@ class RLTrainer:
             for alarm in alarms:  # said once: on the console, in alarms.jsonl, and so in the report
                 run_log.alarm(alarm)
             if self._due("should_save", args.save_steps and (self.step % args.save_steps == 0 or last)):
-                if step_metrics["guard/skipped_updates"] == 0:
+                if step_result.update.skipped_updates == 0:
                     self.save_checkpoint()
                     self._event("on_save")
                 else:  # its weights may be what made the update non-finite: keep the last good checkpoint as latest
@@ -366,6 +383,7 @@ class RLTrainer:
         dataset = as_dataset(dataset, "dataset") if dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a dataset: pass one, or give the trainer an eval_dataset.")
+        self._writing_to(output_dir)  # its samples file
         return evaluate(self.policy, dataset, self.reward_functions, self.reward_weights, self.args,
                         self.step if step is None else step, output_dir, self.state, rollout_fn=self.rollout_fn)
 
@@ -399,14 +417,21 @@ class RLTrainer:
         """Write the actor and tokenizer (safetensors) so that ``from_pretrained(path)`` loads them; a LoRA actor
         writes its adapter, or with ``save_merged_lora`` the merged model. Default, as in TRL: ``output_dir`` itself
         (metrics, checkpoints and other files there stay)."""
-        return checkpointing.save_model(path or self.args.output_dir, self.accelerator,
-                                        self.model, self.tokenizer, self.args.save_merged_lora)
+        self._writing_to(path)
+        return checkpointing.save_model(path or self.args.output_dir, self.accelerator, self.model, self.tokenizer,
+                                        self.args.save_merged_lora, self.run.newest_checkpoint())
+
+    def _writing_to(self, path: str | None) -> None:
+        """Before writing to ``path`` (None: ``output_dir``): if it is in output_dir, output_dir must be this run's
+        (``RunDirectory.start``)."""
+        output_dir = os.path.abspath(self.args.output_dir)
+        if path is None or os.path.commonpath([os.path.abspath(path), output_dir]) == output_dir:
+            self.run.start(type(self).__name__)
 
     def save_checkpoint(self) -> str:
-        if not self.run.started:
-            self.run.start(type(self).__name__)
+        self._writing_to(None)
         state = {"step": self.step, "run_id": self.run.run_id, "config": self.args.to_dict(), "kl_coef": self.kl.coef,
-                 **self.identity}
+                 "weight_norms": weight_norms(self.trained_models, self.accelerator), **self.identity}
         return checkpointing.save_checkpoint(self.args.output_dir, self.step, self.accelerator, self.trained_models,
                                              self.tokenizer, state, self.args.save_total_limit)
 
@@ -456,7 +481,9 @@ class PPOTrainer(RLTrainer):
 
     def save_critic(self, path: str) -> str:
         """Write the critic (backbone + value head, safetensors); ``ValueModel.from_pretrained`` loads it."""
-        return checkpointing.save_model(path, self.accelerator, self.critic, None)
+        self._writing_to(path)
+        return checkpointing.save_model(path, self.accelerator, self.critic, None,
+                                        last_checkpoint=self.run.newest_checkpoint())
 
 
 def log_rollout(rollout: Rollout, texts: RolloutTexts, accelerator, metrics: StepMetrics) -> None:
@@ -491,7 +518,20 @@ def make_scheduler(optimizer, args: RLConfig):
                          num_training_steps=args.max_steps * args.optimizer_steps_per_step)
 
 
-def _warn_past_positions(actor, args: RLConfig) -> None:
+def _check_positions(actor, args: RLConfig, longest_prompt: int, multi_turn: bool) -> None:
+    """A model with a learned absolute position table (GPT-2) cannot run past it: an error naming the numbers and the
+    fields. A rotary model can, outside what it was trained on: a warning."""
+    table = absolute_positions(actor)
+    completion = (f"the trajectory budget (max_trajectory_tokens or max_turns x max_new_tokens) "
+                  f"{args.trajectory_tokens}" if multi_turn else f"max_new_tokens={args.max_new_tokens}")
+    longest = longest_prompt + (args.trajectory_tokens if multi_turn else args.max_new_tokens)
+    if table is not None and longest > table:
+        raise ValueError(f"The longest prompt ({longest_prompt} tokens) + {completion} = {longest} exceeds the "
+                         f"model's {table} absolute positions (a learned position table, as GPT-2's n_positions): "
+                         "past it the forward pass fails with an IndexError. Lower max_new_tokens, or bound the prompts "
+                         "with max_prompt_length (with truncate_prompts=True, or filter the longer prompts out).")
+    if table is not None:  # checked against the prompts themselves, not the limits
+        return
     longest = args.max_new_tokens + (args.max_prompt_length or 0)
     positions = getattr(actor.config.get_text_config(), "max_position_embeddings", None)
     if positions is not None and longest > positions:

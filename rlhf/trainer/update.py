@@ -9,24 +9,36 @@ weighs micro-batches equally, so its gradient depends on ``micro_batch_size`` by
 """
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+from rlhf import checkpoint as ckpt
 from rlhf.configs import RLConfig
 from rlhf.core import aggregate_loss, logprob_mismatch, masked_mean, policy_loss, value_loss
 from rlhf.critic import completion_values
 from rlhf.forward import completion_logprobs
 from rlhf.metrics import StepMetrics
 from rlhf.rollout import Rollout
-from rlhf.trainer.kl import KLPenalty
+from rlhf.trainer.kl import KLPenalty, rollout_mean_kl, sequence_kl
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+class WeightsBlownUpError(NonFiniteError):
+    """An optimizer step blew a model's weights up: their norm grew more than ``MAX_WEIGHT_GROWTH`` times, or is
+    not finite."""
+
+
+# Training moves a model's weight norm by a few percent; an optimizer step that multiplies it by more than this (a
+# learning rate far too large, gradients of absurd size) has destroyed the weights, finite or not.
+MAX_WEIGHT_GROWTH = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,11 +69,11 @@ def plan_step(args: RLConfig, num_processes: int, sharded: bool, distilling: boo
               and mini % group == 0 and micro % group == 0 and inference % group == 0)
     on_policy = args.optimizer_steps_per_step == 1
     kl_in = kl_placement(args.kl_in, args.kl_coef)
-    # The sampling policy's log-probs: for the ratio off-policy; with a reference, for the KL in the reward
-    # and for an adaptive coefficient, which both measure the rollout's KL; before any update, for the rollout
-    # correction, the entropies that select tokens, and the distillation signal.
-    needs_old = (not on_policy or (kl_in is not None and (kl_in == "reward" or args.kl_target is not None))
-                 or args.rollout_correction is not None or args.top_entropy_quantile < 1 or distilling)
+    # The sampling policy's log-probs: for the ratio off-policy; for the KL in the reward, which measures the
+    # rollout's KL; before any update, for the rollout correction, the entropies that select tokens, and the
+    # distillation signal. (On-policy with the KL in the loss, the update's own pass measures the rollout's KL.)
+    needs_old = (not on_policy or kl_in == "reward" or args.rollout_correction is not None
+                 or args.top_entropy_quantile < 1 or distilling)
     return StepPlan(num_processes, mini, micro, inference, group if shares else 1, on_policy, kl_in, needs_old)
 
 
@@ -88,6 +100,28 @@ class LossStats:
     token_means: dict[str, torch.Tensor] = field(default_factory=dict)
     sequence_means: dict[str, torch.Tensor] = field(default_factory=dict)
     maxima: dict[str, torch.Tensor] = field(default_factory=dict)
+    approx_kl: torch.Tensor | None = None  # the actor's per-token KL to the sampling policy (mean over valid tokens)
+    rollout_kl: torch.Tensor | None = None  # on-policy with the KL in the loss: (sum, rows) of the KL to the reference
+
+
+@dataclass
+class UpdateResult:
+    """What ``update`` did, for the decisions after it (the adaptive KL, saving), read as fields, not metric names."""
+
+    optimizer_steps: int = 0  # mini-batches whose update was applied
+    skipped_updates: int = 0  # mini-batches skipped for a non-finite loss or gradient
+    early_stopped: bool = False  # target_kl ended the step before its last mini-batch
+    rollout_kl: float | None = None  # on-policy, KL in the loss: the rollout's mean KL per sequence, all processes
+
+
+@dataclass
+class StepResult:
+    """One step: its global metrics (what is logged), what the update did, and the rollout's mean KL per sequence
+    to the reference (None without a reference), which the adaptive KL coefficient follows."""
+
+    metrics: dict[str, float]
+    update: UpdateResult
+    rollout_kl: float | None
 
 
 def length_order(rollout: Rollout, group: int) -> torch.Tensor:
@@ -162,7 +196,8 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
     old_logprobs = logprobs.detach() if plan.on_policy else micro.old_logprobs
     loss_pg, pg = policy_loss(logprobs, old_logprobs, micro.advantages, mask, args.clip_eps_low, args.clip_eps_high,
                               args.dual_clip, agg, level=args.importance_sampling_level,
-                              loss_type=args.policy_loss_type, weights=micro.correction_weights, **denominators)
+                              loss_type=args.policy_loss_type, weights=micro.loss_weights,
+                              ratio_mask=micro.policy_tokens, **denominators)
     if micro.old_logprobs is None and micro.sampler_logprobs is not None:
         # On-policy without a scoring pass: these log-probs are the trainer's view of the sampling policy, so the
         # sampler's mismatch is measured here (else in make_rollout, on the scoring pass).
@@ -172,11 +207,17 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
         stats.maxima["rollout/max_abs_log_ratio"] = mismatch["max_abs_log_ratio"]
     loss = loss + loss_pg
     stats.losses["loss/policy"] = loss_pg.detach()
-    kl_loss, kl_stats = kl.in_loss(logprobs, micro.ref_logprobs, mask, agg, denominators)
+    kl_loss, token_kl = kl.in_loss(logprobs, micro.ref_logprobs, mask, agg, denominators)
     loss = loss + kl_loss
-    if args.entropy_coef > 0:
-        loss = loss - args.entropy_coef * aggregate_loss(entropy, mask, agg, **denominators)
-    stats.token_means.update(kl_stats)
+    if args.entropy_coef > 0:  # on the tokens whose policy loss counts (entropy-token selection)
+        bonus = entropy if micro.selected_tokens is None else entropy * micro.selected_tokens
+        loss = loss - args.entropy_coef * aggregate_loss(bonus, mask, agg, **denominators)
+    if token_kl is not None:
+        stats.token_means["kl"] = masked_mean(token_kl, mask)
+        if plan.on_policy and micro.old_logprobs is None:  # not measured on the rollout (KLPenalty.measure), and the
+            # policy has not moved yet: this is the rollout's KL, at no extra pass
+            stats.rollout_kl = sequence_kl(token_kl, micro.policy_tokens)
+    stats.approx_kl = pg["approx_kl"]
     stats.token_means.update({
         "entropy": masked_mean(entropy.detach(), mask),
         "clip/low_frac": pg["clip_frac_low"], "clip/high_frac": pg["clip_frac_high"],
@@ -188,14 +229,15 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
 
 
 def accumulate_gradients(actor, critic, mini: Rollout, args, plan: StepPlan, kl: KLPenalty, accelerator,
-                         metrics: StepMetrics) -> torch.Tensor:
-    """Forward and backward every micro-batch of ``mini``; gradients add up to the mini-batch's. Returns the
-    approximate KL of the mini-batch's policy to the sampling policy, as a (sum, tokens) pair on this process."""
+                         metrics: StepMetrics) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward and backward every micro-batch of ``mini``; gradients add up to the mini-batch's. Returns, on this
+    process, the approximate KL of the mini-batch's policy to the sampling policy as a (sum, tokens) pair, and
+    the KL to the reference as a (sum, rows) pair when the loss measured the rollout's (else None)."""
     denominators = loss_denominators(mini, args, accelerator)
     mini = mini.rows(length_order(mini, plan.share_group))  # similar lengths share a micro-batch: less padding
     starts = range(0, mini.size, plan.micro_batch)
     share = 1.0 / (len(starts) * plan.num_processes)  # of the mini-batch loss, summed over processes
-    approx_kl = torch.zeros(2, device=accelerator.device)
+    approx_kl, rollout_kl = torch.zeros(2, device=accelerator.device), None
     # Accelerate divides each loss by gradient_accumulation_steps (DeepSpeed does the same) and DDP averages
     # gradients over processes; the denominators are already global, so undo both.
     scale = plan.num_processes * accelerator.gradient_accumulation_steps
@@ -217,10 +259,11 @@ def accumulate_gradients(actor, critic, mini: Rollout, args, plan: StepPlan, kl:
             metrics.add(name, value, stats.sequences)
         for name, value in stats.maxima.items():
             metrics.add_max(name, value)
-        if "policy/approx_kl" in stats.token_means:
-            approx_kl += torch.stack([stats.token_means["policy/approx_kl"] * stats.tokens,
-                                      stats.tokens.to(approx_kl.dtype)])
-    return approx_kl
+        if stats.approx_kl is not None:
+            approx_kl += torch.stack([stats.approx_kl * stats.tokens, stats.tokens.to(approx_kl.dtype)])
+        if stats.rollout_kl is not None:
+            rollout_kl = stats.rollout_kl if rollout_kl is None else rollout_kl + stats.rollout_kl
+    return approx_kl, rollout_kl
 
 
 def optimizer_step(trained: list[TrainedModel], accelerator, max_grad_norm: float | None,
@@ -242,15 +285,93 @@ def optimizer_step(trained: list[TrainedModel], accelerator, max_grad_norm: floa
     return finite
 
 
-class NonFiniteGuard:
-    """Counts updates skipped for a non-finite loss or gradient; ``max_in_a_row`` of them in a row save the
-    mini-batch and stop the run."""
+def weight_norms(trained: list[TrainedModel], accelerator) -> dict[str, float]:
+    """The L2 norm of each trained model's parameters (all processes' shards), keyed by its checkpoint directory."""
+    from rlhf.distributed import fsdp_version, shards_parameters
 
-    def __init__(self, max_in_a_row: int, output_dir: str, newest_checkpoint=lambda: None):
+    sharded = accelerator.num_processes > 1 and shards_parameters(accelerator)
+    fsdp1 = sharded and fsdp_version(accelerator) == 1  # its parameters are plain tensors holding this process's shard
+
+    def squares(norms: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(norms).square().sum() if norms else torch.zeros((), device=accelerator.device)
+
+    result = {}
+    for m in trained:
+        shards, replicated = [], []  # a shard's square adds up over processes; a replicated parameter's is counted once
+        for p in m.model.parameters():
+            local, is_shard = _local_part(p, fsdp1)
+            (shards if is_shard else replicated).append(
+                torch.linalg.vector_norm(local, dtype=torch.float32).to(accelerator.device))
+        total = accelerator.reduce(squares(shards), reduction="sum") if sharded else squares(shards)
+        result[m.directory] = (total + squares(replicated)).sqrt().item()
+    return result
+
+
+def _local_part(parameter: torch.Tensor, fsdp1: bool) -> tuple[torch.Tensor, bool]:
+    """What this process holds of ``parameter``, and whether it is a shard (else the whole, on every process)."""
+    if hasattr(parameter, "to_local"):  # a DTensor (FSDP2)
+        return parameter.detach().to_local(), True
+    if hasattr(parameter, "ds_tensor"):  # DeepSpeed ZeRO-3 keeps this process's partition there
+        return parameter.ds_tensor.detach(), True
+    return parameter.detach(), fsdp1
+
+
+def healthy_norm(norm: float, reference: float) -> bool:
+    """Whether a weight norm is finite and within ``MAX_WEIGHT_GROWTH`` times ``reference`` (0: no reference)."""
+    return math.isfinite(norm) and not (reference > 0 and norm > MAX_WEIGHT_GROWTH * reference)
+
+
+class NonFiniteGuard:
+    """Stops a run whose updates go wrong: ``max_in_a_row`` updates in a row skipped for a non-finite loss or
+    gradient save the mini-batch and stop it; one applied update that blows the weights up stops it at once, before
+    they are saved. Both errors name this run's newest checkpoint whose weights are healthy."""
+
+    def __init__(self, max_in_a_row: int, output_dir: str, checkpoints=lambda: []):
         self.max_in_a_row = max_in_a_row
         self.output_dir = output_dir
-        self.newest_checkpoint = newest_checkpoint  # () -> this run's newest checkpoint on disk, for the message
+        self.checkpoints = checkpoints  # () -> this run's checkpoints on disk, oldest first, for the messages
         self.consecutive = 0
+        self.norms: dict[str, float] = {}  # each trained model's weight norm, as last measured
+        self.initial: dict[str, float] = {}  # ... at this process's first update: what a checkpoint's are held to
+
+    def measure(self, trained: list[TrainedModel], accelerator) -> None:
+        """Before a step's update: the weight norms that its first optimizer step is compared with."""
+        self.norms = weight_norms(trained, accelerator)
+        for name, norm in self.norms.items():
+            self.initial.setdefault(name, norm)
+
+    def check_weights(self, trained: list[TrainedModel], step: int, accelerator) -> None:
+        """After an applied optimizer step: raise ``WeightsBlownUpError`` if it blew a model's weights up."""
+        norms = weight_norms(trained, accelerator)
+        for name, after in norms.items():
+            before = self.norms[name]
+            if not healthy_norm(after, before):
+                which, rate = ("actor", "learning_rate") if name == "model" else ("critic", "critic_learning_rate")
+                raise WeightsBlownUpError(
+                    f"step {step + 1}: an optimizer step blew up the {which}'s weights: their norm went from "
+                    f"{before:.4g} to {after:.4g} in one update (more than {MAX_WEIGHT_GROWTH:g}x, or not finite). The "
+                    f"run stops before they are saved: lower {rate}, or set max_grad_norm, and check the rewards; "
+                    + self.last_good_message())
+        self.norms = norms
+
+    def last_good(self) -> str | None:
+        """This run's newest checkpoint whose weights were healthy: the norms its ``trainer_state.json`` records are
+        finite and within ``MAX_WEIGHT_GROWTH`` times this process's first (a checkpoint without them is not vouched
+        for)."""
+        for path in reversed(self.checkpoints()):
+            try:
+                norms = ckpt.read_state(path).get("weight_norms")
+            except ValueError:  # a damaged checkpoint (CheckpointError)
+                continue
+            if isinstance(norms, dict) and norms and all(
+                    isinstance(norm, (int, float)) and healthy_norm(norm, self.initial.get(name, 0.0))
+                    for name, norm in norms.items()):
+                return path
+        return None
+
+    def last_good_message(self) -> str:
+        good = self.last_good()
+        return f"the last good one is {good}." if good else "this run has written no checkpoint with healthy weights."
 
     def record(self, applied: bool, step: int, mini: Rollout, texts, accelerator, metrics: StepMetrics) -> None:
         if applied:
@@ -265,36 +386,50 @@ class NonFiniteGuard:
         path = os.path.join(self.output_dir, f"nonfinite-step{step}-rank{accelerator.process_index}.pt")
         torch.save({"step": step, "tensors": {k: v.detach().cpu() for k, v in mini.tensors().items()},
                     "prompts": texts.prompts, "completions": texts.completions}, path)
-        newest = self.newest_checkpoint()
         raise NonFiniteError(
             f"{self.consecutive} updates in a row had a non-finite loss or gradient (step {step}); the last "
             f"mini-batch is saved in {path} (torch.load(path, weights_only=True)). Check the rewards, lower "
             "learning_rate, or set max_grad_norm. No checkpoint is written after a step with a skipped update: "
-            + (f"the last good one is {newest}." if newest else "this run has written no checkpoint.")
+            + self.last_good_message()
         )
 
 
 def update(actor: TrainedModel | None, critic: TrainedModel | None, rollout: Rollout, texts, args: RLConfig,
            plan: StepPlan, kl: KLPenalty, accelerator, step: int, guard: NonFiniteGuard, metrics: StepMetrics,
-           target_kl: float | None = None) -> None:
+           target_kl: float | None = None) -> UpdateResult:
     """``num_epochs`` passes over ``rollout`` in shuffled mini-batches (whole groups when prompts are shared), one
     optimizer step each; with ``target_kl``, the step's remaining mini-batches are dropped once one ends
-    with an approximate KL to the sampling policy above it."""
+    with an approximate KL to the sampling policy above it. Returns what it did."""
     trained = [m for m in (actor, critic) if m is not None]
     for m in trained:
         m.model.train()
     generator = torch.Generator().manual_seed(args.seed * 7919 + step)
     metrics.add_sum("guard/skipped_updates", 0.0)
+    guard.measure(trained, accelerator)
+    result, rollout_kl = UpdateResult(), None
     for _ in range(args.num_epochs):
         order = shuffled_rows(rollout.size, generator, plan.share_group).to(accelerator.device)
         for start in range(0, rollout.size, plan.mini_batch):
             mini = rollout.rows(order[start:start + plan.mini_batch])
-            approx_kl = accumulate_gradients(actor, critic, mini, args, plan, kl, accelerator, metrics)
-            guard.record(optimizer_step(trained, accelerator, args.max_grad_norm, metrics), step, mini, texts,
-                         accelerator, metrics)
+            approx_kl, mini_kl = accumulate_gradients(actor, critic, mini, args, plan, kl, accelerator, metrics)
+            if mini_kl is not None:
+                rollout_kl = mini_kl if rollout_kl is None else rollout_kl + mini_kl
+            applied = optimizer_step(trained, accelerator, args.max_grad_norm, metrics)
+            if applied:
+                guard.check_weights(trained, step, accelerator)
+            result.optimizer_steps += applied
+            result.skipped_updates += not applied
+            guard.record(applied, step, mini, texts, accelerator, metrics)
             if target_kl is not None and actor is not None:
                 if accelerator.num_processes > 1:
                     approx_kl = accelerator.reduce(approx_kl, reduction="sum")
                 if (approx_kl[0] / approx_kl[1].clamp(min=1)).item() > target_kl:
                     metrics.add("policy/early_stopped", 1.0)
-                    return
+                    result.early_stopped = True
+                    break
+        if result.early_stopped:
+            break
+    if rollout_kl is not None:
+        result.rollout_kl = rollout_mean_kl(rollout_kl, accelerator, metrics)
+    return result
+

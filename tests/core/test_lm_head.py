@@ -82,3 +82,15 @@ def test_no_tensor_of_all_logits_forward_or_backward():
         ref_lp, ref_h = full_path(hidden, weight, b, tokens, 1.0)
         (ref_lp.sum() + ref_h.sum()).backward()
     assert naive.largest >= N * V
+
+
+@pytest.mark.parametrize("bad", [V, V + 40, -1])
+def test_a_token_id_outside_the_vocabulary_raises_as_the_logits_path_does(bad):
+    """The logits path cannot gather an id outside [0, V); the tiles would otherwise give it -logsumexp, the log-prob
+    of a token with logit 0, silently. The error names the id and V."""
+    hidden, weight, b, tokens = inputs()
+    tokens[5] = bad
+    with pytest.raises((IndexError, RuntimeError)):
+        full_path(hidden, weight, b, tokens, 1.0)
+    with pytest.raises(IndexError, match=rf"token id {bad} .*vocabulary of {V}"):
+        linear_token_logprobs(hidden, weight, b, tokens)

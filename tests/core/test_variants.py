@@ -185,6 +185,65 @@ def test_weights_multiply_each_tokens_loss():
     assert loss.item() == pytest.approx((total / MASK.sum()).item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("loss_type", ["ppo", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+def test_non_finite_padding_gives_no_nan_and_the_loops_gradient(loss_type, level, bad):
+    """Padded positions holding -inf or NaN (a pad token's log-prob) change nothing: the loss and gradient equal
+    those of zero-filled padding, padding gets exactly zero gradient. For CISPO with the GSPO-token ratio the
+    gradient is also the formula's, d loss / d logp_t = -clip(s_i) A_t / N, where lp - sg(lp) at a -inf pad once
+    made a NaN."""
+    old = rand(30)
+    logprobs = old + rand(31, scale=0.1)
+    advantages = rand(32)
+    pad = ~MASK.bool()
+    results = []
+    for fill in (0.0, bad):
+        lp = logprobs.masked_fill(pad, fill).requires_grad_()
+        loss, _ = policy_loss(lp, old.masked_fill(pad, fill), advantages, MASK, 0.05, 0.05, level=level,
+                              loss_type=loss_type)
+        results.append((loss, torch.autograd.grad(loss, lp)[0]))
+    (loss, grad), (bad_loss, bad_grad) = results
+    assert torch.isfinite(bad_loss) and torch.isfinite(bad_grad).all()
+    assert torch.equal(bad_loss, loss) and torch.equal(bad_grad, grad) and (bad_grad[pad] == 0).all()
+    if loss_type == "cispo" and level == "sequence_token":
+        expected = torch.zeros_like(grad)
+        for i, tokens in enumerate(rows()):
+            if tokens:
+                s = math.exp(sum((logprobs[i, t] - old[i, t]).item() for t in tokens) / len(tokens))
+                for t in tokens:
+                    expected[i, t] = -clip(s, 0.95, 1.05) * advantages[i, t].item() / MASK.sum().item()
+        torch.testing.assert_close(bad_grad, expected, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_the_sequence_ratio_averages_over_ratio_mask_and_the_loss_over_mask(level):
+    """``ratio_mask``: the tokens a sequence ratio averages over (the whole completion), when ``mask`` keeps only
+    some of them (entropy-selected tokens counted over themselves). By loop: s_i over ratio_mask's tokens, the
+    token-mean of max(-A s_i, -A clip(s_i)) over mask's tokens."""
+    old = rand(33)
+    logprobs = (old + rand(34, scale=0.2)).requires_grad_()
+    advantages = rand(35, (len(LENGTHS),))
+    some = MASK * (rand(36) > 0)  # about half of each row's tokens
+    loss, _ = policy_loss(logprobs, old, advantages, some, 0.05, 0.05, level=level, ratio_mask=MASK)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    expected_logprobs = logprobs.detach().clone().requires_grad_()
+    total = 0.0
+    for i, tokens in enumerate(rows()):
+        if tokens:
+            s = torch.exp(sum(expected_logprobs[i, t] - old[i, t] for t in tokens) / len(tokens))
+            a = advantages[i]
+            total = total + some[i].sum() * torch.maximum(-a * s, -a * torch.clamp(s, 0.95, 1.05))
+    expected = total / some.sum()
+    (expected_grad,) = torch.autograd.grad(expected, expected_logprobs)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    if level == "sequence":
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-15)
+    # the negative control: the ratio over mask's tokens (ratio_mask not given) is another loss
+    other, _ = policy_loss(logprobs, old, advantages, some, 0.05, 0.05, level=level)
+    assert abs(other.item() - expected.item()) > 1e-3
+
+
 # ---------------------------------------------------------------- rollout correction
 
 @pytest.mark.parametrize("cap", [1.5, 2.0, 5.0])
