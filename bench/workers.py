@@ -27,9 +27,23 @@ def prompts(n: int, length: int = 40) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def chat_prompts(n: int) -> Dataset:
+    """The first ``n`` training prompts of the real model's task (rlhf/extras/arithmetic.py), as conversations."""
+    from rlhf.extras.arithmetic import make_splits
+
+    return make_splits()[0].select(range(n)).select_columns(["prompt"])
+
+
 def length_reward(prompts, completions, **kwargs):
-    """A cheap reward (the benchmark measures the trainer, not the reward)."""
-    return [float(sum(ch.isdigit() for ch in c)) / max(1, len(c)) for c in completions]
+    """A cheap reward (the benchmark measures the trainer, not the reward); completions are texts, or conversations
+    (one assistant message) with chat prompts."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(sum(ch.isdigit() for ch in c)) / max(1, len(c)) for c in texts]
+
+
+def train_prompts(spec: dict) -> Dataset:
+    shape = spec["shape"]
+    return chat_prompts(64) if shape.get("chat") else prompts(64, shape["prompt_length"])
 
 
 def peak_memory_mb(device: str) -> float:
@@ -106,15 +120,17 @@ def run_ours(spec: dict) -> dict:
     extra = {"kl_coef": 0.0} if algo == "grpo" else {"kl_coef": 0.05, "critic_learning_rate": 1e-5}
     args = config_class(
         output_dir=spec["output_dir"], seed=0, max_steps=spec["steps"], prompts_per_step=shape["prompts"],
-        num_generations=shape["generations"], max_new_tokens=shape["new_tokens"], min_new_tokens=shape["new_tokens"],
+        num_generations=shape["generations"], max_new_tokens=shape["new_tokens"],
+        min_new_tokens=0 if shape.get("natural_eos") else shape["new_tokens"],
         mini_batch_size=shape["prompts"] * shape["generations"], micro_batch_size=shape["micro_batch"],
         max_prompt_length=None, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, max_grad_norm=1.0,
-        loss_agg="token-mean", dtype=shape["dtype"], disable_tqdm=True, **extra)
+        loss_agg="token-mean", dtype=shape["dtype"], mixed_precision=spec.get("mixed_precision"), disable_tqdm=True,
+        **extra)
     baseline = rss_mb()  # interpreter, torch, transformers and rlhf imported; no model yet
     sampler = RssSampler() if spec.get("memory") else None
-    trainer = trainer_class(spec["model_dir"], [length_reward], args=args, train_dataset=prompts(64, shape["prompt_length"]))
+    trainer = trainer_class(spec["model_dir"], [length_reward], args=args, train_dataset=train_prompts(spec))
     timer = labelled_timer(sampler) if sampler is not None else PhaseTimer()
-    steps, phases = [], []
+    steps, phases, lengths, mismatch = [], [], [], []
     for _ in range(spec["steps"]):
         timer.seconds.clear()
         start = time.perf_counter()
@@ -123,11 +139,17 @@ def run_ours(spec: dict) -> dict:
             torch.cuda.synchronize()
         steps.append(time.perf_counter() - start)
         phases.append({k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")})
+        lengths.append(metrics["completions/mean_length"])
+        mismatch.append(metrics.get("rollout/abs_log_ratio"))
         trainer.step += 1
-    warmup = spec["warmup"]
+    warmup = min(spec["warmup"], spec["steps"] - 1)  # at least one measured step
     per_phase = {name: statistics.median(p[name] for p in phases[warmup:]) for name in phases[-1]}
-    tokens = shape["prompts"] * shape["generations"] * shape["new_tokens"]
-    extra = {"phases": per_phase, "baseline_rss_mb": baseline}
+    rows = shape["prompts"] * shape["generations"]
+    tokens = rows * statistics.mean(lengths[warmup:])
+    # the sampler's log-probs against the trainer's, per token (bf16 autocast: what the precision costs; with EOS
+    # suppressed the sampler's distribution also differs by the EOS mass it takes away)
+    extra = {"phases": per_phase, "baseline_rss_mb": baseline, "mean_length": statistics.mean(lengths[warmup:]),
+             "sampler_abs_log_ratio": mismatch}
     if sampler is not None:
         extra["phase_peak_rss_mb"] = sampler.stop()
     return summary(steps, warmup, tokens, spec["device"], extra)
@@ -140,7 +162,7 @@ def run_trl(spec: dict) -> dict:
     baseline = rss_mb()  # interpreter, torch, transformers and trl imported; no model yet
     shape = spec["shape"]
     completions = shape["prompts"] * shape["generations"]
-    times = []
+    times, lengths = [], []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -152,15 +174,21 @@ def run_trl(spec: dict) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    natural_eos = shape.get("natural_eos", False)
     args = GRPOConfig(
         output_dir=spec["output_dir"], seed=0, max_steps=spec["steps"], num_generations=shape["generations"],
         per_device_train_batch_size=shape["micro_batch"],
         gradient_accumulation_steps=completions // shape["micro_batch"],
-        max_completion_length=shape["new_tokens"], generation_kwargs={"min_new_tokens": shape["new_tokens"]},
+        max_completion_length=shape["new_tokens"],
+        generation_kwargs={} if natural_eos else {"min_new_tokens": shape["new_tokens"]},
         temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0,
         beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1, optim="adamw_torch_fused",
-        bf16=shape["dtype"] == "bfloat16", gradient_checkpointing=False, disable_dropout=True,
-        use_cpu=spec["device"] == "cpu", logging_steps=1000, save_strategy="no", report_to="none",
+        bf16=shape["dtype"] == "bfloat16" or spec.get("mixed_precision") == "bf16", gradient_checkpointing=False,
+        disable_dropout=True, use_cpu=spec["device"] == "cpu", logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0,
     )
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], padding_side="left")
@@ -168,12 +196,13 @@ def run_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **model_kwargs)
-    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=prompts(64, shape["prompt_length"]),
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=train_prompts(spec),
                           processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
     steps = [b - a for a, b in zip(times, times[1:])]
-    return summary(steps, spec["warmup"], completions * shape["new_tokens"], spec["device"],
-                   {"baseline_rss_mb": baseline})
+    mean_length = statistics.mean(lengths[spec["warmup"]:]) if len(lengths) > spec["warmup"] else shape["new_tokens"]
+    return summary(steps, spec["warmup"], completions * mean_length, spec["device"],
+                   {"baseline_rss_mb": baseline, "mean_length": mean_length})
 
 
 def main() -> None:
