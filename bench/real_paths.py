@@ -313,12 +313,15 @@ def reward_model_text(r: dict) -> str:
             f"{r['rm_sampled_before']:.2f} -> {r['rm_sampled_after']:.2f}; the task's hidden gold score (never "
             f"trained on; +1 a kind word, -1 an unkind one, -0.5 a word beyond eight), greedy "
             f"{r['gold_greedy_before']:.2f} -> {r['gold_greedy_after']:.2f}; greedy reply length "
-            f"{r['greedy_length_before']:.1f} -> {r['greedy_length_after']:.1f} tokens. Training replies (sampled), reward model / gold by step: "
+            f"{r['greedy_length_before']:.1f} -> {r['greedy_length_after']:.1f} tokens. Training replies (sampled), "
+            f"reward model / gold by step: "
             f"{', '.join(f'{s}: {rm:.2f} / {g:.2f}' for s, rm, g, _ in r['train_curve'])}.\n\n"
             f"Greedy before: {replies(r['greedy_before'])}.\n\nGreedy after: {replies(r['greedy_after'])}.")
 
 
 def tools_text(r: dict) -> str:
+    messages = r["greedy_after"]["prompt"] + r["greedy_after"]["completion"]
+    sample = " | ".join(f"{m['role']}: {m['content']}" for m in messages)
     where = ("in the chat template" if r["tools_in_chat_template"]
              else "as plain text in a system message (ChatML has no tools)")
     w = r["warm_start"]
@@ -336,8 +339,7 @@ def tools_text(r: dict) -> str:
             f"-> {r['tool_call_rate_after']:.1%}, bad calls {r['bad_calls_before']:.2f} -> "
             f"{r['bad_calls_after']:.2f} a trajectory. Sampled during training, tool-call rate / reward by step: "
             f"{', '.join(f'{s}: {c:.2f} / {m:.2f}' for s, c, m in r['train_curve'])}.\n\n"
-            f"After GRPO, greedy: {json.dumps(r['greedy_after']['prompt'])} -> "
-            f"{json.dumps(r['greedy_after']['completion'])}")
+            f"After GRPO, greedy: {sample}")
 
 
 if __name__ == "__main__":
