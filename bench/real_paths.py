@@ -4,8 +4,16 @@
   resumed with ``--resume_from_checkpoint latest``; its final weights against those of a run never interrupted.
 - ``lora``: recipes/grpo.py with a LoRA actor (the reference is the adapter disabled) on the demo's task;
   held-out greedy accuracy before and after.
+- ``reward_model``: the RLHF chain on the synthetic preference task (rlhf/extras/synthetic.py): a Bradley-Terry reward
+  model on the SmolLM2 backbone (recipes/train_reward_model.py), held-out pairwise accuracy before and after; then PPO
+  with the SmolLM2 actor against it (recipes/ppo.py), the reward model's score and the task's hidden gold score on
+  held-out prompts before and after. The synthetic task, not one derived from arithmetic: its words are ordinary
+  English for SmolLM2's tokenizer, and its gold score says whether raising the learned reward improved the replies.
+- ``tools``: GRPO with the calculator tool through the plain-text fallback of SmolLM2's ChatML template: the model as
+  shipped, after a short supervised warm start (as shipped it writes no well-formed call), and after GRPO; held-out
+  greedy accuracy and tool-call rate.
 
-    python bench/real_paths.py [--cases resume,lora] [--out bench/results/real_paths]
+    python bench/real_paths.py [--cases resume,lora,reward_model,tools] [--out bench/results/real_paths]
 
 Each case's record goes to <out>/<case>.json (with the machine and the thread count); bench/REAL_PATHS.md is made
 from all the records there.
@@ -138,6 +146,12 @@ def greedy_samples(output_dir: str, step: int, names: tuple[str, ...]) -> list[d
     return out
 
 
+def pearson(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return cov / (sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5
+
+
 def case_reward_model(out: str) -> dict:
     """The RLHF chain on the synthetic preference task: a Bradley-Terry reward model on the SmolLM2 backbone
     (recipes/train_reward_model.py), then PPO with the SmolLM2 actor against it (recipes/ppo.py, the critic
@@ -161,6 +175,8 @@ def case_reward_model(out: str) -> dict:
     measured = {"rm_greedy": f"eval/reward/{rm_name}/mean", "gold_greedy": "eval/reward/gold_reward/mean",
                 "rm_sampled": "eval/sampled/reward_mean", "greedy_length": "eval/mean_length",
                 "greedy_truncated": "eval/truncated_frac"}
+    with open(os.path.join(ppo_dir, "completions.jsonl")) as f:  # a sample of each step's replies, with their scores
+        logged = [json.loads(line)["rewards"] for line in f]
     return {"rm_pairwise_accuracy_before": at_start["eval/accuracy"],
             "rm_pairwise_accuracy_after": rm_eval["eval/accuracy"],
             "rm_margin_before": at_start["eval/margin_mean"], "rm_margin_after": rm_eval["eval/margin_mean"],
@@ -168,8 +184,12 @@ def case_reward_model(out: str) -> dict:
             "ppo_steps": after["step"], "heldout_prompts": len(eval_prompts()),
             **{f"{k}_before": before[key] for k, key in measured.items()},
             **{f"{k}_after": after[key] for k, key in measured.items()},
+            "eval_curve": [[r["step"], *(round(r[measured[k]], 3) for k in ("rm_greedy", "rm_sampled", "gold_greedy"))]
+                           for r in evals],
             "train_curve": [[r["step"], round(r[f"reward/{rm_name}/mean"], 3), round(r["reward/gold_reward/mean"], 3),
                              round(r["completions/mean_length"], 1)] for r in rows if "reward/mean" in r],
+            "rm_gold_correlation": {"replies": len(logged), "pearson": pearson(
+                [r[rm_name] for r in logged], [r["gold_reward"] for r in logged])},
             "greedy_before": greedy_samples(ppo_dir, before["step"], (rm_name, "gold_reward")),
             "greedy_after": greedy_samples(ppo_dir, after["step"], (rm_name, "gold_reward")),
             "seconds": round(time.time() - start_time, 1)}
@@ -308,14 +328,20 @@ def reward_model_text(r: dict) -> str:
             f"{r['rm_margin_before']:.2f} -> {r['rm_margin_after']:.2f}).\n\n"
             f"Then PPO with the SmolLM2 actor against it (recipes/ppo.py, recipes/configs/real_ppo_synthetic_rm.yaml: "
             f"{r['ppo_steps']} steps of 8 prompts x 2 replies, the critic starting from the reward model), on "
-            f"{r['heldout_prompts']} held-out prompts (the task has 6 topics, so greedy gives 6 distinct replies): "
+            f"{r['heldout_prompts']} held-out prompts (they repeat a few topics, so greedy gives one reply per "
+            f"topic): "
             f"reward-model score, greedy {r['rm_greedy_before']:.2f} -> {r['rm_greedy_after']:.2f}, sampled "
             f"{r['rm_sampled_before']:.2f} -> {r['rm_sampled_after']:.2f}; the task's hidden gold score (never "
             f"trained on; +1 a kind word, -1 an unkind one, -0.5 a word beyond eight), greedy "
             f"{r['gold_greedy_before']:.2f} -> {r['gold_greedy_after']:.2f}; greedy reply length "
-            f"{r['greedy_length_before']:.1f} -> {r['greedy_length_after']:.1f} tokens. Training replies (sampled), "
+            f"{r['greedy_length_before']:.1f} -> {r['greedy_length_after']:.1f} tokens. Every evaluation, reward model "
+            f"greedy / sampled / gold greedy: "
+            f"{', '.join(f'step {s}: {a:.2f} / {b:.2f} / {g:.2f}' for s, a, b, g in r['eval_curve'])}. "
+            f"Training replies (sampled), "
             f"reward model / gold by step: "
-            f"{', '.join(f'{s}: {rm:.2f} / {g:.2f}' for s, rm, g, _ in r['train_curve'])}.\n\n"
+            f"{', '.join(f'{s}: {rm:.2f} / {g:.2f}' for s, rm, g, _ in r['train_curve'])}; on "
+            f"{r['rm_gold_correlation']['replies']} of these replies (those logged), the reward model's score and the "
+            f"gold score correlate with Pearson r = {r['rm_gold_correlation']['pearson']:.2f}.\n\n"
             f"Greedy before: {replies(r['greedy_before'])}.\n\nGreedy after: {replies(r['greedy_after'])}.")
 
 
