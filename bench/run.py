@@ -22,6 +22,7 @@ with the machine, the torch version and the exact settings to bench/results/.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -110,7 +111,7 @@ def real_model(shape: dict) -> tuple[str, int]:
     params = 0
     for name in (f for f in os.listdir(directory) if f.endswith(".safetensors")):
         with safe_open(os.path.join(directory, name), "pt") as f:
-            params += sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1] for k in f.keys())
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     tokenizer = AutoTokenizer.from_pretrained(directory)
     rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
                 for p in chat_prompts(shape["prompts"])["prompt"]]

@@ -16,21 +16,29 @@ from rlhf.imports import OPT_IN, import_object
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_beside_shadows(python: str, cwd, shadow: str, marker, target: str, env: dict) -> list[str]:
+    """``python -c`` in ``cwd``, which holds ``<shadow>.py`` (it touches ``marker`` if it ever runs) and my_rewards.py
+    (a module only the working directory has): imports ``target`` and my_rewards:length by config path and prints
+    the file ``shadow`` was imported from and the local module's name."""
+    (cwd / f"{shadow}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (cwd / "my_rewards.py").write_text("def length(prompts, completions, **kwargs):\n    return [0.0]\n")
+    code = ("from rlhf.imports import import_object\n"
+            f"rule = import_object({target!r})\n"
+            "local = import_object('my_rewards:length')\n"
+            f"print(rule.__module__, __import__({shadow!r}).__file__, local.__module__)\n")
+    result = subprocess.run([python, "-c", code], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
 def test_the_working_directory_never_shadows_an_installed_package(tmp_path):
     """A real interpreter started as `python -c` (the working directory first on sys.path) in a directory holding
     its own reward_models.py: the project's package is imported, the local file never runs; a module only the
     working directory has is still importable."""
     marker = tmp_path / "shadow-ran"
-    (tmp_path / "reward_models.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    (tmp_path / "my_rewards.py").write_text("def length(prompts, completions, **kwargs):\n    return [0.0]\n")
-    code = ("from rlhf.imports import import_object\n"
-            "rule = import_object('reward_models.rules:numeric_answer_reward')\n"
-            "local = import_object('my_rewards:length')\n"
-            "print(rule.__module__, __import__('reward_models').__file__, local.__module__)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    module, package_file, local = result.stdout.split()
+    module, package_file, local = run_beside_shadows(sys.executable, tmp_path, "reward_models", marker,
+                                                     "reward_models.rules:numeric_answer_reward",
+                                                     {**os.environ, "PYTHONPATH": ROOT})
     assert module == "reward_models.rules" and package_file.startswith(ROOT) and local == "my_rewards"
     assert not marker.exists()
 
@@ -58,16 +66,9 @@ def test_the_working_directory_never_shadows_an_editable_install(tmp_path):
                     str(project)], check=True, capture_output=True, env=env, timeout=120)
     work.mkdir()
     marker = tmp_path / "shadow-ran"
-    (work / "shadowed.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    (work / "my_rewards.py").write_text("def length(prompts, completions, **kwargs):\n    return [0.0]\n")
-    code = ("from rlhf.imports import import_object\n"
-            "rule = import_object('shadowed.rules:reward')\n"
-            "local = import_object('my_rewards:length')\n"
-            "print(__import__('shadowed').__file__, local.__module__)\n")
-    result = subprocess.run([python, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    package_file, local = result.stdout.split()
-    assert package_file == str(project / "shadowed" / "__init__.py") and local == "my_rewards"
+    module, package_file, local = run_beside_shadows(python, work, "shadowed", marker, "shadowed.rules:reward", env)
+    assert module == "shadowed.rules" and package_file == str(project / "shadowed" / "__init__.py")
+    assert local == "my_rewards"
     assert not marker.exists()
 
 
