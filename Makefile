@@ -23,12 +23,13 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX ?=
 
-.PHONY: help install test test-slow test-gpu demo demo-tools demo-real real-model rlhf-demo bench bench-real bench-gpu gpu-wheels \
+.PHONY: help install test test-slow test-gpu demo warm-start-check demo-tools demo-real real-model rlhf-demo bench bench-real bench-gpu gpu-wheels \
 	learn-bench learn-bench-real learn-bench-variants docs clean
 
 help:
 	@echo "make demo       tiny model: warm start, then GRPO (ALGO=ppo|reinforce for the others); prints"
 	@echo "                held-out accuracy before/after RL (CPU, no network, a few minutes)"
+	@echo "make warm-start-check  rebuild the demo's shipped warm start here and compare it with the shipped one"
 	@echo "make demo-tools tiny model + calculator tool: warm start, then GRPO with multi-turn rollouts; prints"
 	@echo "                held-out accuracy and tool-call rate before/after RL (also: make demo TASK=tools)"
 	@echo "make demo-real  a real pretrained model, SmolLM2-135M-Instruct (from PyPI): GRPO on chat arithmetic, 3 seeds;"
@@ -44,7 +45,8 @@ help:
 	@echo "make learn-bench-real  our GRPO, PPO, RLOO vs TRL's GRPO and RLOO on SmolLM2-135M-Instruct, 3 seeds"
 	@echo "make learn-bench-variants  GSPO, CISPO, entropy tokens, DAPO refill, rollout correction, REINFORCE++-baseline"
 	@echo "make bench-gpu  the whole GPU run (bench/gpu.sh); make gpu-wheels first where there is no registry"
-	@echo "make docs       regenerate the config tables in README.md"
+	@echo "make docs       regenerate the generated pages of docs/ (config fields, TRL names), then build the site"
+	@echo "                into outputs/site with MkDocs in strict mode (API reference from the docstrings)"
 
 install: $(STAMP)
 
@@ -96,6 +98,10 @@ SEEDS ?= 0 1 2
 demo-real: $(REAL_STAMP)
 	$(PY) recipes/demo_real.py --seeds $(SEEDS) $(DEMO_ARGS)
 
+# The demo's seed-0 warm start ships in recipes/demo_warmstart/; this rebuilds it here and compares (a few minutes).
+warm-start-check: $(STAMP)
+	$(PY) recipes/demo_warm_start.py check
+
 demo-tools: $(STAMP)
 	$(PY) recipes/demo_tools.py $(DEMO_ARGS)
 
@@ -133,7 +139,8 @@ bench-gpu:
 	bash bench/gpu.sh
 
 docs: $(STAMP)
-	$(PY) -m rlhf.extras.docs --write README.md
+	$(PY) -m rlhf.extras.docs --write docs/
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info

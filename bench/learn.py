@@ -28,6 +28,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import learn_tasks  # noqa: E402
+from rlhf.extras.machine import cpu_name  # noqa: E402
 
 REFERENCE = "trl_grpo"
 
@@ -213,14 +214,6 @@ def main() -> None:
         f.write(text)
     print(text)
     print(f"written: {report}, {png}")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ METHODS = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
     "rloo": ("reinforce", {"baseline": "rloo"}),
+    # RLOOTrainer: TRL's RLOO on our trainer (its defaults: beta 0.05 as a sequence KL in the reward, a sequence
+    # importance ratio): which of the two RLOO set-ups is behind the gap to TRL's RLOOTrainer.
+    "rloo_trainer": ("rloo", {}),
     "reinforce++": ("reinforce", {"baseline": "reinforce++"}),
     "grpo_2proc": ("grpo", {}),  # launched on two processes, same global batch
     "trl_grpo": ("trl_grpo", {}),

@@ -72,13 +72,23 @@ class Curve:
 
 
 def run_ours(spec: dict, task, method: str) -> dict:
-    from rlhf import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, ReinforceConfig, ReinforceTrainer
+    from rlhf import (
+        GRPOConfig,
+        GRPOTrainer,
+        PPOConfig,
+        PPOTrainer,
+        ReinforceConfig,
+        ReinforceTrainer,
+        RLOOConfig,
+        RLOOTrainer,
+    )
     from rlhf.extras.tiny import char_tokenizer
     from rlhf.monitor import HealthMonitor
 
     algorithm, overrides = learn_tasks.METHODS[method]
     config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer),
-                                   "reinforce": (ReinforceConfig, ReinforceTrainer)}[algorithm]
+                                   "reinforce": (ReinforceConfig, ReinforceTrainer),
+                                   "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
     train, heldout, rewards, correct = learn_tasks.task_data(task.name)
     args = config_class(
         output_dir=spec["output_dir"], seed=spec["seed"], max_steps=spec["steps"], learning_rate=task.learning_rate,

@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from rlhf.extras.machine import cpu_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -342,7 +344,7 @@ def run_case(case: str, device: str, with_trl: bool, with_ppo: bool, out: str, s
     record = {
         "case": case, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                    "cpu_model": cpu_name(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                     "torch_threads": torch.get_num_threads()},
         "torch": torch.__version__, "shape": shape, "matched_settings": MATCHED,
         "matmul_flops_per_s": {str(p): r for p, r in rates.items()},
@@ -355,14 +357,6 @@ def run_case(case: str, device: str, with_trl: bool, with_ppo: bool, out: str, s
         json.dump(record, f, indent=2)
     print(f"\nwritten: {path}")
     return path
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ by RL with a rule-based correctness reward that fixes it. CPU only, no network, 
    carry wrong, while the right answer keeps about a quarter of the probability: a start set by the data, not by
    a lucky trajectory, with room and a signal for RL.
 3. RL with recipes/configs/demo_<algo>.yaml, evaluating greedy accuracy on 500 held-out problems.
-Writes outputs/demo/: warmstart/ (reused when seed, threads and settings match), <algo>/metrics.jsonl,
+Writes outputs/demo/: warmstart/ (for seed 0 the one shipped in recipes/demo_warmstart/, see
+recipes/demo_warm_start.py; other seeds reuse a build with the same seed, threads and settings), <algo>/metrics.jsonl,
 <algo>/alarms.jsonl (the training-health monitor), <algo>/model/, <algo>/curves.png, summary_<algo>.json.
 """
 
@@ -30,14 +31,9 @@ from rlhf import (
     ReinforceTrainer,
 )
 from rlhf.cli import PPOScriptArguments, parse_args
-from rlhf.extras.addition import (
-    WARM_START,
-    WARM_START_TARGET,
-    build_warm_start,
-    correctness_reward,
-    demo_splits,
-    greedy_accuracy,
-)
+from demo_warm_start import warm_start_stage  # recipes/demo_warm_start.py: shipped for seed 0, else built
+
+from rlhf.extras.addition import WARM_START, WARM_START_TARGET, correctness_reward, demo_splits, greedy_accuracy
 from rlhf.extras.plot import plot_metrics
 
 ALGORITHMS = {
@@ -49,27 +45,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 ACCURACY = "eval/accuracy"  # correctness_reward is marked with rlhf.rewards.correctness
 
 
-def warm_start_stage(path: str, seed: int) -> dict:
-    """Build the warm start into ``path``, or reuse the one there if it was built with the same seed, thread count
-    and settings. Returns its record (steps, seconds, ...)."""
-    meta_path = os.path.join(path, "warm_start.json")
-    key = {"seed": seed, "threads": torch.get_num_threads(), "settings": WARM_START, "target": WARM_START_TARGET}
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("key") == key:
-            return {**meta["record"], "warm_start_reused": True}
-    start, cpu_start = time.time(), time.process_time()
-    model, tokenizer, steps = build_warm_start(seed)
-    record = {"warm_start_steps": steps, "warm_start_seconds": round(time.time() - start, 1),
-              "warm_start_cpu_seconds": round(time.process_time() - cpu_start, 1)}
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(meta_path, "w") as f:
-        json.dump({"key": key, "record": record}, f, indent=2)
-    return {**record, "warm_start_reused": False}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="grpo")
@@ -78,6 +53,8 @@ def main():
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--stage", choices=["all", "warmstart"], default="all")
     parser.add_argument("--max_steps", type=int, default=None, help="override the RL config's max_steps")
+    parser.add_argument("--rebuild_warm_start", action="store_true",
+                        help="build the warm start here even for seed 0, whose build ships with the repository")
     cli = parser.parse_args()
     if cli.threads is not None:
         torch.set_num_threads(cli.threads)
@@ -91,9 +68,13 @@ def main():
           f"carry forgotten in {WARM_START['drop_carry']:.0%} of examples, until P(correct) >= "
           f"{WARM_START_TARGET} on validation problems without a carry, then {WARM_START['settle_steps']} steps "
           "of annealing")
-    summary.update(warm_start_stage(warm_path, cli.seed))
-    print(f"      {summary['warm_start_steps']} steps, {summary['warm_start_seconds']} s"
-          f"{' (reused)' if summary['warm_start_reused'] else ''} -> {warm_path}")
+    summary.update(warm_start_stage(warm_path, cli.seed, cli.rebuild_warm_start))
+    if summary["warm_start_source"] == "shipped":
+        print(f"      shipped with the repository (built in {summary['warm_start_steps']} steps on "
+              f"{summary['machine']}; --rebuild_warm_start builds it here) -> {warm_path}")
+    else:
+        print(f"      {summary['warm_start_steps']} steps, {summary['warm_start_seconds']} s "
+              f"({summary['warm_start_source']}) -> {warm_path}")
     if summary["warm_start_steps"] >= WARM_START["max_steps"]:
         print(f"      WARNING: the warm start did not reach its target in {WARM_START['max_steps']} steps (still on the "
               "plateau before a model learns addition); RL from it will not show the demo's gain.")
@@ -112,7 +93,7 @@ def main():
     print(f"[2/3] {cli.algo.upper()} with {config_path} for {config.max_steps} steps")
     trainer = trainer_class(warm_path, [correctness_reward], args=config, train_dataset=train, eval_dataset=heldout)
     rl_start, rl_cpu = time.time(), time.process_time()
-    records = trainer.train()
+    records = trainer.train().records
     summary["rl_seconds"] = round(time.time() - rl_start, 1)
     summary["rl_cpu_seconds"] = round(time.process_time() - rl_cpu, 1)
     trainer.save_model(os.path.join(config.output_dir, "model"))

@@ -35,7 +35,7 @@ def run_seed(model: str, seed: int, output_dir: str, max_steps: int | None) -> d
     script, config = parse_args([ScriptArguments, GRPOConfig], ["--config", CONFIG, *overrides])
     start = time.time()
     trainer = GRPOTrainer(args=config, **trainer_inputs(script))
-    records = trainer.train()
+    records = trainer.train().records
     seconds = time.time() - start
     evals = [r for r in records if ACCURACY in r]
     plot_metrics(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "curves.png"),

@@ -111,7 +111,7 @@ def main():
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     trainer = GRPOTrainer(args=config, **trainer_inputs(script))
     rl_start = time.time()
-    records = trainer.train()
+    records = trainer.train().records
     summary["rl_seconds"] = round(time.time() - rl_start, 1)
     trainer.save_model(os.path.join(run_dir, "model"))
     trainer.agent.close()

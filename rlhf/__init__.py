@@ -11,10 +11,12 @@ _PUBLIC = {
     "GRPOConfig": "rlhf.configs",
     "PPOConfig": "rlhf.configs",
     "ReinforceConfig": "rlhf.configs",
+    "RLOOConfig": "rlhf.configs",
     "RLConfig": "rlhf.configs",
     "GRPOTrainer": "rlhf.trainer",
     "PPOTrainer": "rlhf.trainer",
     "ReinforceTrainer": "rlhf.trainer",
+    "RLOOTrainer": "rlhf.trainer",
     "RLTrainer": "rlhf.trainer",
     "ValueModel": "rlhf.critic",
 }

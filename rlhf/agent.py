@@ -14,35 +14,45 @@ KL and the advantage estimators read ``policy_mask``; per-turn environment rewar
 token of their turn (``Rollout.turn_rewards``).
 
 After a policy turn: a turn with ``<tool_call>`` blocks gets one tool message per call and the policy
-continues; otherwise an environment's ``step(text)`` answers; otherwise the trajectory is done. It also
+continues; otherwise an environment of our protocol's ``step(text)`` answers; otherwise the trajectory is done. It also
 ends, marked truncated, when a turn reaches ``max_new_tokens`` without an EOS, when the policy still
 wants to continue after ``max_turns`` turns, or when the next turn would not fit in ``max_tokens`` (the
 environment's tokens count too).
 
 An environment (``environment_factory()`` returns one; instances are reused, each episode starts with
-``reset``) has two methods:
+``reset``) follows our protocol or TRL 1.16's (``rlhf.environments``). Ours has two methods:
 
     reset(row: dict) -> None | str | list[dict]       # the first observation: the prompt the policy sees
                                                       # (None: the row's own prompt)
     step(text: str) -> (observation | None, reward | None)   # None: the episode is over
 
-An observation is a string (chat prompts: the content of a user message) or chat message(s). An
-exception in ``reset`` or ``step`` (or a ``sys.exit``, or a call past ``environment_timeout``) stops the run
-with the environment's name: unlike a tool, it is code the user owns, not something the policy did.
+An observation is a string (chat prompts: the content of a user message) or chat message(s). TRL's has
+``reset(**row)`` (its string appended to the prompt) and public methods, which are the episode's tools (shown
+with the ``tools``; a turn without a tool call ends the episode). An exception in ``reset``, ``step`` or the
+factory (or a ``sys.exit``, or a call past ``environment_timeout``) stops the run with the environment's name:
+unlike a tool, it is code the user owns, not something the policy did.
 """
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from rlhf.data import is_conversational, left_pad, render_prompts, tokenize_prompts
 from rlhf.distributed import needs_synced_generation
+from rlhf.environments import (
+    STEP,
+    TOOLS,
+    check_environment,
+    describe_environments,
+    environment_call,
+    factory_name,
+    observation_messages,
+    reset_tools_environment,
+    step_environment,
+)
 from rlhf.rollout import Policy, Rollout, RolloutTexts, SamplingParams, generate
 from rlhf.tools import ToolExecutor, describe_tools, parse_tool_calls, tool_schemas
-from rlhf.user_code import call_with_timeout, what_happened
 
 EPISODE_STATS = ("turns", "tool_call_rate", "tool_calls", "tool_errors", "tool_timeouts", "tool_long_results",
                  "tool_bad_calls", "environment_tokens", "max_turns_frac", "token_budget_frac")
@@ -67,6 +77,9 @@ class Episode:
 
     prompt: object  # what the policy was shown first: a string or chat messages
     environment: object | None = None
+    steps: bool = False  # the environment follows our protocol: step() answers a turn without a tool call
+    schemas: list[dict] = field(default_factory=list)  # the tools its prompt shows
+    methods: dict = field(default_factory=dict)  # a TRL-style environment's tools, bound to its instance
     prompt_ids: list[int] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     policy: list[int] = field(default_factory=list)  # 1 where the policy sampled the token
@@ -92,14 +105,27 @@ class AgentLoop:
                  environment_timeout: float | None = None):
         if not tools and environment_factory is None:
             raise ValueError("AgentLoop needs tools, an environment_factory, or both.")
-        if environment_factory is not None and not callable(environment_factory):
-            raise TypeError(f"environment_factory must be callable (a class or a function), got {environment_factory!r}.")
         self.tokenizer = tokenizer
-        self.schemas = tool_schemas(list(tools)) if tools else []
-        self.executor = ToolExecutor(list(tools), tool_timeout, max_tool_response_chars, tool_workers) if tools else None
+        self.tools = tools = list(tools or [])
+        self.schemas = tool_schemas(tools) if tools else []  # the standalone tools, then every environment's
         self.environment_factory = environment_factory
         self.environment_timeout = environment_timeout
-        self.environments: list = []
+        self.specs = ([] if environment_factory is None
+                      else describe_environments(environment_factory, environment_timeout))
+        self.multi = isinstance(environment_factory, dict)
+        self.shown = {spec.name: self.schemas + spec.schemas for spec in self.specs}  # the tools of its prompts
+        names = {s["function"]["name"] for s in self.schemas}
+        for spec in self.specs:
+            clash = sorted(names.intersection(spec.tool_names))
+            if clash:
+                raise ValueError(f"environment {spec.cls.__name__}'s method(s) {clash} have the name of a function in "
+                                 "tools; the model calls tools by name, so rename one of them.")
+        for spec in self.specs:  # the union, each name once: what prompts are checked with before training
+            self.schemas += [s for s in spec.schemas if s["function"]["name"] not in names]
+            names.update(spec.tool_names)
+        self.executor = (ToolExecutor(tools, tool_timeout, max_tool_response_chars, tool_workers)
+                         if tools or any(spec.protocol == TOOLS for spec in self.specs) else None)
+        self.pools = {spec.name: [spec.probe] if spec.probe is not None else [] for spec in self.specs}
         self.max_turns, self.max_tokens = max_turns, max_tokens
         self.template_tools = bool(self.schemas) and _template_renders_tools(tokenizer, self.schemas)
         self._turn_end = None
@@ -111,20 +137,23 @@ class AgentLoop:
                    tool_workers=args.tool_workers, environment_timeout=args.environment_timeout)
 
     # ------------------------------------------------------------------ rendering
-    def render_prompts(self, prompts, tokenizer=None) -> tuple[list[str], bool]:
-        """Prompt texts with the tools shown: through the chat template's ``tools`` when it renders them, else
-        the plain-text description (a system message for chat prompts, a preamble for plain text)."""
+    def render_prompts(self, prompts, tokenizer=None, schemas=None) -> tuple[list[str], bool]:
+        """Prompt texts with the tools shown (``schemas``: each prompt's; default all of them): through the chat
+        template's ``tools`` when it renders them, else the plain-text description (a system message for chat
+        prompts, a preamble for plain text)."""
         tokenizer = tokenizer or self.tokenizer
-        if not self.schemas or not prompts:
+        schemas = schemas if schemas is not None else [self.schemas] * len(prompts)
+        if not any(schemas) or not prompts:
             return render_prompts(prompts, tokenizer)
         if not is_conversational(prompts[0]):
             texts, _ = render_prompts(prompts, tokenizer)
-            return [f"{describe_tools(self.schemas)}\n\n{text}" for text in texts], False
+            return [f"{describe_tools(s)}\n\n{text}" if s else text for text, s in zip(texts, schemas)], False
         if not self.template_tools:
-            return render_prompts([_with_system(p, describe_tools(self.schemas)) for p in prompts], tokenizer)
+            return render_prompts([_with_system(p, describe_tools(s)) if s else p for p, s in zip(prompts, schemas)],
+                                  tokenizer)
         render_prompts(prompts, tokenizer)  # checks: every prompt chat messages, a template exists
-        return [tokenizer.apply_chat_template(p, tools=self.schemas, add_generation_prompt=True, tokenize=False)
-                for p in prompts], True
+        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False,
+                                              **({"tools": s} if s else {})) for p, s in zip(prompts, schemas)], True
 
     def environment_ids(self, is_chat: bool, assistant: dict, messages: list[dict]) -> list[int]:
         """Token ids of an environment turn (``messages``) after a policy turn that ended with an EOS (``assistant``):
@@ -202,22 +231,46 @@ class AgentLoop:
         return self._assemble(policy, episodes, rows, n)
 
     def _start(self, policy: Policy, rows: list[dict]) -> list[Episode]:
-        if self.environment_factory is None:
-            episodes = [Episode(row["prompt"]) for row in rows]
+        if not self.specs:
+            episodes = [Episode(row["prompt"], schemas=self.schemas) for row in rows]
         else:
-            factory, timeout = self.environment_factory, self.environment_timeout
-            while len(self.environments) < len(rows):
-                env = _environment_call(factory, f"environment_factory {_name(factory)}", timeout)
-                self.environments.append(_check_environment(env, factory))
+            timeout, drawn = self.environment_timeout, dict.fromkeys(self.pools, 0)
             episodes = []
-            for env, row in zip(self.environments, rows):
-                first = _environment_call(env.reset, f"environment {type(env).__name__}.reset", timeout, row)
-                episodes.append(Episode(row["prompt"] if first is None else first, env))
-        texts, is_chat = self.render_prompts([e.prompt for e in episodes])
+            for row in rows:  # each row gets an instance of its environment from the pool, made when there is none
+                spec = self._spec_of(row)
+                pool = self.pools[spec.name]
+                if drawn[spec.name] == len(pool):
+                    pool.append(environment_call(spec.factory, f"environment_factory {factory_name(spec.factory)}",
+                                                 timeout))
+                env, shown = pool[drawn[spec.name]], self.shown[spec.name]
+                drawn[spec.name] += 1
+                if spec.protocol == STEP:
+                    check_environment(env, spec.factory)
+                    first = environment_call(env.reset, f"environment {type(env).__name__}.reset", timeout, row)
+                    episodes.append(Episode(row["prompt"] if first is None else first, env, True, shown))
+                else:
+                    prompt = reset_tools_environment(env, row, self.multi, timeout)
+                    episodes.append(Episode(prompt, env, False, shown, spec.methods(env)))
+        texts, is_chat = self.render_prompts([e.prompt for e in episodes], schemas=[e.schemas for e in episodes])
         prompt_ids = tokenize_prompts(texts, self.tokenizer, is_chat, policy.max_prompt_length, policy.truncate_prompts)
         for e, ids in zip(episodes, prompt_ids):
             e.prompt_ids = ids
         return episodes
+
+    def _spec_of(self, row: dict):
+        """The environment of ``row``: the only one, or the one its ``environment`` column names."""
+        if not self.multi:
+            return self.specs[0]
+        names = [spec.name for spec in self.specs]
+        if "environment" not in row:
+            raise ValueError(f"environment_factory is a dict of environments {names}, so each row needs an "
+                             f"`environment` column naming its environment; the rows have {sorted(row)}.")
+        spec = next((spec for spec in self.specs if spec.name == row["environment"]), None)
+        if spec is None:
+            raise ValueError(f"A row has environment={row['environment']!r}, which is not among the environments "
+                             f"passed to environment_factory: {names}. Add a factory under that name, or fix the "
+                             "row's `environment` column.")
+        return spec
 
     def _policy_turn(self, policy: Policy, episodes: list[Episode], params: SamplingParams, group_size: int) -> None:
         """One turn of every episode: generate in one batch, keep each row's tokens up to its EOS and its budget."""
@@ -246,7 +299,7 @@ class AgentLoop:
         replies: dict[int, list[dict]] = {}
         calls_of: list[tuple[Episode, list]] = []
         for e in episodes:
-            calls = parse_tool_calls(e.raw_turn) if self.executor is not None else []
+            calls = parse_tool_calls(e.raw_turn) if self.tools or e.methods else []
             if calls:
                 e.messages[-1]["tool_calls"] = [c.as_message_call() for c in calls if c.error is None]
                 e.stats["tool_calls"] += len(calls)
@@ -255,20 +308,21 @@ class AgentLoop:
                     calls_of.append((e, calls))
                 else:
                     e.end(truncated=True, reason="max_turns_frac")
-            elif e.environment is not None:
-                observation, reward = _environment_step(e.environment, e.messages[-1]["content"],
-                                                        self.environment_timeout)
+            elif e.steps:
+                observation, reward = step_environment(e.environment, e.messages[-1]["content"],
+                                                       self.environment_timeout)
                 e.rewards[-1] += reward
                 if observation is None:
                     e.end()
                 elif not turns_left:
                     e.end(truncated=True, reason="max_turns_frac")
                 else:
-                    replies[id(e)] = _observation_messages(observation, is_chat, e.environment)
+                    replies[id(e)] = observation_messages(observation, is_chat, e.environment)
             else:
                 e.end()
         if calls_of:
-            results = iter(self.executor.run([c for _, calls in calls_of for c in calls]))
+            results = iter(self.executor.run([c for _, calls in calls_of for c in calls],
+                                             [e.methods for e, calls in calls_of for _ in calls]))
             for e, calls in calls_of:
                 replies[id(e)] = []
                 for _ in calls:
@@ -307,12 +361,13 @@ class AgentLoop:
                           completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
                           truncated=torch.tensor([e.truncated for e in episodes], device=device),
                           loss_mask=policy_mask.clone().to(device), policy_mask=policy_mask.to(device),
-                          turn_rewards=turn_rewards.to(device) if self.environment_factory is not None else None)
+                          turn_rewards=turn_rewards.to(device) if any(s.protocol == STEP for s in self.specs) else None)
         repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731
         texts = RolloutTexts(prompts=[e.prompt for e in episodes], completions=[e.messages for e in episodes],
                              completion_ids=[e.ids for e in episodes],
                              columns={k: repeat(v) for k, v in rows.items() if k != "prompt"},
-                             episode_stats={name: [e.stats[name] for e in episodes] for name in EPISODE_STATS})
+                             episode_stats={name: [e.stats[name] for e in episodes] for name in EPISODE_STATS},
+                             environments=[e.environment for e in episodes] if self.specs else None)
         return rollout, texts
 
     def close(self) -> None:
@@ -346,63 +401,3 @@ def _template_renders_tools(tokenizer, schemas: list[dict]) -> bool:
     except Exception:  # noqa: BLE001 - a template that rejects tools does not support them
         return False
     return with_tools != without and schemas[0]["function"]["name"] in with_tools
-
-
-def _name(factory) -> str:
-    return getattr(factory, "__qualname__", None) or repr(factory)
-
-
-def _check_environment(env, factory):
-    """``env``, once it is known to have callable ``reset`` and ``step`` methods."""
-    missing = [m for m in ("reset", "step") if not callable(getattr(env, m, None))]
-    if missing:
-        raise TypeError(f"environment_factory {_name(factory)} returned {str(env)[:200]!r} (a {type(env).__name__}), "
-                        f"which has no {' or '.join(f'{m}()' for m in missing)} method. An environment has reset(row) "
-                        "-> first observation (or None: the row's prompt) and step(policy_text) -> (observation or None "
-                        "when done, reward or None); environment_factory is the class (or a function returning a new "
-                        "instance), not an instance.")
-    return env
-
-
-def _environment_call(fn, name: str, timeout: float | None, *args):
-    """``fn(*args)``, a call of the environment named ``name``, within ``timeout``; however it fails, a RuntimeError
-    that names it."""
-    on = f" (on {str(args[0])[:200]!r})" if args else ""
-    try:
-        return call_with_timeout(lambda: fn(*args), timeout, name)
-    except TimeoutError:
-        raise RuntimeError(f"{name} did not return within environment_timeout={timeout:g} s{on}. Make it faster, or "
-                           "raise environment_timeout.") from None
-    except Exception as error:  # noqa: BLE001 - a sys.exit() too (UserExit): named, not the end of the run
-        advice = "an environment must return; end the episode with None, stop the run with an exception"
-        raise RuntimeError(f"{name} {what_happened(error, advice)}{on}. Environments must not raise: return an "
-                           "observation that tells the policy what went wrong, or None to end the episode.") from error
-
-
-def _environment_step(env, text: str, timeout: float | None) -> tuple[object, float]:
-    """(observation or None, reward: 0.0 for None), checked."""
-    out = _environment_call(env.step, f"environment {type(env).__name__}.step", timeout, text)
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise TypeError(f"environment {type(env).__name__}.step must return (observation or None, reward or None), "
-                        f"got {str(out)[:200]!r}.")
-    observation, reward = out
-    if reward is None:
-        return observation, 0.0
-    if isinstance(reward, torch.Tensor) and reward.numel() == 1:
-        reward = reward.item()
-    if not isinstance(reward, numbers.Real) or not math.isfinite(float(reward)):
-        raise ValueError(f"environment {type(env).__name__}.step returned the reward {reward!r}; it must be a finite "
-                         "number or None.")
-    return observation, float(reward)
-
-
-def _observation_messages(observation, is_chat: bool, env) -> list[dict]:
-    if isinstance(observation, str):
-        return [{"role": "user", "content": observation}] if is_chat else [{"role": "observation",
-                                                                            "content": observation}]
-    if is_chat and isinstance(observation, dict):
-        return [observation]
-    if is_chat and isinstance(observation, list) and all(isinstance(m, dict) for m in observation):
-        return list(observation)
-    raise TypeError(f"environment {type(env).__name__}.step returned the observation {str(observation)[:200]!r}; it "
-                    "must be a string" + (", a message dict or a list of them." if is_chat else " (plain-text prompts)."))

@@ -12,12 +12,15 @@ on_init_end, on_train_begin, on_step_begin, on_step_end, on_log (``logs``), on_e
 on_train_end.
 """
 
+import logging
 import math
 
 import torch
 from transformers import TrainerControl, TrainerState
 
 from rlhf.user_code import UserExit, call_with_timeout, what_happened
+
+logger = logging.getLogger(__name__)
 
 
 class CallbackError(RuntimeError):
@@ -33,12 +36,28 @@ class Callbacks:
 
     def __init__(self, callbacks=None, timeout: float | None = None):
         self.timeout = timeout  # seconds one callback event may take (callback_timeout; None: no limit)
-        self.callbacks = [callback() if isinstance(callback, type) else callback for callback in (callbacks or [])]
-        for callback in self.callbacks:
-            if not any(callable(getattr(callback, event, None)) for event in EVENTS):
-                raise TypeError(f"callback {callback!r} has none of the methods {list(EVENTS)}; subclass "
-                                "transformers.TrainerCallback and override the events you need.")
+        self.callbacks = []
+        for callback in callbacks or []:
+            self.add(callback)
         self.control = TrainerControl()
+
+    def add(self, callback) -> None:
+        """Append ``callback`` (a class is instantiated), as transformers' ``add_callback``."""
+        callback = callback() if isinstance(callback, type) else callback
+        if not any(callable(getattr(callback, event, None)) for event in EVENTS):
+            raise TypeError(f"callback {callback!r} has none of the methods {list(EVENTS)}; subclass "
+                            "transformers.TrainerCallback and override the events you need.")
+        if any(type(c) is type(callback) for c in self.callbacks):
+            logger.warning("A %s is already among the callbacks; it will be called twice.", type(callback).__name__)
+        self.callbacks.append(callback)
+
+    def pop(self, callback):
+        """Remove and return ``callback``: that instance, or the first callback of that class (None if there is none),
+        as transformers' ``pop_callback``."""
+        for i, c in enumerate(self.callbacks):
+            if (type(c) is callback) if isinstance(callback, type) else (c is callback):
+                return self.callbacks.pop(i)
+        return None
 
     def fire(self, event: str, args, state: TrainerState, **kwargs) -> TrainerControl:
         """Call ``event`` on every callback that has it; a callback that returns a control replaces the shared one
@@ -98,19 +117,23 @@ def epoch_at(step: int, prompts_per_step: int, num_prompts: int | None) -> float
     return step * prompts_per_step / num_prompts if num_prompts else None
 
 
-class TrainResult(list):
-    """What ``train()`` returns: the logged metric records (a list, one dict per logged step or evaluation), with
-    what transformers' ``TrainOutput`` holds as attributes: ``global_step``, ``training_loss`` (the mean of the logged
-    policy losses) and ``metrics`` (the last value of every metric, ``train_runtime``, ``epoch``)."""
+class TrainResult(tuple):
+    """What ``train()`` returns, as transformers' ``TrainOutput``: ``(global_step, training_loss, metrics)``, by name
+    or unpacked (``global_step, loss, metrics = trainer.train()``). ``training_loss`` is the summary's ``train_loss``
+    (the mean of each step's ``loss/total``, as TRL reports it); ``metrics`` the last value of every metric, with the
+    summary (``train_runtime``, ``train_loss``, ...) and ``epoch``. The logged records themselves (one dict per logged
+    step or evaluation) are ``records``, and stay in ``trainer.state.log_history``."""
 
-    def __init__(self, records: list[dict], global_step: int, runtime: float = 0.0, epoch: float | None = None,
-                 steps_run: int = 0):
-        super().__init__(records)
-        self.global_step = global_step
-        losses = [r["loss/policy"] for r in records if isinstance(r.get("loss/policy"), float)]
-        self.training_loss = sum(losses) / len(losses) if losses else float("nan")
-        self.metrics = {key: value for record in records for key, value in record.items() if key != "step"}
-        self.metrics.update(train_runtime=runtime, train_loss=self.training_loss,
-                            train_steps_per_second=steps_run / runtime if runtime else 0.0)
+    def __new__(cls, records: list[dict], global_step: int, summary: dict | None = None, epoch: float | None = None):
+        summary = {k: v for k, v in (summary or {}).items() if k not in ("step", "epoch")}
+        metrics = {key: value for record in records for key, value in record.items() if key != "step"}
+        metrics.update(summary)
         if epoch is not None:
-            self.metrics["epoch"] = epoch
+            metrics["epoch"] = epoch
+        result = super().__new__(cls, (global_step, summary.get("train_loss", float("nan")), metrics))
+        result.records = list(records)
+        return result
+
+    global_step = property(lambda self: self[0])
+    training_loss = property(lambda self: self[1])
+    metrics = property(lambda self: self[2])

@@ -7,6 +7,7 @@ are converted and checked against the field's annotation.
 """
 
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -19,8 +20,8 @@ from rlhf.checkpoint import model_source
 from rlhf.config_fields import field_docs
 from rlhf.dataset_adapters import DataArguments
 from rlhf.imports import OPT_IN, import_object
-from rlhf.trl_names import log_notes, translate
-from rlhf.trl_table import parse_bool
+from rlhf.trl_names import log_notes, trl_owned, translate
+from rlhf.trl_table import TRL_TYPES, parse_bool
 
 
 @dataclass
@@ -84,12 +85,17 @@ def _unwrap_optional(annotation):
 
 def convert(value, annotation, name: str):
     """``value`` (a YAML value, or a string or list of strings from the command line) as ``annotation``."""
+    if annotation in (object, typing.Any):
+        return value
     inner, optional = _unwrap_optional(annotation)
     origin = typing.get_origin(inner)
     if typing.get_origin(inner) in (typing.Union, types.UnionType):  # str | dict, int | float: the first arm that fits
         arms = typing.get_args(inner)
         if dict in arms and isinstance(value, dict):
             return value
+        mapping = next((arm for arm in arms if typing.get_origin(arm) is dict), None)
+        if mapping is not None and (isinstance(value, dict) or _json_object(value, name) is not None):
+            return _convert_mapping(value, mapping, name)
         failures = []
         for arm in (a for a in arms if a is not dict):
             try:
@@ -147,6 +153,8 @@ def convert(value, annotation, name: str):
 def _convert_mapping(value, annotation, name: str) -> dict:
     """A YAML mapping, or ``key=value`` strings from the command line, as a dict of the annotated types."""
     key_type, value_type = typing.get_args(annotation) or (str, str)
+    parsed = _json_object(value, name)
+    value = value if parsed is None else parsed
     if not isinstance(value, dict):
         items = value if isinstance(value, list) else [value]
         pairs = [str(item).partition("=") for item in items]
@@ -155,6 +163,19 @@ def _convert_mapping(value, annotation, name: str) -> dict:
                               f"or a mapping in YAML; got {value!r}.")
         value = {key: v for key, _, v in pairs}
     return {convert(k, key_type, f"{name} key"): convert(v, value_type, f"{name}[{k!r}]") for k, v in value.items()}
+
+
+def _json_object(value, name: str) -> dict | None:
+    """A JSON object given as one string, TRL's syntax for its dict options (--model_init_kwargs '{"dtype":
+    "bfloat16"}'); None for anything else."""
+    text = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if not (isinstance(text, str) and text.lstrip().startswith("{")):
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{name}={text!r} is not a valid JSON object ({error}).") from None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _argv_to_pairs(argv: list[str]) -> tuple[str | None, list[tuple[str, list[str] | None]]]:
@@ -239,15 +260,23 @@ def parse_args(classes: list[type], argv: list[str] | None = None, ignore=()) ->
         values.update({k: (v, f"{config_path}") for k, v in loaded.items()})
     owners = {f.name: (cls, f) for cls in classes for f in dataclasses.fields(cls)}
     hints = {name: typing.get_type_hints(cls)[name] for name, (cls, _) in owners.items()}
+    errors: list[str] = []
     for key, value in pairs:  # --flag without a value: true for a true/false option (TRL's --bf16 too)
-        values[key] = (value if value is not None else _bare_flag(key, hints[key]) if key in owners else True,
-                       "the command line")
+        if value is None:
+            value = _bare_flag(key, hints[key]) if key in owners else True
+        elif trl_owned(key, owners):  # TRL's syntax for TRL's value: --use_vllm false, --loss_type dr_grpo
+            try:
+                value = convert(value, TRL_TYPES.get(key, str), key)
+            except ConfigError as error:
+                errors.append(str(error))
+                continue
+        values[key] = (value, "the command line")
 
     defaults = {name: f.default for name, (_, f) in owners.items() if f.default is not dataclasses.MISSING}
     given = {key: value for key, (value, _) in values.items() if key in owners or key not in ignore}
     translation = translate(given, hints, defaults, convert=convert,
                             where={key: source for key, (_, source) in values.items()})
-    errors = list(translation.errors)
+    errors += translation.errors
     kwargs: dict[type, dict] = {cls: {} for cls in classes}
     for key, value in translation.values.items():
         try:

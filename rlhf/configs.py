@@ -8,11 +8,11 @@ these steps; each makes ``num_epochs * rollout_batch / mini_batch_size`` optimiz
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlhf.config_fields import field_type_errors
 from rlhf.core import LOSS_AGG_MODES, ImportanceLevel, KLEstimator, PolicyLossType, RewardScale, RolloutCorrection
-from rlhf.trl_names import BY_NAME, AcceptsTRLNames, trl_attribute
+from rlhf.trl_names import BY_NAME, AcceptsTRLNames, trl_attribute, trl_read
 
 KLPlacement = Literal["reward", "loss"]
 # rlhf.core's modes, and TRL's bnpo: each micro-batch's token mean, micro-batches weighted equally (the loss then
@@ -24,6 +24,7 @@ LossAggregation = Literal[LOSS_AGG_MODES + ("micro-batch-token-mean",)]
 class RLConfig(metaclass=AcceptsTRLNames):
     """Fields shared by every trainer. TRL's names are accepted too (``rlhf/trl_names.py``)."""
 
+    trains_critic: ClassVar[bool] = False  # a second trained model, the critic (PPO)
     # --- run -------------------------------------------------------------------------------
     output_dir: str = "outputs/run"
     """Where metrics.jsonl, checkpoints and the final model go."""
@@ -53,7 +54,8 @@ class RLConfig(metaclass=AcceptsTRLNames):
     run_name: str | None = None
     """Name of the run in trackers (default: the basename of ``output_dir``)."""
     disable_tqdm: bool = False
-    """Turn the progress bar off (the console still gets a line per logging step)."""
+    """Turn the progress bar off (the console still gets a line per logging step). There is none either when stderr is
+    not a terminal (a log file, a pipe, CI), where each redraw would be a line of its own."""
     log_completions: bool = False
     """At every logging step, show a table of sampled training prompts, completions and their rewards per function on
     the console and in the trackers (``output_dir/completions.jsonl`` and the report get them either way)."""
@@ -204,6 +206,15 @@ class RLConfig(metaclass=AcceptsTRLNames):
     """Adapt kl_coef towards this KL per sequence (Ziegler et al. 2019), a proportional controller (None: fixed kl_coef)."""
     kl_horizon: int = 10000
     """Horizon, in samples, of the adaptive KL controller."""
+    sync_ref_model: bool = False
+    """Move the reference towards the policy every ref_model_sync_steps steps (TR-DPO, arXiv 2404.09656; TRL's name):
+    ref = ref_model_mixup_alpha * policy + (1 - alpha) * ref, weight by weight. Needs a KL term (kl_coef > 0) and a
+    separate reference copy: not with a LoRA actor (its reference is the adapter disabled), as in TRL."""
+    ref_model_mixup_alpha: float = 0.6
+    """TR-DPO's alpha in [0, 1]: the policy's share of the reference after each sync (1: a hard copy)."""
+    ref_model_sync_steps: int = 512
+    """TR-DPO's tau: sync every this many steps, after the step's update. A step is one rollout batch, as for
+    save_steps: TRL's optimizer steps when each step makes one (TRL's default batch geometry)."""
     loss_agg: LossAggregation = "token-mean"
     """How per-token losses are reduced: token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO), micro-batch-token-mean (TRL's bnpo)."""
     entropy_coef: float = 0.0
@@ -211,10 +222,17 @@ class RLConfig(metaclass=AcceptsTRLNames):
     importance_sampling_level: ImportanceLevel = "token"
     """The ratio r = pi / pi_old the policy loss clips: per token; per sequence (GSPO: exp of the mean log-ratio over
     the sequence's tokens, clipped per sequence; the paper pairs it with seq-mean-token-mean and clip_eps_low / high of
-    3e-4 / 4e-4); or sequence_token (GSPO-token: the sequence ratio's value with a per-token gradient)."""
+    3e-4 / 4e-4); sequence_token (GSPO-token: the sequence ratio's value with a per-token gradient); or sequence_sum
+    (the sequence's likelihood ratio, exp of the summed log-ratio: TRL's RLOO)."""
     policy_loss_type: PolicyLossType = "ppo"
     """ppo: the clipped surrogate max(-A r, -A clip(r)); cispo (MiniMax-M1): -sg(clip(r, 1 - clip_eps_low,
-    1 + clip_eps_high)) * A * log p, whose clipped tokens still give gradient."""
+    1 + clip_eps_high)) * A * log p, whose clipped tokens still give gradient; sapo (TRL's loss_type sapo): a soft
+    gate -A * 4 / tau * sigmoid(tau * (r - 1)) instead of the clip (rlhf.core.policy_loss)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature tau for tokens with a positive advantage (TRL's name and default)."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for tokens with a zero or negative advantage; larger than the positive one, it damps
+    their off-policy updates sooner (TRL's name and default)."""
     top_entropy_quantile: float = 1.0
     """Train only on this fraction of the batch's loss tokens, those of highest entropy under the sampling policy,
     chosen over all processes: the others' policy loss is multiplied by 0 ("Beyond the 80/20 rule": 0.2; 1.0: all
@@ -288,6 +306,13 @@ class RLConfig(metaclass=AcceptsTRLNames):
                 return
         super().__setattr__(name, value)
 
+    def __getattr__(self, name: str):
+        """TRL's names read back after construction (``args.beta``, ``args.epsilon_high``): our field's value in TRL's
+        meaning (``rlhf.trl_names.trl_read``). Only called for names that are not attributes."""
+        if name in BY_NAME:
+            return trl_read(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # --- derived ---------------------------------------------------------------------------
     @property
     def rollout_batch_size(self) -> int:
@@ -330,8 +355,10 @@ class RLConfig(metaclass=AcceptsTRLNames):
             changes["warmup_steps"] = math.ceil(self.warmup_ratio * max_steps * self.optimizer_steps_per_step)
         return dataclasses.replace(self, **changes) if changes else self
 
-    def validate(self, num_processes: int = 1) -> None:
-        """Check every field and the batch geometry; raise ValueError naming the field and the fix.
+    def validate(self, num_processes: int = 1, deepspeed: bool = False, sharded: bool = False) -> None:
+        """Check every field, how they combine and the batch geometry; raise ValueError naming the field and the fix.
+        ``deepspeed``: the launch runs under DeepSpeed (Accelerate's distributed type); ``sharded``: each process holds
+        a shard of the parameters (FSDP, ZeRO-3).
 
         First every field against its annotation (type, finiteness, the legal values of a Literal), then
         ranges, then how the batch divides."""
@@ -375,7 +402,17 @@ class RLConfig(metaclass=AcceptsTRLNames):
         need(0 <= self.clip_eps_low < 1, f"clip_eps_low={self.clip_eps_low} must be in [0, 1).")
         need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be > 1 (or None).")
         need(self.dual_clip is None or self.policy_loss_type == "ppo",
-             f"dual_clip={self.dual_clip} bounds PPO's clipped surrogate; CISPO has no such term: set dual_clip=None.")
+             f"dual_clip={self.dual_clip} bounds PPO's clipped surrogate; policy_loss_type="
+             f"{self.policy_loss_type!r} has no such term: set dual_clip=None.")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0 (SAPO divides by it).")
+        need(0 <= self.ref_model_mixup_alpha <= 1,
+             f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1] (the policy's share of the "
+             "synced reference).")
+        need(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
+        need(not self.sync_ref_model or (self.kl_coef > 0 and self.kl_in is not None),
+             f"sync_ref_model=True with kl_coef={self.kl_coef}, kl_in={self.kl_in!r}: without a KL term there is no "
+             "reference model to sync. Set sync_ref_model=False, or kl_coef > 0 (TRL: beta).")
         need(0 < self.top_entropy_quantile <= 1,
              f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1] (the fraction of tokens kept).")
         need(self.rollout_correction_cap > 1, f"rollout_correction_cap={self.rollout_correction_cap} must be > 1.")
@@ -415,6 +452,14 @@ class RLConfig(metaclass=AcceptsTRLNames):
                 need(local_mini == 0 or local_mini % self.local_micro_batch_size(num_processes) == 0,
                      f"micro_batch_size={self.micro_batch_size} must divide the per-process mini-batch "
                      f"(mini_batch_size / processes = {local_mini}); try one of {_divisors(local_mini)}.")
+        need(not (deepspeed and self.trains_critic),
+             "PPO trains two models (actor and critic); under DeepSpeed, Accelerate routes backward through one engine "
+             "only (Accelerator.deepspeed_engine_wrapped) and refuses to prepare two models at once, so the critic would "
+             "never be reduced or stepped. Use FSDP (recipes/accelerate/fsdp.yaml) or DDP (multi_gpu.yaml) for PPO; "
+             "GRPO and REINFORCE run under DeepSpeed.")
+        need(not (sharded and self.sync_ref_model),
+             "sync_ref_model=True under FSDP or DeepSpeed ZeRO-3: each process holds only a shard of the policy, so there "
+             "is no whole policy to mix into the reference. Use DDP or ZeRO-1/2, or set sync_ref_model=False.")
         errors.extend(self._validate_algorithm())
         if errors:
             raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(errors))
@@ -439,6 +484,10 @@ class GRPOConfig(RLConfig):
 
     scale_rewards: RewardScale = "group"
     """Divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """How several reward functions make one advantage (TRL's name). sum_then_normalize: the weighted sum, then
+    scale_rewards. normalize_then_sum (GDPO, arXiv 2601.05242): each function's rewards normalised within the group
+    first, then the weighted sum, then normalised over the batch (scale_rewards is not used, as in TRL)."""
     def _validate_algorithm(self) -> list[str]:
         errors = []
         if self.kl_in == "reward" and self.kl_coef > 0:
@@ -483,6 +532,7 @@ class PPOConfig(TokenRewardConfig):
     """PPO with a separate critic (a backbone + a scalar value head) and GAE (Schulman et al. 2017;
     Ouyang et al. 2022)."""
 
+    trains_critic: ClassVar[bool] = True
     num_generations: int = 1
     """Completions sampled per prompt (PPO needs no groups; more than 1 is allowed)."""
     prompts_per_step: int = 64
@@ -535,6 +585,51 @@ class ReinforceConfig(TokenRewardConfig):
         if self.baseline == "reinforce++-baseline" and self.num_generations < 2:
             errors.append(f"num_generations={self.num_generations}: the reinforce++-baseline baseline subtracts the "
                           "mean reward of the prompt's group, so it needs at least 2 completions per prompt.")
+        return errors
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    """TRL's RLOO (``trl.RLOOConfig``; Ahmadian et al. 2024), with TRL's fields and defaults: each sequence's reward,
+    clipped to ``reward_clip_range``, minus ``kl_coef`` (TRL: beta) x its KL to the reference summed over its tokens
+    (k1 on the sampling policy, no gradient), less the mean of the same quantity over the prompt's other completions;
+    whitened over the batch with ``normalize_advantages``. One advantage per sequence. The loss is TRL's: PPO's
+    clipped surrogate on each sequence's likelihood ratio (``importance_sampling_level="sequence_sum"``), averaged
+    over sequences."""
+
+    num_generations: int = 2
+    """Completions sampled per prompt (at least 2: the baseline leaves one out; TRL's default)."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference subtracted from each sequence's reward before the baseline (TRL's beta and
+    default; 0: no reference model is loaded)."""
+    kl_estimator: KLEstimator = "k1"
+    """KL estimator: k1 = logp - logp_ref per token, summed over the sequence (TRL's RLOO)."""
+    kl_in: KLPlacement | None = "reward"
+    """The KL sits in the sequence reward (TRL's RLOO); None: no KL term."""
+    loss_agg: LossAggregation = "seq-mean-token-mean"
+    """With the sequence ratio every token of a sequence holds its sequence's loss: the mean over sequences (TRL)."""
+    importance_sampling_level: ImportanceLevel = "sequence_sum"
+    """The ratio the loss clips: the sequence's likelihood ratio exp(sum of its tokens' log-ratios), as TRL's RLOO
+    (epsilon / epsilon_high bound it)."""
+    normalize_advantages: bool = False
+    """Whiten the advantages over the rollout batch (all processes): mean 0, std 1 (+1e-4), as TRL."""
+    reward_clip_range: list[float] | None = None
+    """Clip each sequence's total (weighted) reward to [min, max] before the KL and the baseline (None: no clip)."""
+
+    def __post_init__(self):
+        if isinstance(self.reward_clip_range, tuple):  # TRL's type: tuple[float, float]
+            self.reward_clip_range = list(self.reward_clip_range)
+
+    def _validate_algorithm(self) -> list[str]:
+        errors = []
+        if self.num_generations < 2:
+            errors.append(f"num_generations={self.num_generations}: RLOO leaves one completion out of its prompt's "
+                          "group, so it needs at least 2 per prompt.")
+        if self.kl_in == "loss" and self.kl_coef > 0:
+            errors.append("kl_in='loss': RLOO's KL sits in the sequence reward (kl_in='reward'), as in TRL.")
+        clip = self.reward_clip_range
+        if clip is not None and (len(clip) != 2 or clip[0] > clip[1]):
+            errors.append(f"reward_clip_range={clip} must be [min, max] with min <= max (or None).")
         return errors
 
 

@@ -1,12 +1,14 @@
-"""What a run shows on the console: one line per logging step with the main numbers, one per evaluation, and
-(with ``log_completions``) a table of sampled training completions with their rewards. Lines go through the
-progress bar's ``write`` when there is one, so the bar stays whole; without a bar they are printed. The table
-uses ``rich`` when it is installed, plain text otherwise."""
+"""What a run shows on the console: one line per logging step with the main numbers and what reward functions gave
+``log_metric``, one per evaluation, and (with ``log_completions``) a table of sampled training completions with their
+rewards. Lines go through the progress bar's ``write`` when there is one, so the bar stays whole; without a bar they
+are printed. The table uses ``rich`` when it is installed, plain text otherwise."""
 
 import io
 import json
 import math
 import sys
+
+from rlhf.trl_metrics import is_trainer_metric
 
 # (label, metric key, format) of the training line, in order; a metric the run does not log is left out.
 TRAIN_FIELDS = (("reward", "reward/mean", ".3f"), ("±", "reward/std", ".3f"), ("kl", "kl", ".4f"),
@@ -24,8 +26,19 @@ def _number(value, spec: str) -> str | None:
     return format(value, spec)
 
 
+def logged_metrics(record: dict, kind: str = "train") -> list[str]:
+    """``name value`` of each metric in ``record`` the trainer does not log itself: what reward functions gave
+    ``log_metric`` (``eval/<name>`` in an evaluation), in the record's order."""
+    parts = []
+    for key, value in record.items():
+        if not is_trainer_metric(key, kind) and (shown := _number(value, ".4g")) is not None:
+            parts.append(f"{key.removeprefix('eval/') if kind == 'eval' else key} {shown}")
+    return parts
+
+
 def train_line(step: int, max_steps: int, record: dict, reward_names: list[str]) -> str:
-    """``step 10/100 | reward 0.531 ± 0.210 | correct 0.45 | kl 0.0021 | ... | 3.2 s/step``."""
+    """``step 10/100 | reward 0.531 ± 0.210 | correct 0.45 | kl 0.0021 | ... | answer_rate 0.25 | 3.2 s/step``: the
+    main numbers, then what reward functions gave ``log_metric``."""
     parts = [f"step {step}/{max_steps}"]
     for label, key, spec in TRAIN_FIELDS:
         shown = _number(record.get(key), spec)
@@ -36,6 +49,7 @@ def train_line(step: int, max_steps: int, record: dict, reward_names: list[str])
         if key == "reward/std" and len(reward_names) > 1:  # each function's mean after the total
             parts += [f"{name} {value}" for name in reward_names
                       if (value := _number(record.get(f"reward/{name}/mean"), ".3f")) is not None]
+    parts += logged_metrics(record)
     seconds = _number(record.get("time/step"), ".2f")
     if seconds is not None:
         parts.append(f"{seconds} s/step")
@@ -43,7 +57,8 @@ def train_line(step: int, max_steps: int, record: dict, reward_names: list[str])
 
 
 def eval_line(step: int, record: dict) -> str:
-    """``eval @ step 25 | reward 0.400 | accuracy 0.420 | pass@8 0.700 | length 5.1``."""
+    """``eval @ step 25 | reward 0.400 | accuracy 0.420 | pass@8 0.700 | length 5.1``, then what reward functions gave
+    ``log_metric`` on the greedy completions."""
     parts = [f"eval @ step {step}"]
     for label, key, spec in EVAL_FIELDS:
         if (shown := _number(record.get(key), spec)) is not None:
@@ -51,6 +66,7 @@ def eval_line(step: int, record: dict) -> str:
     for key in sorted(k for k in record if k.startswith("eval/pass@")):
         if (shown := _number(record[key], ".3f")) is not None:
             parts.append(f"{key.removeprefix('eval/')} {shown}")
+    parts += logged_metrics(record, "eval")
     return " | ".join(parts)
 
 

@@ -117,8 +117,10 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
     """Greedy completions for every prompt of ``dataset``, scored with the reward functions, plus
     ``args.eval_num_generations`` sampled ones per prompt for pass@k.
 
-    Returns eval/reward_mean, eval/reward/<name>/mean, eval/mean_length, eval/truncated_frac, and with a
-    correctness reward eval/accuracy (greedy) and eval/pass@k (sampled, unbiased estimator). The main process
+    Returns eval/reward_mean and _std, eval/reward/<name>/mean and /std, eval/mean_length, min_length, max_length,
+    eval/truncated_frac, the lengths of the completions that ended with an EOS (eval/mean_terminated_length, ...;
+    0 when none did), and with a correctness reward eval/accuracy (greedy) and eval/pass@k (sampled, unbiased
+    estimator). The main process
     writes ``eval_log_samples`` greedy completions to ``<output_dir>/samples-<step>.jsonl``. Sampling is seeded
     from (seed, step, process) in a forked RNG: the training RNG stream is untouched, and the same model
     evaluated at the same step gives the same result. Reward functions get ``trainer_state``; what they give
@@ -138,12 +140,19 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
             totals.setdefault(f"eval/{name}", [0.0, 0])
             totals[f"eval/{name}"] = [totals[f"eval/{name}"][0] + total, totals[f"eval/{name}"][1] + count]
     scores = greedy.scores
-    out = {"eval/reward_mean": combine_rewards(scores, reward_weights).mean().item(),
-           "eval/mean_length": greedy.lengths.double().mean().item(),
+    total = combine_rewards(scores, reward_weights)
+    out = {"eval/reward_mean": total.mean().item(), "eval/reward_std": _std(total),
            "eval/truncated_frac": greedy.truncated.double().mean().item()}
+    lengths = greedy.lengths.double()
+    ended = lengths[~greedy.truncated] if bool((~greedy.truncated).any()) else torch.zeros(1, dtype=torch.float64)
+    for prefix, values in (("", lengths), ("_terminated", ended)):  # TRL's completions/*_length, *_terminated_length
+        for statistic in ("mean", "min", "max"):
+            out[f"eval/{statistic}{prefix}_length"] = (getattr(values, statistic)().item() if values.numel()
+                                                       else float("nan"))
     for j, func in enumerate(reward_functions):
         present = scores[:, j][~scores[:, j].isnan()]
         out[f"eval/reward/{func.name}/mean"] = present.mean().item() if present.numel() else float("nan")
+        out[f"eval/reward/{func.name}/std"] = _std(present) if present.numel() else float("nan")
     out.update({name: total / count for name, (total, count) in totals.items() if count})
     if accuracy is not None:
         out["eval/accuracy"] = (scores[:, accuracy] >= args.accuracy_threshold).double().mean().item()
@@ -165,6 +174,11 @@ def evaluate(policy: Policy, dataset, reward_functions, reward_weights: list[flo
         write_samples(os.path.join(output_dir or args.output_dir, f"samples-{step}.jsonl"), step,
                       greedy.samples[:args.eval_log_samples], [f.name for f in reward_functions])
     return out
+
+
+def _std(values: torch.Tensor) -> float:
+    """The standard deviation (Bessel-corrected, as the training metrics and TRL's); 0 for a single value."""
+    return values.std().item() if values.numel() > 1 else 0.0
 
 
 def sampling_params(args: RLConfig) -> SamplingParams:
@@ -215,7 +229,7 @@ class PolicyEvaluator:
         self.reward_functions = build_reward_functions(
             reward_funcs, reward_processing_classes, device=accelerator.device, batch_size=args.reward_model_batch_size,
             normalize=args.normalize_reward_model_scores, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-            timeout=args.reward_timeout)
+            timeout=args.reward_timeout, environment_factory=environment_factory)
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_functions)
         correctness_index(self.reward_functions, args.accuracy_reward)  # an unknown name fails here
         self.agent = (AgentLoop.from_config(tokenizer, tools, environment_factory, args)

@@ -4,6 +4,7 @@ line; and a few of each logged step's completions with their rewards (``Completi
 
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,14 +16,15 @@ from rlhf.console import emit
 
 
 class StepMetrics:
-    """Per-step metrics: ``add`` accumulates weighted means, ``add_sum`` totals, ``add_max`` maxima. ``reduce`` turns
-    them into global values with one collective per kind (none on one process). Tensors stay on
-    their device until ``reduce``, so recording a metric never forces a GPU sync."""
+    """Per-step metrics: ``add`` accumulates weighted means, ``add_sum`` totals, ``add_max`` maxima, ``add_min`` minima.
+    ``reduce`` turns them into global values with one collective per kind (none on one process; maxima and minima
+    share one). Tensors stay on their device until ``reduce``, so recording a metric never forces a GPU sync."""
 
     def __init__(self):
         self._sums: dict[str, list] = defaultdict(list)
         self._counts: dict[str, list] = defaultdict(list)
         self._maxima: dict[str, list] = defaultdict(list)
+        self._minima: dict[str, list] = defaultdict(list)
         self._totals: dict[str, list] = defaultdict(list)
 
     def add(self, name: str, value, count=1.0) -> None:
@@ -38,6 +40,9 @@ class StepMetrics:
     def add_max(self, name: str, value) -> None:
         self._maxima[name].append(_detached(value))
 
+    def add_min(self, name: str, value) -> None:
+        self._minima[name].append(_detached(value))
+
     def reduce(self, accelerator=None) -> dict[str, float]:
         device = accelerator.device if accelerator is not None else torch.device("cpu")
 
@@ -47,17 +52,21 @@ class StepMetrics:
             return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
 
         names, max_names, total_names = sorted(self._sums), sorted(self._maxima), sorted(self._totals)
+        min_names = sorted(self._minima)
         sums, counts = collapse(self._sums, names, torch.sum), collapse(self._counts, names, torch.sum)
         totals = collapse(self._totals, total_names, torch.sum)
-        maxima = collapse(self._maxima, max_names, torch.max)
+        # maxima and minima in one gather: a minimum is the negated maximum of the negated values
+        extremes = torch.cat([collapse(self._maxima, max_names, torch.max),
+                              -collapse(self._minima, min_names, torch.min)])
         if accelerator is not None and accelerator.num_processes > 1:
             sums, counts = accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
             totals = accelerator.reduce(totals, reduction="sum") if total_names else totals
-            if max_names:
-                maxima = accelerator.gather(maxima.unsqueeze(0)).amax(dim=0)
+            if max_names or min_names:
+                extremes = accelerator.gather(extremes.unsqueeze(0)).amax(dim=0)
         means = torch.where(counts > 0, sums / counts.clamp(min=1e-12), torch.zeros_like(sums))
         out = dict(zip(names, means.tolist()))
-        out.update(zip(max_names, maxima.tolist()))
+        out.update(zip(max_names, extremes[:len(max_names)].tolist()))
+        out.update(zip(min_names, (-extremes[len(max_names):]).tolist()))
         out.update(zip(total_names, totals.tolist()))
         return out
 
@@ -81,19 +90,28 @@ class PhaseTimer:
             self.seconds[phase] += time.perf_counter() - start
 
 
+LATEST = frozenset({"num_tokens"})
+"""Metrics that are a running total, not a per-step value: a logging window reports its last value, not the mean."""
+
+
 class MetricsLogger:
     """Averages step metrics over the logging window; the main process writes them out. ``describe(step, record,
-    kind)`` gives the console line of a record (kind "train" or "eval"; None: no line)."""
+    kind)`` gives the console line of a record (kind "train" or "eval"; None: no line); ``track(step, record, kind)``,
+    when given, sends a record to the trackers (default: ``accelerator.log`` of the record as it is)."""
 
     def __init__(self, output_dir: str, accelerator, max_steps: int, initial_step: int = 0,
-                 disable_tqdm: bool = False, describe: Callable[[int, dict, str], str | None] | None = None):
+                 disable_tqdm: bool = False, describe: Callable[[int, dict, str], str | None] | None = None,
+                 track: Callable[[int, dict, str], None] | None = None):
         self.accelerator = accelerator
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.events_path = os.path.join(output_dir, "alarms.jsonl")
         self.describe = describe
+        self.track = track
         self._window: dict[str, list[float]] = defaultdict(list)
         self._bar = None
-        if accelerator.is_main_process and not disable_tqdm:
+        # A bar redraws in place on a terminal; written to a file or a pipe (a log, CI) each redraw is a line of its
+        # own, hundreds per run: there the console lines of the logging steps are the progress.
+        if accelerator.is_main_process and not disable_tqdm and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=max_steps, initial=initial_step, desc="training", dynamic_ncols=True)
@@ -103,8 +121,9 @@ class MetricsLogger:
             self._window[key].append(value)
 
     def log(self, step: int) -> dict[str, float]:
-        """Write the window's means for ``step`` and start a new window."""
-        averaged = {key: sum(values) / len(values) for key, values in self._window.items()}
+        """Write the window's means (``LATEST`` metrics: the last value) for ``step`` and start a new window."""
+        averaged = {key: values[-1] if key in LATEST else sum(values) / len(values)
+                    for key, values in self._window.items()}
         self._window.clear()
         return self.write(step, averaged, kind="train")
 
@@ -114,7 +133,10 @@ class MetricsLogger:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.accelerator.log(metrics, step=step)
+            if self.track is not None:
+                self.track(step, record, kind)
+            else:
+                self.accelerator.log(metrics, step=step)
             if self._bar is not None:
                 shown = {k: f"{record[k]:.3g}" for k in ("reward/mean", "kl", "entropy", "completions/mean_length")
                          if k in record}

@@ -174,7 +174,12 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 def check_reference_options(args, lora: bool, has_reference: bool) -> None:
     """``ref_model_dtype`` and ``offload_reference`` shape the reference model's separate copy. A LoRA actor has no
     such copy (its reference is the base with the adapter disabled): setting them is an error rather than
-    silently ignored. Without a KL term there is no reference at all: a warning."""
+    silently ignored. Without a KL term there is no reference at all: a warning. ``sync_ref_model`` needs the copy
+    too: with a LoRA actor it is an error, as in TRL."""
+    if lora and has_reference and args.sync_ref_model:
+        raise ValueError("sync_ref_model=True with a LoRA actor (peft_config): its reference is the base model with "
+                         "the adapter disabled, inside the actor, so there is no separate reference to sync (TRL "
+                         "refuses this too). Set sync_ref_model=False, or train without LoRA.")
     given = [f"{name}={getattr(args, name)!r}" for name in ("ref_model_dtype", "offload_reference")
              if getattr(args, name) not in (None, False)]
     if not given:

@@ -51,7 +51,7 @@ PANELS = [
     Panel("Speed", (r"time/step",), "seconds per step"),
 ]
 BUILTIN = (r"(reward|advantages|completions|clip|policy|time|guard|critic|kl|loss|eval)/.*", r"kl", r"entropy",
-           r"grad_norm", r"learning_rate", r"tokens_per_second", r"kl_coef")
+           r"grad_norm", r"learning_rate", r"tokens_per_second", r"kl_coef", r"num_tokens")
 """What the trainer logs itself; anything else (log_metric of a reward function, a callback's) gets its own panel."""
 OTHER = Panel("Logged by reward functions and callbacks", (), "as logged")
 

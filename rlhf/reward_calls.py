@@ -25,7 +25,9 @@ def _preview(value, limit: int = 80) -> str:
 
 
 STANDARD_KEYWORDS = ("prompts", "completions", "completion_ids")
-CONTEXT_KEYWORDS = ("trainer_state", "log_metric", "log_extra")
+CONTEXT_KEYWORDS = ("trainer_state", "log_metric", "log_extra", "environments")
+"""What the trainer passes besides the batch and the dataset columns (as TRL does): ``environments``, each completion's
+environment instance, only with an ``environment_factory``."""
 
 
 @dataclass

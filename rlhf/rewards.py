@@ -10,7 +10,8 @@ out of this function's contribution. Anything else that is not a finite number i
 names the function and the sample. As in TRL, the trainer also passes ``trainer_state`` (its
 ``transformers.TrainerState``: global_step, max_steps, epoch, log_history), ``log_metric(name, value)``
 (a scalar averaged over the logging window, written with the other metrics) and ``log_extra(column,
-values)`` (one value per completion, shown in the completions table). A function may be ``async def``:
+values)`` (one value per completion, shown in the completions table); with an ``environment_factory``,
+``environments`` (each completion's environment instance). A function may be ``async def``:
 those of one batch are awaited concurrently. A list, tuple, numpy array or tensor of values is
 accepted. A function without ``**kwargs`` receives only the keywords it names; one that names a
 keyword nobody passes is an error when the trainer is built, not after the first generation.
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rlhf.core import gdpo_rewards
 from rlhf.reward_calls import (  # noqa: F401 - RewardContext and RewardError are part of this module's interface
     CONTEXT_KEYWORDS,
     STANDARD_KEYWORDS,
@@ -168,7 +170,8 @@ class RewardFunction:
         """The function's result for these samples (a coroutine for an async function). It gets its own copies: what
         it changes in place, the next function and completions.jsonl do not see."""
         keywords = {"prompts": _copied(prompts), "completions": _copied(completions),
-                    "completion_ids": _copied(completion_ids), **{k: _copied(v) for k, v in columns.items()}}
+                    "completion_ids": _copied(completion_ids),
+                    **{k: v if k == "environments" else _copied(v) for k, v in columns.items()}}  # live instances
         if context is not None:
             keywords.update(context.keywords())
         if not self.takes_any_keyword:
@@ -293,15 +296,26 @@ def combine_rewards(per_function: torch.Tensor, weights: Sequence[float]) -> tor
 
 def build_reward_functions(reward_funcs, tokenizers=None, *, device=None, batch_size: int = 32,
                            normalize: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
-                           timeout: float | None = None, allow_none: bool = False) -> list[RewardFunction]:
+                           timeout: float | None = None, allow_none: bool = False,
+                           environment_factory=None) -> list[RewardFunction]:
     """Callables are used as they are; a path or a model object is a reward model, scored with its own
     tokenizer (``tokenizers[i]``, else the one saved with it). ``allow_none``: an environment gives rewards, so
-    the list may be empty."""
+    the list may be empty. ``environment_factory``: the ``get_reward`` of TRL-style environments follow, one function
+    per class, named after it (``rlhf.environments.environment_rewards``); the list may be empty when an environment
+    gives rewards (``get_reward``, or our protocol's ``step``)."""
+    from rlhf.environments import STEP, describe_environments, environment_rewards
     from rlhf.reward_model import RewardModelFunction
 
     funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    owned = []
+    if environment_factory is not None:
+        specs = describe_environments(environment_factory)
+        owned = environment_rewards(specs)
+        allow_none = allow_none or bool(owned) or any(spec.protocol == STEP for spec in specs)
     if not funcs and not allow_none:
-        raise ValueError("reward_funcs is empty; give at least one reward function or reward model.")
+        raise ValueError("No reward source: reward_funcs is empty; give at least one reward function or reward model"
+                         + (", or an environment with a get_reward() method." if environment_factory is not None
+                            else "."))
     tokenizers = list(tokenizers) if tokenizers is not None else [None] * len(funcs)
     if len(tokenizers) != len(funcs):
         raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries for {len(funcs)} reward_funcs.")
@@ -311,6 +325,7 @@ def build_reward_functions(reward_funcs, tokenizers=None, *, device=None, batch_
             func = RewardModelFunction(func, tokenizer, device, batch_size, normalize=normalize, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
         built.append(RewardFunction(func, timeout=timeout))
+    built += [RewardFunction(func, timeout=timeout) for func in owned]
     _distinct_names(built)
     return built
 
@@ -335,15 +350,19 @@ def _distinct_names(functions: list[RewardFunction]) -> None:
 
 
 def check_reward_weights(weights, functions: list[RewardFunction]) -> list[float]:
-    """One weight per function (None: all 1.0)."""
+    """One weight per function (None: all 1.0). As in TRL, an environment's ``get_reward`` (last in ``functions``)
+    weighs 1 and takes no entry of ``weights``."""
+    given = [f for f in functions if not getattr(f.fn, "environment_reward", False)]
     if weights is None:
         return [1.0] * len(functions)
-    if len(weights) != len(functions):
+    if len(weights) != len(given):
+        owned = len(functions) - len(given)
         raise ValueError(
-            f"reward_weights has {len(weights)} entries but there are {len(functions)} reward "
-            f"functions ({[f.name for f in functions]}); give one weight per function."
+            f"reward_weights has {len(weights)} entries but there are {len(given)} reward "
+            f"functions ({[f.name for f in given]}); give one weight per function"
+            + (f" (the {owned} environment get_reward() source(s) weigh 1 and take no entry)." if owned else ".")
         )
-    return [float(w) for w in weights]
+    return [float(w) for w in weights] + [1.0] * (len(functions) - len(given))
 
 
 def check_reward_columns(functions: list[RewardFunction], dataset, name: str = "the dataset") -> None:
@@ -381,7 +400,9 @@ def reward_table(functions: list[RewardFunction], texts, weights: Sequence[float
     the function and the sample."""
     if not functions:  # an environment's rewards only
         return torch.zeros(len(texts.completions), 0, dtype=torch.float64)
-    batch = (texts.prompts, texts.completions, texts.completion_ids, texts.columns)
+    environments = getattr(texts, "environments", None)
+    columns = texts.columns if environments is None else {**texts.columns, "environments": environments}
+    batch = (texts.prompts, texts.completions, texts.completion_ids, columns)
     context = context if context is not None else RewardContext()
     columns = {j: func(*batch, context) for j, func in enumerate(functions) if not func.is_async}
     waiting = [(j, func) for j, func in enumerate(functions) if func.is_async]
@@ -429,15 +450,17 @@ def log_reward_metrics(context: RewardContext, accelerator, metrics) -> None:
 
 
 def score_rollout(functions: list[RewardFunction], weights: list[float], texts, accelerator, group_size: int,
-                  metrics, context: RewardContext | None = None, turn_rewards: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  metrics, context: RewardContext | None = None, turn_rewards: torch.Tensor | None = None,
+                  aggregation: str = "sum_then_normalize") -> torch.Tensor:
     """Total rewards of the *whole* rollout batch (all processes, in process order), [B_global] float64.
 
     Each process scores its own completions; the table is gathered so that group and batch statistics
     are exact everywhere. Reward-model scores marked ``normalize`` are whitened over the whole batch.
     ``texts.rewards`` and ``texts.extra`` receive this process's values per function and what the functions gave
     ``log_extra``; ``log_metric`` values go to ``metrics``. ``turn_rewards`` [B_local, T]: an environment's
-    per-turn rewards (multi-turn), added to the total."""
+    per-turn rewards (multi-turn), added to the total. ``aggregation="normalize_then_sum"`` (GDPO) returns instead
+    ``rlhf.core.gdpo_rewards``, each function normalised within its group before the weighted sum (NaN where no
+    function applied); the logged rewards are the plain weighted sums either way."""
     context = context if context is not None else RewardContext()
     per_function = reward_table(functions, texts, weights, context)  # [B_local, F]
     texts.rewards = {func.name: [None if math.isnan(v) else v for v in per_function[:, j].tolist()]
@@ -469,4 +492,6 @@ def score_rollout(functions: list[RewardFunction], weights: list[float], texts, 
         logger.warning("%d completions got None from every reward function; their reward is 0.", int(all_none.sum()))
     grouped = rewards.view(-1, group_size)
     metrics.add("reward/zero_std_group_frac", (grouped.std(dim=1) == 0).double().mean() if group_size > 1 else 1.0)
+    if aggregation == "normalize_then_sum":
+        return gdpo_rewards(per_function, torch.tensor(list(weights), dtype=per_function.dtype), group_size)
     return rewards

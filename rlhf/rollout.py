@@ -124,6 +124,9 @@ class RolloutTexts:
     rewards: dict[str, list] = dataclasses.field(default_factory=dict)  # function name -> value per completion
     extra: dict[str, list] = dataclasses.field(default_factory=dict)  # log_extra column -> value per completion
     episode_stats: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # multi-turn: per trajectory
+    # Multi-turn with an environment: each completion's instance, which reward functions receive as ``environments``
+    # (TRL's keyword). Only the rollout's own scoring reads them: ``rows`` and ``concat_texts`` leave them out.
+    environments: list | None = None
 
     def rows(self, index: list[int]) -> "RolloutTexts":
         return RolloutTexts([self.prompts[i] for i in index], [self.completions[i] for i in index],

@@ -15,7 +15,8 @@ characters gives the model an error message (or the cut result) of at most ``max
 exception in the trainer. With ``workers`` > 0 the calls run in that many worker processes, and a call past its
 time is ended by killing its process (a thread cannot be killed: a tool that hangs forever would keep a thread, and
 a core, forever); ``workers=0`` runs them in threads of the trainer's process, where a hung call is abandoned, not
-stopped.
+stopped. An environment's methods (TRL's environments, ``rlhf.environments``) always run in threads of the trainer's
+process, one after the other: a call must change that episode's instance, which a worker process only has a copy of.
 """
 
 import asyncio
@@ -219,25 +220,32 @@ class ToolExecutor:
         self.context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         self.workers: list[_Worker] = []
 
-    def check(self, call: ToolCall) -> ToolResult | None:
-        """The bad_call result of a call that cannot run, or None when it can."""
+    def check(self, call: ToolCall, methods: dict[str, Callable] | None = None) -> ToolResult | None:
+        """The bad_call result of a call that cannot run (given an environment's ``methods`` too), or None when it
+        can."""
         name = call.name or "unknown"
         if call.error is not None:
             return ToolResult(name, bounded(f"Error: {call.error}", self.max_chars)[0], "bad_call")
-        if call.name not in self.tools:
-            message = f"Error: unknown tool {call.name!r}; the tools are {sorted(self.tools)}."
+        if call.name not in self.tools and call.name not in (methods or {}):
+            message = f"Error: unknown tool {call.name!r}; the tools are {sorted([*self.tools, *(methods or {})])}."
             return ToolResult(name, bounded(message, self.max_chars)[0], "bad_call")
         try:
-            self.signatures[call.name].bind(**call.arguments)
+            (inspect.signature(methods[call.name]) if call.name in (methods or {})
+             else self.signatures[call.name]).bind(**call.arguments)
         except TypeError as error:
             return ToolResult(name, bounded(f"Error: {call.name}: {error}", self.max_chars)[0], "bad_call")
         return None
 
-    def run(self, calls: list[ToolCall]) -> list[ToolResult]:
+    def run(self, calls: list[ToolCall], methods: list[dict | None] | None = None) -> list[ToolResult]:
         """One result per call, in order. Calls run concurrently on the worker processes (or one by one in
-        threads with ``workers=0``)."""
-        results: list[ToolResult | None] = [self.check(call) for call in calls]
+        threads with ``workers=0``); ``methods[i]``, an environment's tools that call ``i`` may also name, run one by
+        one in threads of this process."""
+        methods = methods if methods is not None else [None] * len(calls)
+        results: list[ToolResult | None] = [self.check(call, m) for call, m in zip(calls, methods)]
         todo = [i for i, r in enumerate(results) if r is None]
+        for i in [i for i in todo if calls[i].name in (methods[i] or {})]:
+            results[i] = self._in_thread(calls[i], methods[i][calls[i].name])
+        todo = [i for i in todo if results[i] is None]
         if self.num_workers == 0:
             for i in todo:
                 results[i] = self._in_thread(calls[i])
@@ -249,10 +257,10 @@ class ToolExecutor:
         message = f"Error: {name} did not return within {self.timeout:g} s and was stopped."
         return ToolResult(name, bounded(message, self.max_chars)[0], "timeout")
 
-    def _in_thread(self, call: ToolCall) -> ToolResult:
+    def _in_thread(self, call: ToolCall, fn: Callable | None = None) -> ToolResult:
+        fn = fn if fn is not None else self.tools[call.name]
         try:
-            status, content = call_with_timeout(lambda: _call(self.tools[call.name], call.arguments, self.max_chars),
-                                                self.timeout)
+            status, content = call_with_timeout(lambda: _call(fn, call.arguments, self.max_chars), self.timeout)
         except TimeoutError:
             return self._timeout_result(call.name)
         return ToolResult(call.name, content, status)

@@ -3,12 +3,17 @@ store, in the places a user looks.
 
 - ``tensorboard`` writes event files to ``output_dir/runs/<run_name>``; the config goes in as hyperparameters
   (``add_hparams`` takes only scalars and strings: lists and mappings are written as JSON text).
-- ``wandb`` logs to the project ``WANDB_PROJECT`` (default "rlhf") under the run name, its files in
-  ``output_dir``; ``WANDB_MODE=offline`` works without network.
+- ``wandb`` logs to the project ``WANDB_PROJECT`` (default "rlhf") under the run name, its files in ``WANDB_DIR``
+  when set (as with transformers), else ``output_dir``; ``WANDB_MODE=offline`` works without network.
 - any other tracker Accelerate knows (trackio, mlflow, aim, comet_ml, clearml, dvclive, swanlab) by name.
 - ``"all"``: every one of these that is installed; ``"none"`` or an empty list: none (metrics.jsonl is always written).
 
 A tracker asked for but not installed is an error naming the package to install, not a silent no-op.
+
+What the trackers get is what transformers' ``TensorBoardCallback`` / ``WandbCallback`` write for TRL's
+``GRPOTrainer``: ``log`` takes a ``log_history``-style record in TRL's names (``rlhf.trl_metrics``) and writes
+``train/<name>`` and ``eval/<name>`` tags; wandb also gets ``train/global_step`` (its x-axis) and keeps the end-of-train
+values (``train_runtime``, ...) in the run's summary.
 """
 
 import importlib.util
@@ -61,10 +66,16 @@ def build(args) -> list:
             trackers.append(TensorBoardTracker(run_name(args), logging_dir(args)))
         elif name == "wandb":
             trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", "rlhf"), name=run_name(args),
-                                         dir=args.output_dir))
+                                         **wandb_dir(args)))
         else:
             trackers.append(name)
     return trackers
+
+
+def wandb_dir(args) -> dict:
+    """``wandb.init``'s ``dir``: ``WANDB_DIR`` when set (where wandb, and so transformers, which passes none, write),
+    else ``output_dir``. Passed explicitly: wandb reads its environment once per process, at its first run."""
+    return {"dir": os.environ.get("WANDB_DIR") or args.output_dir}
 
 
 def flat_config(config: dict) -> dict:
@@ -82,9 +93,41 @@ def flat_config(config: dict) -> dict:
 
 
 def start(accelerator, args) -> None:
-    """Start the trackers ``build`` gave the accelerator, with the run's config."""
+    """Start the trackers ``build`` gave the accelerator, with the run's config. wandb plots every metric against
+    ``train/global_step``, as transformers sets it up."""
     if accelerator.log_with:
         accelerator.init_trackers(run_name(args), config=flat_config(args.to_dict()))
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        if tracker.name == "wandb":
+            try:
+                tracker.run.define_metric(GLOBAL_STEP)
+                tracker.run.define_metric("*", step_metric=GLOBAL_STEP, step_sync=True)
+            except TypeError:  # an older wandb without step_sync
+                tracker.run.define_metric("*", step_metric=GLOBAL_STEP)
+
+
+GLOBAL_STEP = "train/global_step"
+SUMMARY_SCALARS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+"""Values of the whole run that transformers' WandbCallback keeps in the wandb run's summary, not its history."""
+
+
+def log(accelerator, record: dict, step: int) -> None:
+    """Send a ``log_history``-style ``record`` (TRL's names, ``eval_`` keys for an evaluation; ``step`` is ignored) to
+    every tracker as transformers' callbacks do: ``train/<name>`` and ``eval/<name>`` tags at ``step``."""
+    from rlhf.trl_metrics import tracker_values
+
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            for key in SUMMARY_SCALARS:
+                if key in record:
+                    tracker.run.summary[key] = record[key]
+            values = tracker_values({k: v for k, v in record.items() if k not in SUMMARY_SCALARS})
+            if values:
+                tracker.log({**values, GLOBAL_STEP: step}, step=step)
+        else:
+            tracker.log(tracker_values(record), step=step)
 
 
 def log_table(accelerator, name: str, rows: list[dict], step: int) -> None:

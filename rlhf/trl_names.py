@@ -64,6 +64,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def trl_owned(key: str, fields: Mapping) -> bool:
+    """Whether TRL's rule reads ``key``'s value: a TRL name that is not our field, or one we share whose TRL values
+    we translate (``SHARED_RULES``)."""
+    return key in BY_NAME and (key not in fields or key in SHARED_RULES)
+
+
 def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[str, object],
               convert: Callable | None = None, where: str | Mapping[str, str] = "") -> Translation:
     """Map ``values`` (keys as the user wrote them) onto ``fields`` (our field names -> annotations).
@@ -78,7 +84,7 @@ def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[s
     errors: list[str] = []
     unknown: list[str] = []
     for key, value in values.items():
-        if key in BY_NAME and (key not in fields or key in SHARED_RULES):
+        if trl_owned(key, fields):
             trl[key] = value
         elif key in fields:
             ours[key] = value
@@ -273,7 +279,7 @@ def _warmup_steps(value, trl, out, defaults) -> dict:
     number = _number(value, "warmup_steps")
     if 0 < number < 1:
         return {"warmup_ratio": number, "warmup_steps": 0}
-    return {"warmup_steps": value}
+    return {"warmup_steps": int(number) if number == int(number) else value}  # TRL's float: --warmup_steps 10
 
 
 def _lr_scheduler(value, trl, out, defaults) -> dict:
@@ -335,6 +341,16 @@ def trl_attribute(config, name: str, value) -> dict | None:
     log_notes([f"{name}={_shown(value)!r} (set after construction) -> "
                + (", ".join(f"{n}={_shown(v)!r}" for n, v in mapped.items()) or "nothing")])
     return mapped
+
+
+def trl_read(config, name: str):
+    """TRL's ``name`` read back from ``config`` (``args.beta``): our field's value in TRL's meaning. A TRL name that
+    has no value here (no effect, or a script's name) is an AttributeError saying what it became."""
+    entry = BY_NAME.get(name)
+    if entry is None or entry.read is None:
+        raise AttributeError(f"{type(config).__name__!r} object has no attribute {name!r}"
+                             + (f" (TRL's name; here: {entry.becomes})" if entry else ""))
+    return entry.read(config)
 
 
 class AcceptsTRLNames(type):

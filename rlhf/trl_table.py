@@ -9,12 +9,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TRLName:
     """One TRL name: what it becomes here (for the README table) and how (``apply``: value -> our fields, or raise
-    ValueError with the fix)."""
+    ValueError with the fix; ``read``: a config -> the value in TRL's meaning, for ``args.beta`` after construction)."""
 
     name: str
     becomes: str
     kind: str  # "renamed", "mapped", "accepted", "default only", "script"
     apply: Callable[[object], dict] | None = None
+    read: Callable[[object], object] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- value rules
@@ -22,9 +23,9 @@ def parse_bool(value, name: str) -> bool:
     """A true/false setting from Python, YAML or the command line (true/1/yes, false/0/no); ValueError otherwise."""
     if isinstance(value, bool):
         return value
-    if str(value).lower() in ("true", "1", "yes"):
+    if str(value).lower() in ("true", "1", "yes", "t", "y"):  # transformers' string_to_bool, as TRL's CLI
         return True
-    if str(value).lower() in ("false", "0", "no"):
+    if str(value).lower() in ("false", "0", "no", "f", "n"):
         return False
     raise ValueError(f"{name}={value!r} must be true or false.")
 
@@ -41,12 +42,22 @@ def _number(value, name: str, kind=float):
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
               "bnpo": "micro-batch-token-mean"}
+# Loss types that change the per-token loss too: TRL aggregates sapo as grpo.
+POLICY_LOSS_TYPES = {"sapo": {"policy_loss_type": "sapo", "loss_agg": "seq-mean-token-mean"}}
 
 
 def _loss_type(value) -> dict:
+    if value == "cispo":  # TRL: -sg(min(r, epsilon_high)) * A * log p, token-mean; ours clips r to [1 - low, 1 + high]
+        raise ValueError("loss_type='cispo': TRL's CISPO caps the ratio at epsilon_high itself (an absolute cap, e.g. "
+                         "5.0, no lower bound); here set policy_loss_type: cispo, loss_agg: token-mean, clip_eps_high: "
+                         "epsilon_high - 1 (the cap is 1 + clip_eps_high) and clip_eps_low: 0.99 (a floor of 0.01), "
+                         "instead of loss_type and epsilon / epsilon_high.")
+    if value in POLICY_LOSS_TYPES:
+        return dict(POLICY_LOSS_TYPES[value])
     if value not in LOSS_TYPES:
-        raise ValueError(f"loss_type={value!r} has no equivalent here (supported: {sorted(LOSS_TYPES)}); for "
-                         "cispo / sapo / luspo / vespo use one of these with clip_eps_low / clip_eps_high.")
+        raise ValueError(f"loss_type={value!r} has no equivalent here (supported: "
+                         f"{sorted([*LOSS_TYPES, *POLICY_LOSS_TYPES])}; cispo: policy_loss_type: cispo); for luspo / "
+                         "vespo use one of these with clip_eps_low / clip_eps_high.")
     return {"loss_agg": LOSS_TYPES[value]}
 
 
@@ -115,11 +126,34 @@ def _strategy(name: str, steps_field: str):
 
 
 def _rename(trl: str, ours: str, note: str = "") -> TRLName:
-    return TRLName(trl, f"`{ours}`" + (f" ({note})" if note else ""), "renamed", lambda value: {ours: value})
+    return TRLName(trl, f"`{ours}`" + (f" ({note})" if note else ""), "renamed", lambda value: {ours: value},
+                   lambda config: getattr(config, ours))
 
 
-def _mapped(trl: str, becomes: str, apply: Callable[[object], dict]) -> TRLName:
-    return TRLName(trl, becomes, "mapped", apply)
+def _mapped(trl: str, becomes: str, apply: Callable[[object], dict], read: Callable | None = None) -> TRLName:
+    return TRLName(trl, becomes, "mapped", apply, read)
+
+
+def _loss_type_of(config) -> str:
+    """TRL's loss_type for a config's loss_agg (and policy_loss_type)."""
+    for trl, ours in [*POLICY_LOSS_TYPES.items(), *((k, {"loss_agg": v}) for k, v in LOSS_TYPES.items())]:
+        if all(getattr(config, name, None) == value for name, value in ours.items()):
+            return trl
+    raise AttributeError(f"loss_agg={config.loss_agg!r} with policy_loss_type={config.policy_loss_type!r} is none of "
+                         "TRL's loss types; read loss_agg and policy_loss_type.")
+
+
+def _tool_iterations(value) -> dict:
+    """TRL counts the tool rounds after the first turn (None: no limit); max_turns counts the policy's turns."""
+    if value is None:
+        return {}
+    return {"max_turns": _number(value, "max_tool_calling_iterations", int) + 1}
+
+
+def _processes() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _accepted(names: str, why: str) -> list[TRLName]:
@@ -132,7 +166,8 @@ def _default_only(name: str, accepted: tuple, fix: str) -> TRLName:
             return {}
         raise ValueError(f"{name}={value!r} has no equivalent here: {fix}")
     shown = ", ".join("None" if a is None else repr(a) for a in accepted if a not in ("", []))
-    return TRLName(name, f"only {shown or 'its default'}: {fix}", "default only", apply)
+    read = (lambda config: accepted[0]) if len(accepted) == 1 else None  # the one value it can have here
+    return TRLName(name, f"only {shown or 'its default'}: {fix}", "default only", apply, read)
 
 
 ONE_BATCH = "generation decodes one fixed batch on the training model (rlhf.decode)."
@@ -141,7 +176,7 @@ TABLE: list[TRLName] = [
     # --- the same meaning under another name
     _rename("beta", "kl_coef", "KL to the reference in the loss, k3 estimator, as TRL's GRPO"),
     _mapped("epsilon", "`clip_eps_low`, and `clip_eps_high` unless `epsilon_high` is given (TRL's default)",
-            lambda value: {"clip_eps_low": value}),
+            lambda value: {"clip_eps_low": value}, lambda config: config.clip_eps_low),
     _rename("epsilon_high", "clip_eps_high"),
     _rename("delta", "dual_clip", "caps the loss of a negative-advantage token at delta x |A|: the same as TRL's "
                                   "two-sided clip when delta > 1 + epsilon_high"),
@@ -154,19 +189,24 @@ TABLE: list[TRLName] = [
     # --- mapped by a rule
     _mapped("loss_type", "`loss_agg`: grpo -> seq-mean-token-mean, dapo -> token-mean, dr_grpo -> "
                          "seq-mean-token-sum-norm, bnpo -> micro-batch-token-mean (each micro-batch's token mean, "
-                         "micro-batches weighted equally, as TRL's per-device batches)", _loss_type),
+                         "micro-batches weighted equally, as TRL's per-device batches); sapo -> `policy_loss_type: "
+                         "sapo` (the soft gate, temperatures `sapo_temperature_pos` / `_neg`) with "
+                         "seq-mean-token-mean, as TRL", _loss_type, _loss_type_of),
     _mapped("bf16", "`mixed_precision`: true -> bf16 autocast, false -> no (None: the accelerate launch setting)",
-            _precision("bf16")),
-    _mapped("fp16", "`mixed_precision`: true -> fp16 autocast, false -> no", _precision("fp16")),
+            _precision("bf16"),
+            lambda config: None if config.mixed_precision is None else config.mixed_precision == "bf16"),
+    _mapped("fp16", "`mixed_precision`: true -> fp16 autocast, false -> no", _precision("fp16"),
+            lambda config: config.mixed_precision == "fp16"),
     _mapped("per_device_train_batch_size", "`micro_batch_size` (completions per forward/backward on each process)",
-            None),
+            None, lambda config: config.micro_batch_size),
     _mapped("gradient_accumulation_steps", "`mini_batch_size` = per_device_train_batch_size x "
                                            "gradient_accumulation_steps x processes (completions per optimizer step)",
-            None),
+            None, lambda config: config.effective_mini_batch_size // (config.micro_batch_size * _processes())),
     _mapped("steps_per_generation", "`prompts_per_step` = per_device_train_batch_size x processes x "
                                     "steps_per_generation / num_generations (TRL counts completions, we count prompts)",
-            None),
-    _mapped("generation_batch_size", "`prompts_per_step` = generation_batch_size / num_generations", None),
+            None, lambda config: config.rollout_batch_size // (config.micro_batch_size * _processes())),
+    _mapped("generation_batch_size", "`prompts_per_step` = generation_batch_size / num_generations", None,
+            lambda config: config.rollout_batch_size),
     _mapped("generation_kwargs", "temperature, top_p, top_k, min_p, max_new_tokens, min_new_tokens become fields "
                                  "(the log-probs follow them); use_cache and other neutral keys are accepted; "
                                  "anything else that reshapes the distribution is refused", _generation_kwargs),
@@ -204,12 +244,7 @@ TABLE: list[TRLName] = [
     _default_only("lr_scheduler_kwargs", (None, {}), "choose lr_scheduler_type constant, linear or cosine."),
     _default_only("gradient_checkpointing_kwargs", (None, {}, {"use_reentrant": False}),
                   "gradient checkpointing is always non-reentrant here."),
-    _default_only("sync_ref_model", (False,), "the reference stays the initial model."),
     _default_only("use_adaptive_entropy", (False,), "use a fixed entropy_coef."),
-    _default_only("top_entropy_quantile", (1.0, 1), "every completion token is in the loss."),
-    _default_only("importance_sampling_level", ("token",), "ratios are per token."),
-    _default_only("multi_objective_aggregation", ("sum_then_normalize",), "rewards are summed with reward_weights, "
-                                                                         "then normalised per group."),
     _default_only("off_policy_mask_threshold", (None,), "not supported; target_kl stops a step's updates early."),
     _default_only("use_transformers_continuous_batching", (False,), ONE_BATCH),
     _default_only("use_transformers_paged", (False,), ONE_BATCH),
@@ -219,7 +254,10 @@ TABLE: list[TRLName] = [
     _default_only("auto_find_batch_size", (False,), "lower micro_batch_size instead."),
     _default_only("load_best_model_at_end", (False,), "keep checkpoints (save_steps) and pick one after training."),
     _default_only("use_cpu", (False,), "hide the GPUs: CUDA_VISIBLE_DEVICES= before the command."),
-    _default_only("max_tool_calling_iterations", (None,), "tool calling is not supported."),
+    _mapped("max_tool_calling_iterations", "`max_turns` = max_tool_calling_iterations + 1 (TRL counts the tool rounds "
+                                           "after the first turn, we count the policy's turns); None (TRL: no limit) "
+                                           "-> max_turns keeps its default, bounded by max_trajectory_tokens",
+            _tool_iterations, lambda config: config.max_turns - 1),
     _default_only("router_aux_loss_coef", (None,), "not supported."),
     _default_only("cast_lm_head_to_fp32", (False,), "log-probs are already computed in fp32 from the head."),
     _default_only("log_completions_hub_repo", (None,), "completions are written to output_dir/completions.jsonl."),
@@ -268,9 +306,8 @@ TABLE: list[TRLName] = [
                "vllm_importance_sampling_mode vllm_importance_sampling_clip_max vllm_importance_sampling_clip_min "
                "vllm_importance_sampling_cap",
                "no effect: only used with use_vllm, which is not supported"),
-    *_accepted("sapo_temperature_neg sapo_temperature_pos vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg",
-               "no effect: only used by loss_type sapo / vespo, which are not supported"),
-    *_accepted("ref_model_mixup_alpha ref_model_sync_steps", "no effect: only used with sync_ref_model"),
+    *_accepted("vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg",
+               "no effect: only used by loss_type vespo, which is not supported"),
     *_accepted("entropy_coef_min entropy_coef_max entropy_coef_delta entropy_target",
                "no effect: only used with use_adaptive_entropy"),
     # --- names of TRL's scripts (trl/scripts/grpo.py: ScriptArguments, ModelConfig); the recipes take them
@@ -291,7 +328,9 @@ SAME_NAMES = ("adam_beta1", "adam_beta2", "adam_epsilon", "disable_tqdm", "entro
               "gradient_checkpointing", "learning_rate", "logging_steps", "mask_truncated_completions", "max_grad_norm",
               "num_generations", "reward_weights", "resume_from_checkpoint", "run_name", "save_steps",
               "save_total_limit", "seed", "temperature", "top_k", "top_p", "trust_remote_code", "weight_decay",
-              "num_train_epochs", "min_p", "log_completions", "num_completions_to_print")
+              "num_train_epochs", "min_p", "log_completions", "num_completions_to_print", "sapo_temperature_pos",
+              "sapo_temperature_neg", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+              "multi_objective_aggregation", "top_entropy_quantile", "importance_sampling_level")
 
 # Where TRL's GRPOConfig default differs from ours: name -> (TRL's default, ours, why). A test reads TRL's defaults.
 DIFFERENT_DEFAULTS = {
@@ -307,6 +346,51 @@ DIFFERENT_DEFAULTS = {
     "bf16": (True, "mixed_precision None", "the accelerate launch config decides (bf16 in "
                                            "recipes/accelerate/single_gpu.yaml)"),
     "num_completions_to_print": (None, 8, "a table that fits a screen"),
+}
+
+# The type of each TRL name's value, as TRL's command line (transformers' HfArgumentParser) reads it: the command
+# line converts a TRL name's strings to it before the rules above see them, so `--use_vllm false` gives what
+# `use_vllm=False` gives. A JSON object fills a dict (TRL's _VALID_DICT_FIELDS; deepspeed also takes a path); names
+# not listed take a string. A test checks every entry against TRL's own annotations.
+def _typed(annotation, names: str) -> dict:
+    return dict.fromkeys(names.split(), annotation)
+
+
+TRL_TYPES: dict[str, object] = {
+    **_typed(bool | None, "bf16 fp16 use_vllm push_to_hub shuffle_dataset use_liger_kernel torch_compile "
+                          "use_adaptive_entropy use_transformers_continuous_batching use_transformers_paged "
+                          "auto_find_batch_size load_best_model_at_end use_cpu cast_lm_head_to_fp32 "
+                          "activation_checkpointing full_determinism greater_is_better tf32 bf16_full_eval "
+                          "fp16_full_eval "
+                          "enable_jit_checkpoint do_train do_eval do_predict log_on_each_node logging_first_step "
+                          "logging_nan_inf_filter save_only_model save_on_each_node ignore_data_skip "
+                          "restore_callback_states_from_checkpoint prediction_loss_only eval_do_concat_batches "
+                          "eval_use_gather_object batch_eval_metrics eval_on_start skip_memory_metrics "
+                          "include_num_input_tokens_seen average_tokens_across_devices dataloader_drop_last "
+                          "dataloader_pin_memory dataloader_persistent_workers dataloader_in_order "
+                          "ddp_find_unused_parameters ddp_broadcast_buffers ddp_static_graph use_cache "
+                          "ds3_gather_for_generation remove_unused_columns log_multimodal log_unique_prompts "
+                          "disable_dropout use_bias_correction_kl hub_private_repo hub_always_push "
+                          "vllm_enable_sleep_mode "
+                          "vllm_importance_sampling_correction dataset_streaming"),
+    **_typed(int | None, "num_iterations max_completion_length per_device_eval_batch_size num_generations_eval "
+                         "per_device_train_batch_size gradient_accumulation_steps steps_per_generation "
+                         "generation_batch_size max_steps max_tool_calling_iterations data_seed local_rank "
+                         "eval_accumulation_steps torch_empty_cache_steps dataloader_num_workers "
+                         "dataloader_prefetch_factor ddp_timeout ddp_bucket_cap_mb vllm_server_port vllm_group_port "
+                         "vllm_max_model_length vllm_tensor_parallel_size"),
+    **_typed(float | None, "beta epsilon epsilon_high delta repetition_penalty warmup_steps "
+                           "off_policy_mask_threshold neftune_noise_alpha label_smoothing_factor router_aux_loss_coef "
+                           "eval_delay vllm_server_timeout vllm_gpu_memory_utilization "
+                           "vllm_importance_sampling_clip_max vllm_importance_sampling_clip_min "
+                           "vllm_importance_sampling_cap vespo_k_pos "
+                           "vespo_lambda_pos vespo_k_neg vespo_lambda_neg entropy_coef_min "
+                           "entropy_coef_max entropy_coef_delta entropy_target"),
+    **_typed(dict[str, object] | str | None, "generation_kwargs model_init_kwargs deepspeed fsdp_config "
+                                             "lr_scheduler_kwargs gradient_checkpointing_kwargs chat_template_kwargs "
+                                             "liger_kernel_config activation_checkpointing_kwargs "
+                                             "transformers_continuous_batching_config accelerator_config"),
+    **_typed(list[str] | None, "include_for_metrics label_names debug report_to"),
 }
 
 OVERRIDING = ("save_strategy", "eval_strategy", "reward_model_name_or_path", "model_revision", "attn_implementation")

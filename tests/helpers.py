@@ -12,7 +12,8 @@ from rlhf import (
 )
 from rlhf.distributed import shards_parameters
 from rlhf.metrics import StepMetrics
-from rlhf.trainer.update import accumulate_gradients, plan_step
+from rlhf.trainer.plan import plan_step
+from rlhf.trainer.update import accumulate_gradients
 from rlhf.extras.tiny import EOS_ID, char_tokenizer, tiny_model
 
 ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer),

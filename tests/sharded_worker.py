@@ -18,7 +18,7 @@ from helpers import make_trainer
 from multiproc_worker import gathered
 from safetensors.torch import load_file
 
-import rlhf.trainer.trainer as trainer_module
+import rlhf.trainer.build as build_module
 from rlhf.distributed import fsdp_version, make_accelerator, shutdown, zero_stage
 from rlhf.metrics import StepMetrics
 from rlhf.trainer.update import accumulate_gradients
@@ -63,7 +63,7 @@ def fsdp2_accelerator(**kwargs):
 
 
 def main(model_dir: str, out_dir: str) -> None:
-    trainer_module.make_accelerator = fsdp2_accelerator
+    build_module.make_accelerator = fsdp2_accelerator  # where the trainer builds its accelerator
     from rlhf.extras.tiny import char_tokenizer
     from transformers import AutoModelForCausalLM
 

@@ -25,7 +25,7 @@ def test_kl_coef_follows_the_rollout_kl_in_every_placement(tmp_path, case):
     sequence; the KL is above the (tiny) target once the policy has moved, so the coefficient rises."""
     trainer = make_trainer(tmp_path, kl_coef=0.05, kl_target=1e-6, kl_horizon=10, kl_estimator="k3", max_steps=4,
                            logging_steps=1, **CASES[case])
-    records = trainer.train()
+    records = trainer.train().records
     controller, samples = AdaptiveKLController(1e-6, 10), trainer.args.rollout_batch_size
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["kl_coef"] == 0.05

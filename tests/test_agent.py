@@ -20,9 +20,10 @@ from rlhf.rollout import Rollout, RolloutTexts, SamplingParams
 from rlhf.tools import format_tool_call
 from rlhf.trainer.algorithms import PPO, BatchReduce, Reinforce
 from rlhf.trainer.kl import KLPenalty
-from rlhf.trainer.scoring import rollout_logprobs
+from rlhf.trainer.passes import rollout_logprobs
 from rlhf.trainer.trainer import log_rollout
-from rlhf.trainer.update import loss_denominators, micro_batch_loss, plan_step
+from rlhf.trainer.plan import plan_step
+from rlhf.trainer.update import loss_denominators, micro_batch_loss
 
 @pytest.fixture(scope="module")
 def tool_caller():
@@ -242,7 +243,7 @@ def test_a_tool_that_raises_hangs_or_floods_never_stops_the_run(tmp_path, tool_c
     assert "tool: Error: RuntimeError: boom 1" in environment_text
     assert [last_assistant_text(c) for c in texts.completions] == ["done"] * 8
 
-    records = trainer.train()
+    records = trainer.train().records
     for record in records:
         assert record["agent/tool_call_rate"] == 1.0
         assert record["agent/tool_errors"] == record["agent/tool_timeouts"] == record["agent/tool_long_results"] == 0.25
@@ -262,7 +263,7 @@ def test_max_turns_ends_a_trajectory_cleanly_and_marks_it_truncated(tmp_path, to
         assert completion[0]["tool_calls"][0]["function"]["name"] == "echo"  # called, never run
         length = int(rollout.completion_mask[i].sum())
         assert rollout.completion_ids[i, length - 1] == EOS_ID and rollout.policy_mask[i, :length].all()
-    records = agent_trainer(tmp_path / "run", model, tokenizer, [chat("ok")], max_turns=1).train()
+    records = agent_trainer(tmp_path / "run", model, tokenizer, [chat("ok")], max_turns=1).train().records
     assert records[-1]["completions/truncated_frac"] == 1.0 and records[-1]["agent/max_turns_frac"] == 1.0
 
 

@@ -45,4 +45,5 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, capsys):
     trainer = make_trainer(tmp_path, max_steps=1, save_steps=1)
     trainer.train()
     again = make_trainer(tmp_path, max_steps=1, resume_from_checkpoint="latest")
-    assert again.train() == [] and "already finished" in capsys.readouterr().out
+    result = again.train()
+    assert result.records == [] and result.global_step == 1 and "already finished" in capsys.readouterr().out

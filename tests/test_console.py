@@ -1,6 +1,7 @@
 """A run you can watch: a console line per logging step and per evaluation (with or without the progress bar),
 the completions table, and no transformers progress bars inside the run."""
 
+import os
 import re
 
 import pytest
@@ -38,7 +39,7 @@ def test_a_line_per_logging_step_and_per_evaluation(tmp_path, capfd, disable_tqd
     assert f"reward {records[-1]['eval/reward_mean']:.3f}" in evals[-1]
     # The model was loaded from a path and checkpoints were written: no transformers bar in the output.
     assert "Loading weights" not in out + err and "Writing model shards" not in out + err
-    assert ("training:" in err) != disable_tqdm  # the run's own bar, unless disabled
+    assert "training:" not in err  # captured output is not a terminal: no bar (the pty test below has one)
 
 
 def test_transformers_bars_would_show_without_the_quieting(tmp_path, capfd):
@@ -87,6 +88,26 @@ def test_line_formats():
         "eval @ step 5 | reward 0.250 | accuracy 0.500 | pass@1 0.500 | pass@4 0.750")
 
 
+def rate_reward(prompts, completions, log_metric, **kwargs):
+    log_metric("format/answer_rate", 0.25)
+    return [float(len(c) % 3) for c in completions]
+
+
+def test_log_metric_values_reach_the_console_lines(tmp_path, capsys):
+    """What reward functions give log_metric is on the training line (before the seconds per step) and, from the
+    greedy completions, on the evaluation line."""
+    trainer = make_trainer(tmp_path, reward=rate_reward, max_steps=1, eval_steps=1,
+                           trainer_kwargs={"eval_dataset": PROMPTS[:2]})
+    trainer.train()
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("step ")]
+    assert re.search(r"\| format/answer_rate 0\.25 \| [\d.]+ s/step$", line), line
+    evals = [line for line in out.splitlines() if line.startswith("eval @ step")]
+    assert len(evals) == 2 and all(line.endswith("| format/answer_rate 0.25") for line in evals), evals
+    record = {"reward/mean": 0.5, "custom/rate": 0.125, "num_tokens": 10.0, "time/step": 1.0}
+    assert console.train_line(1, 2, record, []) == "step 1/2 | reward 0.500 | custom/rate 0.125 | 1.00 s/step"
+
+
 def test_documented_launch_commands_name_a_config_file():
     """`accelerate launch` without a config prints a six-line block of defaults; every command the README, the
     recipes and their configs document names one (the TRL-style YAML test runs one of them)."""
@@ -101,3 +122,50 @@ def test_documented_launch_commands_name_a_config_file():
     assert len(commands) > 10
     for path, line in commands:
         assert "--config_file" in line, (path, line)
+
+
+def run_logging(tmp_path, name: str, stderr_to_terminal: bool) -> tuple[str, str]:
+    """A 6-step run in a child process, stdout to a file and stderr to a file or to a pseudo-terminal."""
+    import pty
+    import subprocess
+    import sys
+
+    script = ("from tests.helpers import make_trainer\n"
+              f"make_trainer({str(tmp_path / name)!r}, max_steps=6, logging_steps=2, disable_tqdm=False).train()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    leader, follower = pty.openpty() if stderr_to_terminal else (None, None)
+    if stderr_to_terminal:  # a terminal 120 columns wide (a new pty has none, and a bar of width 0 draws nothing)
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+        child = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=out,
+                                 stderr=follower if stderr_to_terminal else err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        terminal = b""
+        if stderr_to_terminal:
+            os.close(follower)
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                terminal += chunk
+            os.close(leader)
+        assert child.wait(timeout=120) == 0
+    stderr = terminal.decode(errors="replace") if stderr_to_terminal else (tmp_path / f"{name}.err").read_text()
+    return (tmp_path / f"{name}.out").read_text(), stderr
+
+
+def test_no_progress_bar_redraws_when_the_output_is_a_log_file(tmp_path):
+    """Written to files (as a job's log), a run leaves one console line per logging step and no progress-bar redraws;
+    the same run with stderr on a terminal draws its bar."""
+    stdout, stderr = run_logging(tmp_path, "logged", stderr_to_terminal=False)
+    assert [line.split(" | ")[0] for line in stdout.splitlines() if line.startswith("step ")] == \
+        ["step 2/6", "step 4/6", "step 6/6"]
+    assert "\r" not in stdout + stderr and "training:" not in stderr, stderr[-2000:]
+    _, terminal = run_logging(tmp_path, "terminal", stderr_to_terminal=True)
+    assert "training:" in terminal and "\r" in terminal  # the control: a terminal gets the bar, redrawn in place

@@ -185,7 +185,7 @@ def test_sampled_evaluation_leaves_training_untouched(tmp_path):
     plain.train()
     evaluated = make_trainer(tmp_path / "eval", reward=digit_share, eval_steps=1, eval_num_generations=3)
     evaluated.eval_dataset = Dataset.from_list(EVAL_PROMPTS)
-    records = evaluated.train()
+    records = evaluated.train().records
     assert [r["step"] for r in records if "eval/sampled/reward_mean" in r] == [0, 1, 2]
     for a, b in zip(plain.model.parameters(), evaluated.model.parameters()):
         assert torch.equal(a, b)

@@ -30,3 +30,34 @@ def test_tool_demo_runs_end_to_end(tmp_path):
     for name in ("curves.png", "report.html", "samples-0.jsonl", "samples-2.jsonl", "model/config.json"):
         assert (out / "grpo" / name).exists(), name
     assert "held-out greedy results on 8 problems" in result.stdout
+
+
+def test_tool_call_probability_is_the_whole_opening_tags_probability():
+    """One token where the tokenizer has <tool_call> as a special token, several where it has not (SmolLM2's is 5
+    ordinary tokens; the character tokenizer's, 11): the product of the tag's token probabilities, checked against a
+    token-by-token loop of separate forward passes."""
+    import torch
+
+    from rlhf.agent import AgentLoop
+    from rlhf.extras.calculator import calc, tool_call_probability
+    from rlhf.extras.tiny import char_tokenizer, tiny_model
+    from rlhf.tools import OPEN_TAG
+
+    model = tiny_model("llama", vocab_size=len(char_tokenizer(tools=True)), hidden_size=32, num_layers=2, num_heads=2,
+                       seed=0).eval()
+    prompts = [[{"role": "user", "content": "What is 12 * 34?"}], [{"role": "user", "content": "What is 7 + 5?"}]]
+    for special in (True, False):
+        tokenizer = char_tokenizer(tools=special)
+        agent = AgentLoop(tokenizer, [calc], max_turns=2, max_tokens=256, tool_timeout=1.0, max_tool_response_chars=60,
+                          tool_workers=0)
+        opener = tokenizer.encode(OPEN_TAG, add_special_tokens=False)
+        assert len(opener) == (1 if special else len(OPEN_TAG))
+        expected = 0.0
+        for prompt in prompts:
+            ids, p = list(agent.conversation_ids(prompt, [])[0]), 1.0
+            for token in opener:
+                with torch.no_grad():
+                    p *= model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)[token].item()
+                ids.append(token)
+            expected += p / len(prompts)
+        assert abs(tool_call_probability(model, agent, prompts) - expected) <= 1e-5 * expected + 1e-12, special

@@ -5,6 +5,7 @@ reads an exact answer probability. (The full seeds x algos x threads matrix is b
 import math
 import random
 
+import pytest
 import torch
 
 from rlhf.extras.addition import (
@@ -88,3 +89,74 @@ def test_build_warm_start_stops_within_its_cap():
     _, validation, heldout = demo_splits()
     assert len(validation) == 300 and len(heldout) == 500
     assert not set(validation["prompt"]) & set(heldout["prompt"])
+
+
+# ---------------------------------------------------------------------------------------------------- the shipped one
+def _recipes():
+    import os
+    import sys
+
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    if recipes not in sys.path:
+        sys.path.insert(0, recipes)
+    import demo_warm_start
+
+    return demo_warm_start
+
+
+def test_the_shipped_warm_start_is_what_its_record_says():
+    """recipes/demo_warmstart/ loads from safetensors, and its profile measured now is the one recorded when it was
+    built (up to a flipped near-tie of greedy decoding on another machine): the demo's premise, with the flaw."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.extras.addition import profile_differences, warm_start_profile
+
+    demo_warm_start = _recipes()
+    meta = demo_warm_start.read_meta(demo_warm_start.SHIPPED)
+    assert meta["key"]["seed"] == demo_warm_start.SHIPPED_SEED and meta["key"]["settings"] == WARM_START
+    model = AutoModelForCausalLM.from_pretrained(demo_warm_start.SHIPPED, use_safetensors=True).eval()
+    profile = warm_start_profile(model, AutoTokenizer.from_pretrained(demo_warm_start.SHIPPED))
+    assert profile_differences(meta["record"]["profile"], profile, tolerance=0.02) == []
+    assert profile["heldout_accuracy_no_carry"] >= 0.95 and profile["heldout_accuracy_carry"] <= 0.2  # the flaw
+    assert profile["p_correct_no_carry"] >= 0.85  # the stop rule's target was reached
+
+
+def test_the_demo_takes_the_shipped_warm_start_for_seed_0_only(tmp_path):
+    import json
+    import os
+
+    demo_warm_start = _recipes()
+    path = tmp_path / "warmstart"
+    os.makedirs(path)
+    (path / "stale.txt").write_text("from another build")
+    record = demo_warm_start.warm_start_stage(str(path), 0)
+    assert record["warm_start_source"] == "shipped" and not (path / "stale.txt").exists()
+    assert sorted(os.listdir(path)) == sorted(os.listdir(demo_warm_start.SHIPPED))
+    # another seed: reused when this machine built it with the same settings, never the shipped one
+    other = tmp_path / "seed1"
+    os.makedirs(other)
+    built = {"warm_start_steps": 3, "warm_start_seconds": 1.0}
+    (other / "warm_start.json").write_text(json.dumps({"key": demo_warm_start.key(1), "record": built}))
+    assert demo_warm_start.warm_start_stage(str(other), 1) == {**built, "warm_start_source": "reused"}
+
+
+def test_profile_differences_name_what_moved():
+    from rlhf.extras.addition import profile_differences
+
+    shipped = {"heldout_accuracy": 0.6, "p_correct_no_carry": 0.96}
+    assert profile_differences(shipped, {"heldout_accuracy": 0.65, "p_correct_no_carry": 0.96}) == []
+    assert profile_differences(shipped, {"heldout_accuracy": 0.85, "p_correct_no_carry": 0.96}) == [
+        "heldout_accuracy: shipped 0.600, rebuilt 0.850"]
+
+
+@pytest.mark.slow
+def test_a_rebuild_here_matches_the_shipped_warm_start():
+    """`make warm-start-check`: the seed-0 build on this machine agrees with the shipped one (several minutes)."""
+    import os
+    import subprocess
+    import sys
+
+    demo_warm_start = _recipes()
+    result = subprocess.run([sys.executable, demo_warm_start.__file__, "check"], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -80,7 +80,7 @@ def test_bnpo_is_the_mean_of_each_micro_batchs_token_mean(tmp_path):
     """TRL's loss_type="bnpo" (loss_agg micro-batch-token-mean): every micro-batch (TRL: per-device batch) is
     normalised by its own tokens and micro-batches weigh the same (TRL divides by gradient_accumulation_steps). The
     reference scores each micro-batch's sequences one by one; with one micro-batch it is the token mean."""
-    from rlhf.trainer.update import length_order
+    from rlhf.trainer.plan import length_order
 
     trainer = make_trainer(tmp_path, loss_type="bnpo")
     batch, _ = trainer.make_rollout(0)

@@ -10,7 +10,7 @@ from helpers import gradient, independent_lengths, make_trainer, policy_gradient
 from rlhf.core import rollout_correction
 from rlhf.metrics import StepMetrics
 from rlhf.rollout import generate_rollout
-from rlhf.trainer.scoring import rollout_logprobs
+from rlhf.trainer.passes import rollout_logprobs
 
 
 def sequence_scores(model, batch, i, temperature=1.0):

@@ -120,7 +120,7 @@ def test_adaptive_kl_controller_matches_its_formula():
 
 def test_adaptive_kl_coef_follows_the_logged_kl(tmp_path):
     trainer = make_trainer(tmp_path, algo="ppo", kl_coef=0.05, kl_target=0.01, kl_horizon=10, max_steps=4)
-    records = trainer.train()
+    records = trainer.train().records
     controller, samples = AdaptiveKLController(0.01, 10), trainer.args.rollout_batch_size
     assert records[0]["kl_coef"] == 0.05 and len({r["kl_coef"] for r in records}) == 4
     for before, after in zip(records, records[1:]):

@@ -49,7 +49,7 @@ def test_two_grpo_steps_from_the_gguf_file(tmp_path, smollm2_dir):
                           eval_dataset=heldout)
     assert trainer.model_source == smollm2_path()
     assert trainer.unwrapped_model.config._name_or_path == smollm2_dir
-    records = trainer.train()
+    records = trainer.train().records
     steps = [r for r in records if "reward/mean" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     evals = [r for r in records if "eval/accuracy" in r]

@@ -1,5 +1,6 @@
 """Trackers tested with the real libraries, reading what they wrote back: tensorboard's event reader, and wandb's
-offline run file (a LevelDB-style log of protobuf records)."""
+offline run file (a LevelDB-style log of protobuf records). They carry TRL's tags (``train/reward`` for our
+``reward/mean``: ``rlhf.trl_metrics``; ``tests/compat/test_trl_metrics.py`` compares them with TRL's own run)."""
 
 import glob
 import json
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from rlhf.metrics import read_metrics
-from rlhf.trackers import flat_config, resolve
+from rlhf.trackers import flat_config, resolve, wandb_dir
 from helpers import make_trainer, varied_reward
 
 
@@ -46,9 +47,12 @@ def test_tensorboard_gets_metrics_config_and_the_completions_table(tmp_path, rep
     events = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "scalars": 0})
     events.Reload()
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
-    for key in ("reward/mean", "entropy", "custom/answer_rate"):
-        written = [(e.step, e.value) for e in events.Scalars(key)]
-        assert written == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records], key
+    for tag, key in (("train/reward", "reward/mean"), ("train/entropy", "entropy"),
+                     ("train/custom/answer_rate", "custom/answer_rate"), ("train/loss", "loss/total")):
+        written = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert written == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records], tag
+    assert "reward/mean" not in events.Tags()["scalars"]  # TRL's names only, as transformers' callbacks write them
+    assert [e.step for e in events.Scalars("train/train_runtime")] == [2]  # the end of train(), as transformers
     text = events.Tensors("completions/text_summary")
     assert [e.step for e in text] == [1, 2]
     table = text[-1].tensor_proto.string_val[0].decode()
@@ -141,8 +145,26 @@ def test_wandb_offline_gets_metrics_config_and_the_completions_table(tmp_path, m
     steps = {row["_step"]: row for row in history}
     for record in records:
         assert record["step"] in steps, f"step {record['step']} is not in wandb's history: {history}"
-        assert steps[record["step"]]["reward/mean"] == pytest.approx(record["reward/mean"])
-        assert steps[record["step"]]["custom/answer_rate"] == 0.25
+        assert steps[record["step"]]["train/reward"] == pytest.approx(record["reward/mean"])
+        assert steps[record["step"]]["train/custom/answer_rate"] == 0.25
+        assert steps[record["step"]]["train/global_step"] == record["step"]  # transformers' x-axis
     assert any(row.get("completions/nrows") == 2 for row in history)
     assert json.loads(config["learning_rate"]) == trainer.args.learning_rate
     assert json.loads(config["report_to"]) == '["wandb"]'  # a list, stored as its JSON text
+
+
+def test_wandb_honours_wandb_dir(tmp_path, monkeypatch):
+    """WANDB_DIR decides where wandb writes, as with transformers (wandb's own setting); without it, the run's files
+    go to output_dir. Read back from a real offline run, also after an earlier run in the same process (wandb reads
+    its environment once)."""
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    trainer = make_trainer(tmp_path / "run", max_steps=1, report_to="none")
+    assert wandb_dir(trainer.args) == {"dir": str(tmp_path / "run")}
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    assert wandb_dir(trainer.args) == {"dir": str(tmp_path / "wandb_home")}
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    make_trainer(tmp_path / "run2", max_steps=1, report_to="wandb").train()
+    assert glob.glob(str(tmp_path / "wandb_home" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert not (tmp_path / "run2" / "wandb").exists()

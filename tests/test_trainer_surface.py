@@ -84,7 +84,7 @@ def test_callbacks_get_every_event_in_order_and_stop_the_run(run):
         ("on_init_end", 0), ("on_train_begin", 0), ("on_evaluate", 0), ("on_log", 0),
         ("on_step_begin", 0), ("on_step_end", 1), ("on_save", 1),
         ("on_step_begin", 1), ("on_step_end", 2), ("on_log", 2), ("on_evaluate", 2), ("on_log", 2), ("on_save", 2),
-        ("on_train_end", 2)]
+        ("on_log", 2), ("on_train_end", 2)]  # the last on_log: train()'s summary, as transformers logs it
     assert sorted(os.listdir(out / "checkpoint-1")) and (out / "checkpoint-2").is_dir()  # asked for, then last
     assert trainer.step == trainer.state.global_step == 2  # stopped at 2 of max_steps=5
 
@@ -93,14 +93,21 @@ def test_state_and_train_result(run):
     trainer, recorder, result, out = run
     records = read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in records] == [0, 2, 2]  # eval before training, the stopped step's log and eval
-    assert [{k: v for k, v in h.items() if k != "epoch"} for h in trainer.state.log_history] == records
-    assert trainer.state.log_history[1]["epoch"] == pytest.approx(2 * 4 / len(PROMPTS))
-    assert recorder.logs == records
-    assert isinstance(result, list) and result == records  # the records, as before
-    assert result.global_step == 2
+    history = trainer.state.log_history  # our names, TRL's beside them (rlhf.trl_metrics), then train()'s summary
+    assert [{k: v for k, v in h.items() if k in r} for h, r in zip(history, records)] == records
+    assert history[1]["reward"] == records[1]["reward/mean"]
+    assert history[2]["eval_reward"] == records[2]["eval/reward_mean"]
+    assert history[1]["epoch"] == pytest.approx(2 * 4 / len(PROMPTS))
+    assert len(history) == 4 and history[3]["step"] == 2 and history[3]["train_runtime"] > 0
+    assert recorder.logs == history
+    assert result.records == records  # the records, as logged
+    global_step, training_loss, metrics = result  # unpacks as transformers' TrainOutput does
+    assert (global_step, training_loss, metrics) == (result.global_step, result.training_loss, result.metrics)
+    assert global_step == 2 and len(result) == 3
     assert result.metrics["reward/mean"] == records[1]["reward/mean"]
     assert result.metrics["eval/reward_mean"] == records[2]["eval/reward_mean"]
-    assert result.training_loss == records[1]["loss/policy"] and result.metrics["train_runtime"] > 0
+    assert result.training_loss == pytest.approx(records[1]["loss/total"], rel=1e-12)  # both: the mean over steps 1-2
+    assert result.metrics["train_runtime"] > 0
 
 
 def test_reward_functions_see_the_trainers_state(run):
@@ -130,7 +137,10 @@ def test_train_resumes_from_a_checkpoint(tmp_path):
     resumed = make_trainer(tmp_path, max_steps=3)
     assert resumed.step == 0
     result = resumed.train(resume_from_checkpoint=True)  # the newest checkpoint in output_dir
-    assert result.global_step == 3 and [r["step"] for r in resumed.state.log_history] == [1, 2, 3]
+    assert result.global_step == 3 and [r["step"] for r in resumed.state.log_history] == [1, 2, 3, 3]  # + summary
+    assert resumed.state.log_history[1]["reward"] == resumed.state.log_history[1]["reward/mean"]  # TRL's names too
+    tokens = [h["num_tokens"] for h in resumed.state.log_history[:3]]  # a running total, kept in the checkpoint
+    assert tokens[0] < tokens[1] < tokens[2]
     again = make_trainer(tmp_path, max_steps=2)
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # a path; finished: nothing to do
     assert again.step == 2
@@ -158,7 +168,7 @@ def test_an_iterable_dataset_is_read_in_order_over_several_passes(tmp_path):
     expected = [r["prompt"] for r in rows * 2]
     assert seen == [expected[0:4], expected[4:8], expected[8:12]]
     assert trainer.sampler.rows(trainer.train_dataset, 1)["prompt"] == expected[4:8]  # resuming at step 1
-    assert [r["step"] for r in trainer.train()] == [1, 2]
+    assert [r["step"] for r in trainer.train().records] == [1, 2]
     with pytest.raises(ValueError, match="num_train_epochs=1 needs to know how many prompts there are"):
         GRPOTrainer(trainer.unwrapped_model, varied_reward, args=GRPOConfig(num_train_epochs=1, num_generations=2),
                     train_dataset=stream, processing_class=char_tokenizer())

@@ -193,14 +193,14 @@ def test_other_shared_names_take_trls_values():
 
 def test_settings_without_equivalent_and_unknown_keys_are_reported_together():
     with pytest.raises(ConfigNameError) as error:
-        GRPOConfig(use_vllm=True, num_iteration=2, epsilon_hihg=0.3, learning_rat=1e-5, loss_type="sapo",
+        GRPOConfig(use_vllm=True, num_iteration=2, epsilon_hihg=0.3, learning_rat=1e-5, loss_type="luspo",
                    repetition_penalty=1.3, generation_kwargs={"no_repeat_ngram_size": 3}, save_strategy="epoch")
     message = str(error.value)
     for expected in ("use_vllm=True has no equivalent here: generation runs on the training model",
                      "unknown option 'num_iteration' in GRPOConfig(...). Did you mean 'num_iterations'?",
                      "'epsilon_hihg' in GRPOConfig(...). Did you mean 'epsilon_high'?",
                      "'learning_rat' in GRPOConfig(...). Did you mean 'learning_rate'?",
-                     "loss_type='sapo' has no equivalent here", "repetition_penalty=1.3",
+                     "loss_type='luspo' has no equivalent here", "repetition_penalty=1.3",
                      "reward_models.rules.make_repetition_penalty", "generation_kwargs ['no_repeat_ngram_size']",
                      "save_strategy='epoch' has no equivalent here"):
         assert expected in message, expected
@@ -282,12 +282,12 @@ def test_trl_rewards_under_their_names_match_trls():
             == theirs.get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)(ids))
 
 
-def test_readme_trl_table_is_generated_from_the_code():
-    from rlhf.extras.docs import TRL_END, TRL_START, trl_tables
+def test_docs_trl_table_is_generated_from_the_code():
+    from rlhf.extras.docs import pages, trl_tables
 
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    block = readme.split(TRL_START, 1)[1].split(TRL_END, 1)[0]
-    assert block.strip() == trl_tables().strip()
+    with open(os.path.join(ROOT, "docs", "trl-names.md")) as f:
+        page = f.read()
+    assert page == pages()["trl-names.md"], "docs/trl-names.md is stale: run `make docs`"
+    assert trl_tables() in page
     for entry in BY_NAME:
-        assert f"`{entry}`" in block
+        assert f"`{entry}`" in page

@@ -14,7 +14,7 @@ from rlhf.core import top_fraction_mask
 from rlhf.metrics import StepMetrics
 from rlhf.rollout import Rollout
 from rlhf.trainer.sampling import informative_groups
-from rlhf.trainer.scoring import rollout_logprobs
+from rlhf.trainer.passes import rollout_logprobs
 
 
 @pytest.fixture(scope="module")

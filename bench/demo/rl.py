@@ -43,7 +43,7 @@ train, _, heldout = demo_splits()
 trainer = trainer_class(a.start, [correctness_reward], args=config, train_dataset=train, eval_dataset=heldout)
 start_desc = describe(trainer.unwrapped_model, trainer.tokenizer, heldout)
 start, cpu_start = time.time(), time.process_time()
-records = trainer.train()
+records = trainer.train().records
 seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
 before = next(r["eval/accuracy"] for r in records if "eval/accuracy" in r)
 after = greedy_accuracy(trainer.unwrapped_model, trainer.tokenizer, heldout)

@@ -1,5 +1,5 @@
-"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), reward-to-go, GAE, and the per-token
-reverse KL to a teacher (on-policy distillation)."""
+"""Advantage estimators: group-normalised (GRPO; GDPO for several rewards), leave-one-out (RLOO), reward-to-go, GAE,
+and the per-token reverse KL to a teacher (on-policy distillation)."""
 
 from typing import Literal, get_args
 
@@ -38,6 +38,40 @@ def grpo_advantages(
     else:
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
     return (centred / (std + eps)).reshape(-1)
+
+
+def _nan_std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The unbiased std over the non-NaN entries (NaN where fewer than 2), keeping ``dim``."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~x.isnan()).sum(dim=dim, keepdim=True)
+    squares = torch.nansum((x - mean).square(), dim=dim, keepdim=True)
+    return torch.where(count > 1, squares / (count - 1).clamp(min=1), torch.nan).sqrt()
+
+
+def gdpo_rewards(per_function: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GDPO's group-decoupled reward (arXiv 2601.05242; TRL's ``multi_objective_aggregation="normalize_then_sum"``):
+    each function's rewards normalised within the group first, then the weighted sum. [B]
+
+    r_i = sum_k w_k * (r_ik - mean_g(r_k)) / (std_g(r_k) + eps), unbiased std. A NaN (the function returned None)
+    is left out of its group's mean and std and of the sum, as in TRL; a function with fewer than 2 values in a
+    group adds nothing there; a row where every function returned None is NaN (``gdpo_advantages`` gives it 0).
+    Unlike summing first, a function with a small spread is not drowned by one with a large spread.
+    ``per_function``: [B, F]; ``weights``: [F].
+    """
+    if per_function.dim() != 2 or per_function.shape[0] % group_size != 0:
+        raise ValueError(f"per_function must be [B, F] with B divisible by group_size={group_size}, "
+                         f"got shape {tuple(per_function.shape)}")
+    grouped = per_function.view(-1, group_size, per_function.shape[1])  # [num_groups, G, F]
+    normalised = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (_nan_std(grouped, dim=1) + eps)
+    total = torch.nansum(normalised.view_as(per_function) * weights.to(per_function), dim=1)
+    return torch.where(per_function.isnan().all(dim=1), torch.nan, total)
+
+
+def gdpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GDPO's second normalisation, over the whole batch: A_i = (r_i - mean) / (std + eps) of ``gdpo_rewards`` [B],
+    its NaN rows (no function applied) left out of the statistics and given advantage 0."""
+    advantages = (rewards - torch.nanmean(rewards)) / (_nan_std(rewards) + eps)
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

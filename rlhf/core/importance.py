@@ -14,7 +14,7 @@ import torch
 
 from rlhf.core.masked import masked_mean, masked_sum
 
-ImportanceLevel = Literal["token", "sequence", "sequence_token"]
+ImportanceLevel = Literal["token", "sequence", "sequence_token", "sequence_sum"]
 IMPORTANCE_LEVELS = get_args(ImportanceLevel)
 RolloutCorrection = Literal["token_truncate", "sequence_mask"]
 ROLLOUT_CORRECTIONS = get_args(RolloutCorrection)
@@ -30,6 +30,9 @@ def log_importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
     - ``sequence_token`` (GSPO-token): the value of ``sequence`` with a per-token gradient path,
       log r_t = sg(log s_i) + logp_t - sg(logp_t), so that d r_t = s_i * d logp_t and per-token advantages can
       weigh each token. With one advantage per sequence its gradient is ``sequence``'s.
+    - ``sequence_sum`` (TRL's RLOO): log s_i = the sum over the row's valid tokens of (logp - old), the log of the
+      sequence's likelihood ratio, at every token of the row; with seq-mean-token-mean the loss is PPO's clipped
+      surrogate on whole sequences.
 
     A row without valid tokens gets 0. Masked positions hold values that the loss must mask out."""
     log_ratio = logprobs - old_logprobs
@@ -37,6 +40,8 @@ def log_importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mas
         return log_ratio
     if level not in IMPORTANCE_LEVELS:
         raise ValueError(f"importance sampling level must be one of {IMPORTANCE_LEVELS}, got {level!r}")
+    if level == "sequence_sum":
+        return masked_sum(log_ratio, mask, dim=-1).unsqueeze(-1).expand_as(log_ratio)
     sequence = masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1)  # [B, 1]
     if level == "sequence":
         return sequence.expand_as(log_ratio)

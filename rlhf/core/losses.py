@@ -1,4 +1,5 @@
-"""Loss aggregation, KL estimators, the policy loss (PPO's clipped surrogate or CISPO) and the clipped value loss."""
+"""Loss aggregation, KL estimators, the policy loss (PPO's clipped surrogate, CISPO or SAPO's soft gate) and the clipped
+value loss."""
 
 from typing import Literal, get_args
 
@@ -12,7 +13,7 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 LOSS_AGG_MODES = get_args(LossAgg)
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS = get_args(KLEstimator)
-PolicyLossType = Literal["ppo", "cispo"]
+PolicyLossType = Literal["ppo", "cispo", "sapo"]
 POLICY_LOSS_TYPES = get_args(PolicyLossType)
 
 
@@ -87,6 +88,7 @@ def policy_loss(
     loss_type: PolicyLossType = "ppo",
     weights: torch.Tensor | None = None,
     ratio_mask: torch.Tensor | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
     **denominators,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss per token, aggregated with ``agg``. r = exp(log_importance_ratio(..., ``level``)): per token,
@@ -98,6 +100,11 @@ def policy_loss(
     - ``loss_type="cispo"`` (MiniMax-M1, 2025): l = -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logprobs, REINFORCE
       with a clipped, stop-gradient importance weight: a clipped token still gives gradient, with its weight held at
       the bound.
+    - ``loss_type="sapo"`` (Soft Adaptive Policy Optimization, arXiv 2511.20347; TRL's ``sapo``): no hard clip but a
+      smooth gate, l = -A * (4 / tau) * sigmoid(tau * (r - 1)), tau = ``sapo_temperatures`` (tau_pos, tau_neg) for
+      A > 0 / A <= 0. Its gradient is -A * sigmoid'(tau (r - 1)) * 4 * grad r: exactly PPO's at r = 1, fading
+      smoothly as r leaves 1 (faster for the larger tau, so negative advantages are damped sooner). The clip
+      metrics are 0 (nothing is clipped); ``clip_eps_*`` are not used.
 
     ``weights`` [B, T] (no gradient: the rollout correction's, the entropy selection's 0 / 1) multiply each token's
     loss; ``mask`` alone decides what the denominators count. ``ratio_mask`` [B, T]: the tokens a sequence ratio
@@ -108,7 +115,8 @@ def policy_loss(
 
     Metrics (masked means over the valid tokens): ``clip_frac_low`` / ``clip_frac_high`` (tokens whose clip is
     active: for ppo r < 1 - eps_low with A < 0, r > 1 + eps_high with A > 0; for cispo any r beyond a bound),
-    ``dual_clip_frac``, ``approx_kl`` (k3 of old vs new, per token), ``ratio_mean``, ``ratio_max``.
+    ``dual_clip_frac``, ``approx_kl`` (k3 of old vs new, per token), ``ratio_mean``, ``ratio_max``; and per sequence
+    [B], ``clip_frac_low_rows`` / ``clip_frac_high_rows``.
     """
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"policy loss type must be one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
@@ -123,6 +131,10 @@ def policy_loss(
     dual_clipped = torch.zeros_like(ratio, dtype=torch.bool)
     if loss_type == "cispo":
         per_token = -clipped_ratio.detach() * advantages * logprobs
+    elif loss_type == "sapo":
+        tau_pos, tau_neg = sapo_temperatures
+        tau = torch.full_like(advantages, tau_neg, dtype=ratio.dtype).masked_fill(advantages > 0, tau_pos)
+        per_token = -advantages * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
     else:
         per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
         if dual_clip is not None:
@@ -137,6 +149,8 @@ def policy_loss(
         low, high = ratio < 1 - clip_eps_low, ratio > 1 + clip_eps_high
         if loss_type == "ppo":
             low, high = low & (advantages < 0), high & (advantages > 0)
+        elif loss_type == "sapo":  # a soft gate: no token is clipped
+            low, high = torch.zeros_like(low), torch.zeros_like(high)
         log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
         valid = mask.bool()
         metrics = {
@@ -146,6 +160,9 @@ def policy_loss(
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).max(),
+            # per sequence [B] (0 for a row without valid tokens): TRL's clip_ratio/low_min and high_max
+            "clip_frac_low_rows": masked_mean(low.to(ratio.dtype), mask, dim=-1),
+            "clip_frac_high_rows": masked_mean(high.to(ratio.dtype), mask, dim=-1),
         }
     return loss, metrics
 

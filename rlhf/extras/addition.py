@@ -246,3 +246,27 @@ def greedy_accuracy(model, tokenizer, dataset: Dataset, batch_size: int = 256, m
                                        skip_special_tokens=True)
         correct += sum(correctness_reward(None, texts, rows["answer"]))
     return correct / len(dataset)
+
+
+def warm_start_profile(model, tokenizer) -> dict:
+    """What makes a warm start the demo's: held-out greedy accuracy on problems with and without a units carry (the
+    flaw RL fixes is in the first), and the stop rule's quantity, mean P(correct) on validation problems without a
+    carry. Two builds on different machines differ bit-wise; they should agree on these."""
+    _, validation, heldout = demo_splits()
+    carry = heldout.filter(lambda r: units_carry(r["prompt"]))
+    plain = heldout.filter(lambda r: not units_carry(r["prompt"]))
+    plain_validation = [r for r in validation.to_list() if not units_carry(r["prompt"])]
+    return {"heldout_accuracy": round(greedy_accuracy(model, tokenizer, heldout), 4),
+            "heldout_accuracy_carry": round(greedy_accuracy(model, tokenizer, carry), 4),
+            "heldout_accuracy_no_carry": round(greedy_accuracy(model, tokenizer, plain), 4),
+            "p_correct_no_carry": round(sum(answer_probability(model, tokenizer, plain_validation))
+                                        / len(plain_validation), 4)}
+
+
+PROFILE_TOLERANCE = 0.10  # a rebuilt warm start matches the shipped one when each profile value is within this
+
+
+def profile_differences(shipped: dict, rebuilt: dict, tolerance: float = PROFILE_TOLERANCE) -> list[str]:
+    """The profile values of a rebuilt warm start that are further than ``tolerance`` from the shipped one's."""
+    return [f"{name}: shipped {shipped[name]:.3f}, rebuilt {rebuilt[name]:.3f}" for name in shipped
+            if abs(shipped[name] - rebuilt[name]) > tolerance]

@@ -154,16 +154,19 @@ def tool_use_skill(model, agent: AgentLoop, prompts: list) -> float:
 
 @torch.no_grad()
 def tool_call_probability(model, agent: AgentLoop, prompts: list) -> float:
-    """The mean probability, over ``prompts``, that the model's first token opens a tool call."""
+    """The mean probability, over ``prompts``, that the model's reply opens with a tool call: the probability of the
+    opening tag's tokens, teacher-forced (one token where the tokenizer has the tag as a special token; several where
+    it has not, as SmolLM2's, whose ``<tool_call>`` is 5 ordinary tokens)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    opener = agent.tokenizer.convert_tokens_to_ids(OPEN_TAG)
+    opener = agent.tokenizer.encode(OPEN_TAG, add_special_tokens=False)
     total = 0.0
     for prompt in prompts:
         prompt_ids = agent.conversation_ids(prompt, [])[0]
-        logits = model(input_ids=torch.tensor([prompt_ids], device=device)).logits[0, -1]
-        total += logits.float().softmax(-1)[opener].item()
+        ids = torch.tensor([prompt_ids + opener[:-1]], device=device)
+        logprobs = model(input_ids=ids).logits[0, len(prompt_ids) - 1:].float().log_softmax(-1)
+        total += logprobs.gather(-1, torch.tensor(opener, device=device).unsqueeze(-1)).sum().exp().item()
     model.train(was_training)
     return total / max(1, len(prompts))
 

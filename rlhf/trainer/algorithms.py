@@ -12,10 +12,11 @@ from typing import ClassVar
 
 import torch
 
-from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig
+from rlhf.configs import GRPOConfig, PPOConfig, ReinforceConfig, RLConfig, RLOOConfig
 from rlhf.core import (
     discounted_returns,
     gae,
+    gdpo_advantages,
     grpo_advantages,
     masked_mean,
     masked_var,
@@ -65,14 +66,20 @@ def log_token_advantages(advantages: torch.Tensor, mask: torch.Tensor, reduce: B
 @dataclass
 class GRPO:
     """Group Relative Policy Optimization (Shao et al. 2024): each completion's advantage is its reward relative
-    to the other completions of its prompt, one value for all its tokens. No critic."""
+    to the other completions of its prompt, one value for all its tokens. No critic. With ``decoupled`` (GDPO) the
+    rewards come already normalised per function within each group (``rlhf.core.gdpo_rewards``) and are normalised
+    once more over the batch."""
 
     group_size: int
     scale: str
+    decoupled: bool = False
     has_critic: ClassVar[bool] = False
 
     def advantages(self, rewards, rollout, kl, reduce, metrics):
-        advantages = grpo_advantages(rewards, self.group_size, self.scale)  # [B_global]
+        if self.decoupled:
+            advantages = gdpo_advantages(rewards)  # [B_global]
+        else:
+            advantages = grpo_advantages(rewards, self.group_size, self.scale)  # [B_global]
         metrics.add("advantages/mean", advantages.mean())
         metrics.add("advantages/std", advantages.std() if advantages.numel() > 1 else 0.0)
         return reduce.local_rows(advantages).float(), None
@@ -135,12 +142,39 @@ class PPO:
         return advantages, returns
 
 
+@dataclass
+class RLOO:
+    """TRL's RLOO (``RLOOConfig``): the sequence reward, clipped to ``clip_range``, minus the KL penalty summed over
+    the sequence's tokens, then the leave-one-out baseline (the mean of the same over the prompt's other completions);
+    whitened over the batch with ``normalize``. One advantage per sequence, for all its tokens."""
+
+    group_size: int
+    clip_range: list[float] | None
+    normalize: bool
+    has_critic: ClassVar[bool] = False
+
+    def advantages(self, rewards, rollout, kl, reduce, metrics):
+        if self.clip_range is not None:
+            rewards = rewards.clamp(*self.clip_range)
+        mask = rollout.policy_tokens  # -kl_coef x KL per token (0 without a KL term), summed per sequence
+        penalty = kl.in_reward(torch.zeros(mask.shape, dtype=torch.float32, device=mask.device), rollout, metrics)
+        rewards = rewards + reduce.gather(penalty).sum(dim=1).to(rewards.device, rewards.dtype)
+        advantages = rloo_advantages(rewards, self.group_size)  # [B_global]
+        if self.normalize:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+        metrics.add("advantages/mean", advantages.mean())
+        metrics.add("advantages/std", advantages.std())
+        return reduce.local_rows(advantages).float(), None
+
+
 def algorithm_for(args: RLConfig):
     """The estimator a config asks for."""
     if isinstance(args, GRPOConfig):
-        return GRPO(args.num_generations, args.scale_rewards)
+        return GRPO(args.num_generations, args.scale_rewards, args.multi_objective_aggregation == "normalize_then_sum")
     if isinstance(args, PPOConfig):
         return PPO(args.gamma, args.gae_lambda, args.whiten_advantages)
+    if isinstance(args, RLOOConfig):
+        return RLOO(args.num_generations, args.reward_clip_range, args.normalize_advantages)
     if isinstance(args, ReinforceConfig):
         return Reinforce(args.baseline, args.gamma, args.num_generations)
     raise TypeError(f"no algorithm for {type(args).__name__}")

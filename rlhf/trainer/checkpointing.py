@@ -1,7 +1,8 @@
 """What a training checkpoint holds, and saving / resuming one.
 
 ``output_dir/checkpoint-<step>/``: ``model/`` (safetensors + tokenizer), ``optimizer.pt``,
-``scheduler.pt``, for PPO ``critic/``, ``critic_optimizer.pt``, ``critic_scheduler.pt``, one
+``scheduler.pt``, for PPO ``critic/``, ``critic_optimizer.pt``, ``critic_scheduler.pt``, with
+``sync_ref_model`` ``reference/`` (the synced reference: no longer the initial model), one
 ``rng_state_<rank>.pt`` per process, ``trainer_state.json`` (step, run id, config, KL coefficient, what
 the run was made from) and, written last, ``manifest.json`` (size and SHA-256 of every other file). It is
 written into ``checkpoint-<step>.tmp`` by all processes and renamed by the main process once the
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 REFUSED_CHANGES = ("seed", "prompts_per_step", "num_generations", "mini_batch_size", "num_epochs")
 # What a run was made from, besides its config (``RLTrainer.identity``): a change is refused.
 REFUSED_IDENTITY = ("trainer", "num_processes", "model_fingerprint", "train_dataset")
+REFERENCE = "reference"  # the directory of a synced reference (sync_ref_model)
 
 
 def save_model(path: str, accelerator, model, tokenizer, merge_lora: bool = False,
@@ -69,9 +71,10 @@ def _prefix(directory: str) -> str:
 
 
 def save_checkpoint(output_dir: str, step: int, accelerator, trained: list, tokenizer, state: dict,
-                    save_total_limit: int | None) -> str:
+                    save_total_limit: int | None, reference=None) -> str:
     """``output_dir/checkpoint-<step>``: every model in ``trained`` (``TrainedModel``) with its optimizer and
-    scheduler, the RNG of every process, and ``state`` (JSON) written last."""
+    scheduler, ``reference`` (a synced reference model, or None), the RNG of every process, and ``state`` (JSON)
+    written last."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = f"{path}.tmp"
     accelerator.wait_for_everyone()
@@ -96,6 +99,9 @@ def save_checkpoint(output_dir: str, step: int, accelerator, trained: list, toke
                 prefix = os.path.join(tmp, _prefix(m.directory))
                 ckpt.save_torch_state(m.optimizer.state_dict(), f"{prefix}optimizer.pt")
                 ckpt.save_torch_state(m.scheduler.state_dict(), f"{prefix}scheduler.pt")
+            if reference is not None:  # every process holds the same full copy
+                os.makedirs(os.path.join(tmp, REFERENCE), exist_ok=True)
+                _save_weights(reference, os.path.join(tmp, REFERENCE), None, None)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.write_state(tmp, state)
@@ -110,10 +116,12 @@ def save_checkpoint(output_dir: str, step: int, accelerator, trained: list, toke
     return path
 
 
-def load_checkpoint(path: str, accelerator, trained: list) -> dict:
+def load_checkpoint(path: str, accelerator, trained: list, reference=None) -> dict:
     """Restore the models, optimizers, schedulers and this process's RNG that ``save_checkpoint`` wrote in
-    ``path``; returns the saved state. The optimizers keep the hyper-parameters they were built with (the new
-    config's), and the learning rate follows the new config's schedule from the saved position in it."""
+    ``path``, and into ``reference`` the synced reference when the checkpoint has one (else it stays the initial
+    model, which is what an unsynced run's reference is); returns the saved state. The optimizers keep the
+    hyper-parameters they were built with (the new config's), and the learning rate follows the new config's
+    schedule from the saved position in it."""
     state = ckpt.read_state(path)
     for m in trained:
         directory = os.path.join(path, m.directory)
@@ -126,6 +134,8 @@ def load_checkpoint(path: str, accelerator, trained: list) -> dict:
         m.optimizer.load_state_dict(ckpt.load_torch_state(os.path.join(path, f"{_prefix(m.directory)}optimizer.pt")))
         m.scheduler.load_state_dict(ckpt.load_torch_state(os.path.join(path, f"{_prefix(m.directory)}scheduler.pt")))
         apply_hyperparameters(m.optimizer, m.scheduler, settings, base_lrs)
+    if reference is not None and os.path.isdir(os.path.join(path, REFERENCE)):
+        ckpt.load_model_weights(reference, os.path.join(path, REFERENCE))
     ckpt.set_rng_state(ckpt.load_torch_state(os.path.join(path, f"rng_state_{accelerator.process_index}.pt")))
     return state
 
@@ -163,6 +173,9 @@ def resume_changes(state: dict, identity: dict, config: dict) -> dict[str, tuple
             refused.append(f"{key}: checkpoint {before!r}, now {now!r}")
         else:
             applied[key] = (before, now)
+    if saved.get("sync_ref_model") and not current.get("sync_ref_model"):
+        refused.append("sync_ref_model: checkpoint True, now False, but the run's reference is the synced one and "
+                       "only sync_ref_model saves it; keep it True (a larger ref_model_sync_steps syncs less often)")
     for key in REFUSED_IDENTITY:
         if state.get(key) != identity.get(key):
             refused.append(_identity_change(key, state, identity, saved, current))

@@ -10,6 +10,9 @@
 ``kl_target`` makes ``kl_coef`` adaptive (Ziegler et al. 2019) in either place. It follows the rollout's KL to the
 reference, measured once per step: ``KLPenalty.measure`` when the rollout has the sampling policy's log-probs, else
 (on-policy, KL in the loss) the update's pass, which has not moved the policy yet (``UpdateResult.rollout_kl``).
+
+``sync_ref_model`` (TR-DPO) moves the reference itself towards the policy every ``ref_model_sync_steps`` steps
+(``sync_reference``), as TRL's ``SyncRefModelCallback``.
 """
 
 import torch
@@ -102,3 +105,29 @@ def rollout_mean_kl(total: torch.Tensor, accelerator, metrics=None) -> float:
     if metrics is not None:
         metrics.add("kl/sequence", mean)  # already global: every process adds the same value
     return mean
+
+
+def sync_reference(ref_model, policy, args, steps_done: int, accelerator) -> bool:
+    """TR-DPO's reference update (Gorbatovski et al. 2024), TRL's ``sync_ref_model``: after step ``steps_done``, when
+    it is a multiple of ``ref_model_sync_steps``, ref <- alpha * policy + (1 - alpha) * ref for every weight, alpha =
+    ``ref_model_mixup_alpha``. Every process mixes its own full copy from the same policy weights, so the copies stay
+    equal. Returns whether it synced. The synced reference is saved in checkpoints (``checkpointing``)."""
+    if not args.sync_ref_model or ref_model is None:
+        return False
+    if steps_done % args.ref_model_sync_steps:
+        return False
+    mix_into_reference(ref_model, accelerator.unwrap_model(policy), args.ref_model_mixup_alpha)
+    return True
+
+
+@torch.no_grad()
+def mix_into_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """reference <- alpha * policy + (1 - alpha) * reference, in place, weight by weight (matched by name), computed
+    in the reference's dtype and on its device as TRL does (``mul_(1 - alpha).add_(policy, alpha=alpha)``)."""
+    targets, sources = dict(reference.named_parameters()), dict(policy.named_parameters())
+    if targets.keys() != sources.keys():
+        raise ValueError(f"sync_ref_model: the reference's weights do not match the policy's (only in the reference: "
+                         f"{sorted(targets.keys() - sources.keys())[:3]}, only in the policy: "
+                         f"{sorted(sources.keys() - targets.keys())[:3]}).")
+    for name, target in targets.items():
+        target.mul_(1.0 - alpha).add_(sources[name].to(target.device), alpha=alpha)

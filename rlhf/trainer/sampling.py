@@ -40,6 +40,7 @@ def sample_groups(policy, dataset, sampler, step: int, sampling, args, reward_fu
     ``trainer_state`` / ``log_metric`` / ``log_extra`` (rlhf.reward_calls.RewardContext). ``rollout_fn``: how
     completions are made (``generate_rollout``, or ``rlhf.agent.AgentLoop.rollout`` for multi-turn trajectories)."""
     group = args.num_generations
+    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")  # a GRPOConfig field
     rounds = args.max_sampling_rounds if args.filter_zero_std_groups else 1
     pieces = []
     for round_index in range(rounds):
@@ -47,7 +48,7 @@ def sample_groups(policy, dataset, sampler, step: int, sampling, args, reward_fu
             rollout, texts = rollout_fn(policy, sampler.rows(dataset, step, round_index), sampling, group)
         with timer("score"):
             rewards = score_rollout(reward_functions, reward_weights, texts, accelerator, group, metrics, context,
-                                    rollout.turn_rewards)
+                                    rollout.turn_rewards, aggregation)
         if rounds == 1:
             return rollout, texts, rewards
         pieces.append((rollout, texts, rewards))

@@ -23,6 +23,7 @@ from rlhf.forward import completion_logprobs
 from rlhf.metrics import StepMetrics
 from rlhf.rollout import Rollout
 from rlhf.trainer.kl import KLPenalty, rollout_mean_kl, sequence_kl
+from rlhf.trainer.plan import StepPlan, length_order, shuffled_rows
 
 logger = logging.getLogger(__name__)
 
@@ -39,42 +40,6 @@ class WeightsBlownUpError(NonFiniteError):
 # Training moves a model's weight norm by a few percent; an optimizer step that multiplies it by more than this (a
 # learning rate far too large, gradients of absurd size) has destroyed the weights, finite or not.
 MAX_WEIGHT_GROWTH = 10.0
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How a step's rollout batch divides on this process and which passes it needs, derived once from the
-    config and the number of processes (``plan_step``)."""
-
-    num_processes: int
-    mini_batch: int  # completions per optimizer step, on this process
-    micro_batch: int  # completions per forward/backward, on this process
-    inference_batch: int  # completions per no-grad forward (reference, old log-probs, values)
-    share_group: int  # G when every micro-batch holds whole groups whose prompt runs once, else 1
-    on_policy: bool  # one optimizer step per rollout: the old log-probs are the current ones, detached
-    kl_in: str | None  # "reward", "loss" or None (rlhf/trainer/kl.py)
-    needs_old_logprobs: bool  # a no-grad pass of the sampling policy (see plan_step)
-
-
-def plan_step(args: RLConfig, num_processes: int, sharded: bool, distilling: bool = False) -> StepPlan:
-    from rlhf.trainer.kl import kl_placement
-
-    mini = args.effective_mini_batch_size // num_processes
-    micro = args.local_micro_batch_size(num_processes)
-    inference = args.inference_batch_size or 2 * micro
-    group = args.num_generations
-    # Prompt sharing needs every micro-batch to hold whole groups, and an unsharded model whose forward keeps a
-    # cache (gradient checkpointing recomputes without one).
-    shares = (args.share_prompt_prefix and not sharded and group > 1 and not args.gradient_checkpointing
-              and mini % group == 0 and micro % group == 0 and inference % group == 0)
-    on_policy = args.optimizer_steps_per_step == 1
-    kl_in = kl_placement(args.kl_in, args.kl_coef)
-    # The sampling policy's log-probs: for the ratio off-policy; for the KL in the reward, which measures the
-    # rollout's KL; before any update, for the rollout correction, the entropies that select tokens, and the
-    # distillation signal. (On-policy with the KL in the loss, the update's own pass measures the rollout's KL.)
-    needs_old = (not on_policy or kl_in == "reward" or args.rollout_correction is not None
-                 or args.top_entropy_quantile < 1 or distilling)
-    return StepPlan(num_processes, mini, micro, inference, group if shares else 1, on_policy, kl_in, needs_old)
 
 
 @dataclass
@@ -100,6 +65,7 @@ class LossStats:
     token_means: dict[str, torch.Tensor] = field(default_factory=dict)
     sequence_means: dict[str, torch.Tensor] = field(default_factory=dict)
     maxima: dict[str, torch.Tensor] = field(default_factory=dict)
+    minima: dict[str, torch.Tensor] = field(default_factory=dict)
     approx_kl: torch.Tensor | None = None  # the actor's per-token KL to the sampling policy (mean over valid tokens)
     rollout_kl: torch.Tensor | None = None  # on-policy with the KL in the loss: (sum, rows) of the KL to the reference
 
@@ -124,38 +90,6 @@ class StepResult:
     rollout_kl: float | None
 
 
-def length_order(rollout: Rollout, group: int) -> torch.Tensor:
-    """Rows ordered by length, longest first (whole groups when ``group`` > 1). Micro-batches cut from this
-    order hold sequences of similar length, so trimming leaves little padding; the loss is normalised over
-    the whole mini-batch, so the order does not change the gradient."""
-    lengths = rollout.prompt_mask.sum(dim=1) + rollout.completion_mask.sum(dim=1)
-    if group == 1:
-        return torch.argsort(lengths, descending=True, stable=True)
-    groups = torch.argsort(lengths.view(-1, group).amax(dim=1), descending=True, stable=True)
-    return (groups.unsqueeze(1) * group + torch.arange(group, device=groups.device)).reshape(-1)
-
-
-def shuffled_rows(rows: int, generator: torch.Generator, group: int) -> torch.Tensor:
-    """A random order of the rows; whole groups move together when ``group`` > 1."""
-    if group == 1:
-        return torch.randperm(rows, generator=generator)
-    groups = torch.randperm(rows // group, generator=generator)
-    return (groups.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
-
-
-@torch.no_grad()
-def no_grad_pass(score, rollout: Rollout, plan: StepPlan) -> torch.Tensor:
-    """``score(micro)`` -> [b, t] (or [b, ..., t]) for every micro-batch of ``rollout`` (by length, trimmed),
-    reassembled to [B, T] (or [B, ..., T]) in the rollout's row order."""
-    order = length_order(rollout, plan.share_group)
-    ordered = rollout.rows(order)
-    pieces = [score(ordered.rows(slice(start, start + plan.inference_batch)).trimmed())
-              for start in range(0, rollout.size, plan.inference_batch)]
-    width = rollout.completion_ids.shape[1]
-    scores = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in pieces])
-    return scores[torch.argsort(order)]
-
-
 def loss_denominators(mini: Rollout, args: RLConfig, accelerator) -> dict:
     """Global token and sequence counts of a mini-batch (summed over processes)."""
     mask = mini.loss_mask
@@ -170,7 +104,7 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
                      plan: StepPlan, kl: KLPenalty, denominators: dict) -> tuple[torch.Tensor, LossStats]:
     """The loss of one micro-batch, normalised with its mini-batch's global ``denominators``:
 
-        policy loss (actor: PPO's clip or CISPO, per token or per sequence, weighted by the rollout correction)
+        policy loss (actor: PPO's clip, CISPO or SAPO, per token or per sequence, weighted by the rollout correction)
         + KL, when it sits in the loss + entropy bonus + vf_coef x value loss (critic)
 
     ``actor`` is None while only the critic trains (PPO's critic warm-up)."""
@@ -187,6 +121,7 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
         stats.losses["loss/value"] = loss_v.detach()
         stats.token_means["critic/value_clip_frac"] = v_stats["value_clip_frac"]
     if actor is None:
+        stats.losses["loss/total"] = loss.detach()
         return loss, stats
     logprobs, entropy = completion_logprobs(
         actor.model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
@@ -197,7 +132,8 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
     loss_pg, pg = policy_loss(logprobs, old_logprobs, micro.advantages, mask, args.clip_eps_low, args.clip_eps_high,
                               args.dual_clip, agg, level=args.importance_sampling_level,
                               loss_type=args.policy_loss_type, weights=micro.loss_weights,
-                              ratio_mask=micro.policy_tokens, **denominators)
+                              ratio_mask=micro.policy_tokens,
+                              sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg), **denominators)
     if micro.old_logprobs is None and micro.sampler_logprobs is not None:
         # On-policy without a scoring pass: these log-probs are the trainer's view of the sampling policy, so the
         # sampler's mismatch is measured here (else in make_rollout, on the scoring pass).
@@ -225,6 +161,13 @@ def micro_batch_loss(actor: TrainedModel | None, critic: TrainedModel | None, mi
         "policy/ratio_mean": pg["ratio_mean"],
     })
     stats.maxima["policy/ratio_max"] = pg["ratio_max"]
+    # TRL's clip_ratio/region_mean, low_min and high_max: over the sequences with a trained token (a micro-batch
+    # without one adds 1 to the minimum and 0 to the maximum, which never decide them)
+    stats.token_means["clip/region_frac"] = pg["clip_frac_low"] + pg["clip_frac_high"]
+    rows = mask.sum(dim=1) > 0
+    stats.minima["clip/low_min"] = torch.where(rows, pg["clip_frac_low_rows"], 1.0).min()
+    stats.maxima["clip/high_max"] = torch.where(rows, pg["clip_frac_high_rows"], 0.0).max()
+    stats.losses["loss/total"] = loss.detach()  # what is trained: TRL's loss
     return loss, stats
 
 
@@ -259,6 +202,8 @@ def accumulate_gradients(actor, critic, mini: Rollout, args, plan: StepPlan, kl:
             metrics.add(name, value, stats.sequences)
         for name, value in stats.maxima.items():
             metrics.add_max(name, value)
+        for name, value in stats.minima.items():
+            metrics.add_min(name, value)
         if stats.approx_kl is not None:
             approx_kl += torch.stack([stats.approx_kl * stats.tokens, stats.tokens.to(approx_kl.dtype)])
         if stats.rollout_kl is not None:
