@@ -123,14 +123,20 @@ class _GrowingLayer(DynamicLayer):
         self._rebuffer()
 
 
-def _reserve_cache(cache, capacity: int) -> None:
+def _reserve_cache(cache, capacity: int) -> bool:
     """Give each plain ``DynamicLayer`` of ``cache`` room for ``capacity`` positions, in place (other layer kinds,
-    e.g. sliding-window ones, offloaded caches and caches without ``layers`` are left as they are)."""
-    if getattr(cache, "offloading", False):
-        return
-    for i, layer in enumerate(getattr(cache, "layers", None) or []):
+    e.g. sliding-window ones, offloaded caches and caches without ``layers`` are left as they are). Returns whether
+    every layer is now such a buffer, i.e. whether rows can leave the cache (``batch_select_indices``)."""
+    layers = [] if getattr(cache, "offloading", False) else (getattr(cache, "layers", None) or [])
+    for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
             cache.layers[i] = _GrowingLayer(layer, capacity)
+    return bool(layers) and all(type(layer) is _GrowingLayer for layer in layers)
+
+
+LEAVE_FRACTION = 0.25
+"""Finished rows leave the decode batch once they are at least this fraction of the rows still in it: each removal
+copies the KV cache, so they go in batches rather than one at a time."""
 
 
 @torch.no_grad()
@@ -139,8 +145,13 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Completions of left-padded ``prompt_ids`` [B, P]: (token ids [B, T], T <= max_new_tokens, pad after each
     row's EOS; and with ``with_logprobs`` the log-prob [B, T] of each drawn token under the distribution it was drawn
-    from, else None). ``cache`` holds the first positions of the prompts already (a shared prefill); the rest of
-    the prompt is run first."""
+    from, else None; after a row's EOS its log-probs mean nothing). ``cache`` holds the first positions of the prompts
+    already (a shared prefill); the rest of the prompt is run first.
+
+    Rows that have ended leave the model's batch (``LEAVE_FRACTION``), so with natural EOS the forward passes shrink as
+    completions end. The draw stays ``generate``'s: the scores of the rows still running are written into a [B, V]
+    buffer and ``multinomial`` draws for all B rows, consuming the random stream exactly as the full batch does (its
+    draw does not depend on the values of the rows that have ended, whose tokens become pad)."""
     rows, device = prompt_ids.shape[0], prompt_ids.device
     cached = cache.get_seq_length() if cache is not None else 0
     input_ids, mask = prompt_ids[:, cached:], prompt_mask
@@ -150,15 +161,20 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     cache_key = cache_argument(model)
     processors = sampling_processors(params)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    present = torch.arange(rows, device=device)  # the rows in the model's batch, in the order the cache holds them
+    compactable, buffer = False, None
     tokens, logprobs = [], []
     for step in range(params.max_new_tokens):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **{cache_key: cache}, **keep)
         cache = model_cache(outputs)
         if step == 0 and cache is not None:  # the prompt is in: reserve room for every token this loop can add
-            _reserve_cache(cache, cache.get_seq_length() + params.max_new_tokens - 1)
+            compactable = _reserve_cache(cache, cache.get_seq_length() + params.max_new_tokens - 1)
         scores = outputs.logits[:, -1, :].float()  # no copy in fp32: the model's own output, modified in place
         del outputs
+        if len(present) < rows:  # some rows have left: back to [B, V], the ended rows' stale scores untouched
+            buffer = scores.new_zeros(rows, scores.shape[1]) if buffer is None else buffer
+            scores = buffer.index_copy_(0, present, scores)
         if step < params.min_new_tokens:
             scores[:, eos] = -float("inf")
         if params.do_sample:
@@ -178,8 +194,13 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         unfinished &= ~torch.isin(next_tokens, eos)
         if not unfinished.any():
             break
-        input_ids = next_tokens[:, None]
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        running = unfinished[present]
+        if compactable and (~running).sum() >= LEAVE_FRACTION * len(present):
+            stay = running.nonzero().squeeze(1)
+            cache.batch_select_indices(stay)
+            present, mask, positions = present[stay], mask[stay], positions[stay]
+        input_ids = next_tokens[present][:, None]
+        mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
         positions = positions[:, -1:] + 1
     completion_ids = torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(rows, 0)
     return completion_ids, (torch.stack(logprobs, dim=1) if with_logprobs else None)

@@ -153,3 +153,37 @@ def test_growing_layer_matches_dynamic_layer():
     new = chunk(2, batch=1)
     growing.update(*new), plain.update(*new)
     same()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("setting", ["sampled", "greedy", "warpers"])
+def test_finished_rows_leave_the_batch_and_change_no_bit(arch, setting, monkeypatch):
+    """Rows that have ended leave the model's batch (the forward passes shrink): the same tokens as keeping every row
+    to the end, and the same log-probs of every token up to each row's EOS up to float rounding (a matmul over fewer
+    rows may round differently: 1e-6 here; bit-identical on the Llama)."""
+    import rlhf.decode
+
+    model = model_of(arch)
+    ids, mask = left_pad(PROMPTS, PAD_ID)
+    ids, mask = ids.repeat_interleave(6, dim=0), mask.repeat_interleave(6, dim=0)
+    sampled = SETTINGS[setting].do_sample
+    runs = []
+    for fraction in (rlhf.decode.LEAVE_FRACTION, float("inf")):
+        monkeypatch.setattr(rlhf.decode, "LEAVE_FRACTION", fraction)
+        batch_sizes = []
+        hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
+            kwargs["input_ids"].shape[0]), with_kwargs=True)
+        torch.manual_seed(5)
+        tokens, logprobs = rlhf.decode.decode(model, ids, mask, SETTINGS[setting], list(EOS_IDS), PAD_ID,
+                                              with_logprobs=sampled)
+        hook.remove()
+        runs.append((tokens, logprobs, batch_sizes))
+    (tokens, logprobs, sizes), (kept_tokens, kept_logprobs, kept_sizes) = runs
+    assert set(kept_sizes) == {len(ids)} and sizes[0] == len(ids) and min(sizes) < len(ids)  # rows did leave
+    assert sizes == sorted(sizes, reverse=True)
+    assert torch.equal(tokens, kept_tokens)
+    ended = torch.isin(tokens, torch.tensor(EOS_IDS))
+    valid = (ended.cumsum(dim=1) - ended.long()) == 0  # every position up to and including the first EOS
+    assert 1 <= valid.sum(dim=1).min() < valid.sum(dim=1).max()
+    if sampled:
+        assert (logprobs[valid] - kept_logprobs[valid]).abs().max() <= 1e-5
