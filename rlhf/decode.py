@@ -192,14 +192,14 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         next_tokens = torch.where(unfinished, next_tokens, pad_id)
         tokens.append(next_tokens)
         unfinished &= ~torch.isin(next_tokens, eos)
-        if not unfinished.any():
+        running = int(unfinished.sum())  # every running row is present: the others present have ended
+        if running == 0:
             break
-        running = unfinished[present]
-        if compactable and (~running).sum() >= LEAVE_FRACTION * len(present):
-            stay = running.nonzero().squeeze(1)
+        if compactable and len(present) - running >= LEAVE_FRACTION * len(present):
+            stay = unfinished[present].nonzero().squeeze(1)
             cache.batch_select_indices(stay)
             present, mask, positions = present[stay], mask[stay], positions[stay]
-        input_ids = next_tokens[present][:, None]
+        input_ids = (next_tokens if len(present) == rows else next_tokens[present])[:, None]
         mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
         positions = positions[:, -1:] + 1
     completion_ids = torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(rows, 0)
