@@ -130,7 +130,7 @@ learn-bench: $(STAMP)
 	$(PY) bench/learn.py
 
 learn-bench-real: $(REAL_STAMP)
-	$(PY) bench/learn.py --tasks arithmetic --methods grpo,ppo,rloo,rloo_trainer,trl_grpo,trl_rloo --report bench/LEARN_REAL.md
+	$(PY) bench/learn.py --tasks arithmetic --methods grpo,ppo,ppo_kl05,rloo,rloo_trainer,trl_grpo,trl_rloo --report bench/LEARN_REAL.md
 
 learn-bench-variants: $(STAMP)
 	$(PY) bench/learn.py --methods variants --report bench/LEARN_VARIANTS.md
