@@ -53,6 +53,11 @@ class RLConfig(metaclass=AcceptsTRLNames):
     ones; a string, a list, or "none" (metrics.jsonl is always written; rlhf/trackers.py)."""
     run_name: str | None = None
     """Name of the run in trackers (default: the basename of ``output_dir``)."""
+    hub_model_id: str | None = None
+    """The Hub repository ``trainer.push_to_hub()`` uploads to (default: the basename of ``output_dir`` in your
+    namespace)."""
+    hub_private_repo: bool | None = None
+    """Whether ``push_to_hub()`` creates the repository private (None: the Hub's default for your account)."""
     disable_tqdm: bool = False
     """Turn the progress bar off (the console still gets a line per logging step). There is none either when stderr is
     not a terminal (a log file, a pipe, CI), where each redraw would be a line of its own."""

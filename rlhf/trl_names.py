@@ -98,11 +98,18 @@ def translate(values: Mapping, fields: Mapping[str, object], defaults: Mapping[s
     explicit = set(ours)
     set_by: dict[str, str] = {}  # our field -> the TRL setting that gave it
 
+    def _same(name: str, value) -> bool:
+        """Whether the user's own ``name`` (a command-line string until converted) is ``value``."""
+        try:
+            return convert(out.get(name), fields[name], name) == value
+        except (TypeError, ValueError):
+            return False
+
     def give(name: str, value, source: str) -> None:
         """Set our field ``name`` from a TRL setting, unless the user set it as well, or another TRL setting gave it
         another value (settings that decide over another, as TRL's save_strategy over save_steps, or add to one, as
         reward_model_name_or_path, always set): the last one would win silently."""
-        if name in explicit and out.get(name) != value and source not in OVERRIDING:
+        if name in explicit and not _same(name, value) and source not in OVERRIDING:
             errors.append(f"{source} sets {name}={value!r}, but {name}={out[name]!r} is given too; keep one of them.")
             return
         if name in set_by and out.get(name) != value and source not in OVERRIDING and set_by[name] not in OVERRIDING:

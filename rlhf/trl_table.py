@@ -281,7 +281,7 @@ TABLE: list[TRLName] = [
     _default_only("fp16_full_eval", (False,), "evaluation runs in the training precision."),
     _default_only("enable_jit_checkpoint", (False,), "not supported."),
     *_accepted("do_train do_eval do_predict log_level log_level_replica log_on_each_node "
-               "logging_first_step logging_nan_inf_filter logging_dir save_only_model save_on_each_node "
+               "logging_first_step logging_nan_inf_filter save_only_model save_on_each_node "
                "ignore_data_skip restore_callback_states_from_checkpoint local_rank prediction_loss_only "
                "eval_accumulation_steps eval_do_concat_batches eval_use_gather_object batch_eval_metrics "
                "eval_delay eval_on_start label_names length_column_name skip_memory_metrics "
@@ -296,8 +296,11 @@ TABLE: list[TRLName] = [
     *_accepted("disable_dropout", "no effect: dropout is always off (the first ratio must be exactly 1)"),
     *_accepted("use_bias_correction_kl", "no effect: the KL term is not multiplied by the ratio (the same gradient "
                                          "on-policy, where TRL's default differs only through the ratio's gradient)"),
-    *_accepted("hub_token hub_private_repo hub_model_id hub_strategy hub_always_push hub_revision",
-               "no effect: nothing is pushed to the Hub (see push_to_hub)"),
+    *_accepted("logging_dir", "no effect: tensorboard writes to output_dir/runs/<run_name> (set output_dir or "
+                              "run_name to move it)"),
+    *_accepted("hub_token hub_strategy hub_always_push hub_revision",
+               "no effect: trainer.push_to_hub() uploads once, when called, with the token of HF_TOKEN or `hf auth "
+               "login` or its token= argument (a token is not kept in the config, which checkpoints save)"),
     *_accepted("project trackio_space_id trackio_bucket_id trackio_static_space_id",
                "no effect: the wandb project is WANDB_PROJECT (default rlhf)"),
     *_accepted("vllm_mode vllm_model_impl vllm_enable_sleep_mode vllm_structured_outputs_regex vllm_server_base_url "
@@ -329,7 +332,8 @@ SAME_NAMES = ("adam_beta1", "adam_beta2", "adam_epsilon", "disable_tqdm", "entro
               "num_generations", "reward_weights", "resume_from_checkpoint", "run_name", "save_steps",
               "save_total_limit", "seed", "temperature", "top_k", "top_p", "trust_remote_code", "weight_decay",
               "num_train_epochs", "min_p", "log_completions", "num_completions_to_print", "sapo_temperature_pos",
-              "sapo_temperature_neg", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+              "sapo_temperature_neg", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "hub_model_id",
+              "hub_private_repo",
               "multi_objective_aggregation", "top_entropy_quantile", "importance_sampling_level")
 
 # Where TRL's GRPOConfig default differs from ours: name -> (TRL's default, ours, why). A test reads TRL's defaults.
@@ -370,7 +374,7 @@ TRL_TYPES: dict[str, object] = {
                           "dataloader_pin_memory dataloader_persistent_workers dataloader_in_order "
                           "ddp_find_unused_parameters ddp_broadcast_buffers ddp_static_graph use_cache "
                           "ds3_gather_for_generation remove_unused_columns log_multimodal log_unique_prompts "
-                          "disable_dropout use_bias_correction_kl hub_private_repo hub_always_push "
+                          "disable_dropout use_bias_correction_kl hub_always_push "
                           "vllm_enable_sleep_mode "
                           "vllm_importance_sampling_correction dataset_streaming"),
     **_typed(int | None, "num_iterations max_completion_length per_device_eval_batch_size num_generations_eval "

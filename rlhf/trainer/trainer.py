@@ -288,13 +288,15 @@ class RLTrainer:
                     revision: str | None = None, repo_id: str | None = None, private: bool | None = None) -> str:
         """Save the model into ``output_dir`` (``save_model``), then upload ``output_dir`` to the Hub without its
         checkpoints and run files, as transformers' ``Trainer.push_to_hub`` does. ``repo_id`` defaults to
-        ``output_dir``'s name. Returns the commit URL (on the main process; others return "")."""
+        ``hub_model_id``, else ``output_dir``'s name; ``private`` defaults to ``hub_private_repo``. Returns the commit
+        URL (on the main process; others return "")."""
         self.save_model()
         if not self.is_world_process_zero():
             return ""
         from huggingface_hub import create_repo, upload_folder
 
-        repo_id = repo_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        repo_id = repo_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        private = private if private is not None else self.args.hub_private_repo
         repo = create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         commit = upload_folder(repo_id=repo, folder_path=self.args.output_dir, commit_message=commit_message,
                                token=token, revision=revision, run_as_future=not blocking,

@@ -188,3 +188,13 @@ def test_loss_type_cispo_names_the_settings_that_give_trls_loss():
                           agg=config.loss_agg, loss_type=config.policy_loss_type)
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert torch.allclose(*(torch.autograd.grad(loss, logprobs)[0] for loss in (ours, theirs)), atol=1e-6)
+
+
+def test_a_trl_flag_and_our_name_with_the_same_value_agree_on_the_command_line():
+    """As in Python and YAML: both names at one value is no conflict; two values are, naming both as typed."""
+    (config,) = parse_args([GRPOConfig], ["--max_completion_length", "8", "--max_new_tokens", "8", "--beta", "0.1",
+                                          "--kl_coef", "0.1"])
+    assert (config.max_new_tokens, config.kl_coef) == (8, 0.1)
+    assert GRPOConfig(beta=0.1, kl_coef=0.1).kl_coef == 0.1
+    with pytest.raises(ConfigError, match=r"beta sets kl_coef=0.1, but kl_coef=\['0.2'\] is given too"):
+        parse_args([GRPOConfig], ["--beta", "0.1", "--kl_coef", "0.2"])

@@ -94,8 +94,8 @@ def test_push_to_hub_saves_then_uploads_the_model_without_checkpoints(tmp_path, 
     hub = tmp_path / "hub"
     calls = {}
 
-    def create_repo(repo_id, **kwargs):
-        calls["repo_id"] = repo_id
+    def create_repo(repo_id, private=None, **kwargs):
+        calls["repo_id"], calls["private"] = repo_id, private
         return huggingface_hub.RepoUrl(f"https://huggingface.co/someone/{repo_id}")  # the token's namespace
 
     def upload_folder(repo_id, folder_path, commit_message, ignore_patterns, **kwargs):
@@ -113,7 +113,8 @@ def test_push_to_hub_saves_then_uploads_the_model_without_checkpoints(tmp_path, 
     trainer.train()
     assert (tmp_path / "my-grpo-run" / "checkpoint-1").is_dir()
     url = trainer.push_to_hub(commit_message="two steps")
-    assert calls == {"repo_id": "my-grpo-run", "message": "two steps", "uploaded_to": "someone/my-grpo-run"}
+    assert calls == {"repo_id": "my-grpo-run", "private": None, "message": "two steps",
+                     "uploaded_to": "someone/my-grpo-run"}
     assert url.endswith("/commit/0")
     uploaded = sorted(os.listdir(hub))
     assert not any(name.startswith("checkpoint-") or name in ("run.json", "run.lock") for name in uploaded), uploaded
@@ -133,3 +134,23 @@ def test_push_to_hub_offline_says_so(tmp_path, model, monkeypatch):
     with pytest.raises(Exception, match="(?i)offline"):
         trainer.push_to_hub()
     assert (tmp_path / "offline" / "model.safetensors").exists()  # saved before the upload failed
+
+
+def test_push_to_hub_goes_where_the_config_says(tmp_path, model, monkeypatch):
+    """TRL's hub_model_id and hub_private_repo decide the repository and its visibility, as in transformers."""
+    import huggingface_hub
+
+    created = {}
+
+    def create_repo(repo_id, private=None, **kwargs):
+        created.update(repo_id=repo_id, private=private)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda repo_id, **kwargs: f"{repo_id}@commit")
+    trainer = trainer_for(tmp_path / "run", model, hub_model_id="myorg/my-grpo-model", hub_private_repo=True)
+    trainer.train()
+    assert trainer.push_to_hub() == "myorg/my-grpo-model@commit"
+    assert created == {"repo_id": "myorg/my-grpo-model", "private": True}
+    assert trainer.push_to_hub(repo_id="myorg/other", private=False) == "myorg/other@commit"  # arguments win
+    assert created == {"repo_id": "myorg/other", "private": False}
