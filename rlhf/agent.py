@@ -257,6 +257,13 @@ class AgentLoop:
             e.prompt_ids = ids
         return episodes
 
+    def row_schemas(self, rows: dict) -> list[list[dict]] | None:
+        """The tools each row of ``rows`` (a batch of columns) is shown: with a dict environment_factory only its own
+        environment's (and ``tools``); None when every row is shown all of them."""
+        if not self.multi:
+            return None
+        return [self.shown[self._spec_of(dict(zip(rows, values))).name] for values in zip(*rows.values())]
+
     def _spec_of(self, row: dict):
         """The environment of ``row``: the only one, or the one its ``environment`` column names."""
         if not self.multi:

@@ -287,12 +287,14 @@ _VOCAB_FIX = ("The tokenizer does not fit the model: pass the model's own tokeni
 
 
 def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None,
-                  truncate: bool = False, render=render_prompts, vocab_size: int | None = None) -> int:
+                  truncate: bool = False, render=render_prompts, vocab_size: int | None = None,
+                  schemas_of=None) -> int:
     """Before any training, every row: each prompt well-formed (``check_rows``), chat prompts need a chat template,
     every prompt has at least one token, each below ``vocab_size`` (the model's embedding rows), and none may exceed
     ``max_prompt_length`` (unless ``truncate``, which keeps each prompt's end, with a warning). Of a stream, the first
     1024 rows are checked here; every later prompt when its step tokenises it. ``render`` makes the prompt texts (with
-    tools, ``rlhf.agent.AgentLoop.render_prompts``). Returns the longest prompt's tokens (after truncation)."""
+    tools, ``rlhf.agent.AgentLoop.render_prompts``); ``schemas_of(rows)``, when given, the tools each row is shown
+    (``AgentLoop.row_schemas``). Returns the longest prompt's tokens (after truncation)."""
     if isinstance(dataset, IterableDataset):
         dataset = Dataset.from_list(list(itertools.islice(dataset, 1024)))
     check_rows(dataset, name)
@@ -302,7 +304,9 @@ def check_prompts(dataset: Dataset, name: str, tokenizer: PreTrainedTokenizerBas
                          f"model's input embedding ({vocab_size} rows); padding is embedded too. {_VOCAB_FIX}")
     lengths = []
     for start in range(0, len(dataset), 1024):
-        texts, is_chat = render(dataset[start:start + 1024]["prompt"], tokenizer)
+        batch = dataset[start:start + 1024]
+        schemas = schemas_of(batch) if schemas_of is not None else None
+        texts, is_chat = render(batch["prompt"], tokenizer, **({"schemas": schemas} if schemas is not None else {}))
         chunk = tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]
         lengths += [len(ids) for ids in chunk]
         for i, ids in enumerate(chunk, start):  # each a reshape or an IndexError in the middle of step 1

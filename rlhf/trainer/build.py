@@ -297,7 +297,7 @@ def load_data(args: RLConfig, inputs: RunInputs, accelerator: Accelerator, model
             check_reward_columns(rewards.functions, dataset_columns(dataset), name)
             longest_prompt = max(longest_prompt, check_prompts(
                 dataset, name, models.tokenizer, args.max_prompt_length, args.truncate_prompts, render=render,
-                vocab_size=models.vocab_rows))
+                vocab_size=models.vocab_rows, schemas_of=rewards.agent.row_schemas if rewards.agent else None))
     streamed = isinstance(train, IterableDataset)
     if streamed and args.max_prompt_length:  # only the stream's first rows were measured
         longest_prompt = args.max_prompt_length

@@ -310,6 +310,62 @@ def test_multiple_environments_are_chosen_per_row(tmp_path, model, monkeypatch):
     assert names == {"coding", "game"}
 
 
+def test_prompt_lengths_are_checked_with_each_rows_own_tools(tmp_path, model):
+    """With a dict environment_factory a row is shown only its environment's tools, so its length is checked with
+    those: a limit every row meets that way builds, though the prompts with every tool shown would exceed it."""
+
+    class Short:
+        def reset(self, **kwargs):
+            return None
+
+        def go(self, x: int) -> int:
+            """Go.
+
+            Args:
+                x: A value.
+            """
+            return x
+
+    class Long:
+        def reset(self, **kwargs):
+            return None
+
+        def walk(self, x: int) -> int:
+            """Walk.
+
+            Args:
+                x: How far.
+            """
+            return x
+
+        def stay(self, y: int) -> int:
+            """Stay.
+
+            Args:
+                y: How long.
+            """
+            return y
+
+    factories = {"short": Short, "long": Long}
+    rows = [{"prompt": [{"role": "user", "content": "Go."}], "environment": name} for name in ("short", "long")] * 2
+    probe = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                        args=two_steps(tmp_path / "probe"), train_dataset=rows, environment_factory=factories)
+    agent, prompts = probe.agent, [r["prompt"] for r in rows]
+    texts, _ = agent.render_prompts(prompts, schemas=agent.row_schemas({"prompt": prompts,
+                                                                        "environment": [r["environment"] for r in rows]}))
+    own = max(len(probe.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    every = max(len(probe.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in agent.render_prompts(prompts)[0])
+    assert own < every  # the control: with every tool shown, the same rows are longer
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=two_steps(tmp_path / "run", max_prompt_length=own), train_dataset=rows,
+                          environment_factory=factories)
+    assert trainer.agent is not None
+    with pytest.raises(ValueError, match=r"longer than max_prompt_length"):
+        GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                    args=two_steps(tmp_path / "short", max_prompt_length=own - 1), train_dataset=rows,
+                    environment_factory=factories)
+
+
 def test_the_environment_column_is_not_passed_to_reset(tmp_path, model, monkeypatch):
     """From TRL's test_train_with_multiple_environments: ``environment`` routes, the other columns reach reset."""
     scripted(monkeypatch, lambda context, i: "done")
@@ -363,11 +419,10 @@ def test_misused_environments_fail_with_what_to_do(tmp_path, model, monkeypatch)
         trainer.make_rollout(0)
 
     routed = [dict(chat[0]), {**chat[0], "environment": "chess"}]
-    trainer = GRPOTrainer(model=model, reward_funcs=zero, args=two_steps(tmp_path), train_dataset=routed,
-                          environment_factory={"tool": Tool})
     with pytest.raises(ValueError, match=r"environment='chess', which is not among the environments passed to "
-                                         r"environment_factory: \['tool'\]"):
-        trainer.make_rollout(0)
+                                         r"environment_factory: \['tool'\]"):  # found when the prompts are checked
+        GRPOTrainer(model=model, reward_funcs=zero, args=two_steps(tmp_path), train_dataset=routed,
+                    environment_factory={"tool": Tool})
 
     class Broken(Tool):
         def get_reward(self) -> float:
