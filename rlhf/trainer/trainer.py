@@ -280,9 +280,9 @@ class RLTrainer:
         if self._run_log is not None:
             self._run_log.log_values(self.step, dict(logs))
             return
-        record = {**logs, "step": self.step}
-        self.state.log_history.append({**record, "epoch": self.state.epoch})
-        self._event("on_log", logs=record)
+        entry = history_record({**logs, "step": self.step}, "user", self.state.epoch)  # as RunLog.history lays it out
+        self.state.log_history.append(entry)
+        self._event("on_log", logs=entry)
 
     def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token: str | None = None,
                     revision: str | None = None, repo_id: str | None = None, private: bool | None = None) -> str:
