@@ -10,6 +10,10 @@ times; the completions then attend to it. The outputs and gradients are those of
 whole (tests pin both), for G times less prompt compute. Generation (``rlhf.rollout``) prefills the
 same way. Everything about it lives here: ``groups_share_prompts`` decides whether rows may share,
 ``run_shared_prompts`` runs and repeats.
+
+Packed trees: when the model's attention takes a custom 4D mask and completion lengths differ, the passes here run
+each group as a tree (the prompt once, each completion a branch) packed into rows without padding
+(``rlhf.packing``), the same outputs for less work; otherwise the layouts above.
 """
 
 import functools
@@ -23,6 +27,7 @@ from torch import nn
 
 from rlhf.core import token_logprobs, token_logprobs_and_entropy
 from rlhf.core.lm_head import linear_token_logprobs
+from rlhf.packing import PackedRows, pack_rows, packable
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +195,24 @@ def scores_tokens(model: nn.Module) -> bool:
     return getattr(causal_lm(model), "_rlhf_scores_tokens", False)
 
 
+def packed_batch(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                 group_size: int) -> PackedRows | None:
+    """The batch as packed trees (``rlhf.packing``), the prompt once per group of ``group_size`` rows when they
+    share it; None when the model's attention cannot take the mask or packing would not save work."""
+    if not packable(causal_lm(model)):
+        return None
+    shares = groups_share_prompts(prompt_ids, prompt_mask, group_size)
+    return pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size if shares else 1)
+
+
+def packed_inputs(model: nn.Module, packed: PackedRows) -> dict[str, torch.Tensor]:
+    """Model inputs for ``packed``, with the attention mask in the form the model's attention takes."""
+    lm = causal_lm(model)
+    mask = packed.attention_mask(lm.config._attn_implementation, next(lm.parameters()).dtype)
+    return {"input_ids": packed.input_ids, "attention_mask": mask, "position_ids": packed.position_ids,
+            "use_cache": False}
+
+
 def predicting_outputs(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask, read,
                        group_size: int = 1, prefix_model: nn.Module | None = None) -> torch.Tensor:
     """``read(model outputs)`` at the T positions that predict the completion's tokens: the last prompt
@@ -201,6 +224,9 @@ def predicting_outputs(model: nn.Module, prompt_ids, prompt_mask, completion_ids
     one backward).
     """
     num_completion = completion_ids.shape[1]
+    packed = packed_batch(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    if packed is not None:
+        return packed.unpack(read(model(**packed_inputs(model, packed))))
     if not groups_share_prompts(prompt_ids, prompt_mask, group_size):
         keep = {"logits_to_keep": num_completion + 1} if accepts_logits_to_keep(model) else {}
         outputs = model(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False,
@@ -255,6 +281,10 @@ def _scored_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
     """``completion_logprobs`` through the chunked LM head (``enable_token_scoring``). [B, T] each."""
     scoring = {"score_temperature": temperature, "score_entropy_grad": entropy_grad}
     width, num_completion = prompt_ids.shape[1], completion_ids.shape[1]
+    packed = packed_batch(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    if packed is not None:
+        out = model(**packed_inputs(model, packed), score_tokens=packed.targets, **scoring)
+        return packed.unpack(out.logprobs), packed.unpack(out.entropy)
     if not groups_share_prompts(prompt_ids, prompt_mask, group_size):
         targets = torch.full((prompt_ids.shape[0], width + num_completion), -1, dtype=completion_ids.dtype,
                              device=completion_ids.device)

@@ -74,6 +74,20 @@ def independent_lengths(completion_ids):
     return [row.index(EOS_ID) + 1 if EOS_ID in row else len(row) for row in completion_ids.tolist()]
 
 
+def with_varied_lengths(batch):
+    """``batch`` with row i ended by an EOS at length 1 + (3 i mod T) (masks cut after it): tests whose negative
+    control needs completions of different lengths get them whatever the sampler drew."""
+    batch = type(batch)(**{name: value.clone() for name, value in batch.tensors().items()})
+    width = batch.completion_ids.shape[1]
+    for i in range(batch.size):
+        n = 1 + (3 * i) % width
+        batch.completion_ids[i, n - 1] = EOS_ID
+        batch.completion_mask[i, n:] = 0
+        batch.loss_mask[i, n:] = 0
+    assert len(set(independent_lengths(batch.completion_ids))) > 1
+    return batch
+
+
 def policy_gradient_reference(model, batch):
     """The plain policy gradient -sum_i sum_t A_it grad log p_it / N, scoring each sequence alone without
     padding (full log-softmax). Advantages are [B] (per sequence) or [B, T] (per token)."""

@@ -1,9 +1,12 @@
 """Our decode loop (rlhf/decode.py) against transformers' ``generate`` with the same settings and random state: the
-same tokens, the same log-probs of the drawn tokens, whatever the sampling knobs, padding, prompt sharing, EOS ids
-or early stop."""
+same tokens (with ``generate``'s draw, ``DRAW = "multinomial"``), the same log-probs of the drawn tokens, whatever the
+sampling knobs, padding, prompt sharing, EOS ids or early stop; and the default inverse-CDF draw against a slow
+reference and the distribution it must sample."""
 
 import pytest
 import torch
+
+import rlhf.decode
 
 from rlhf.data import left_pad
 from rlhf.extras.tiny import EOS_ID, PAD_ID, tiny_model
@@ -29,6 +32,12 @@ def model_of(arch: str):
     return tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=11).eval()
 
 
+@pytest.fixture
+def generate_draw(monkeypatch):
+    """``generate``'s own ``multinomial`` draw, so that the same seed gives the same tokens."""
+    monkeypatch.setattr(rlhf.decode, "DRAW", "multinomial")
+
+
 def both_paths(model, params, group_size=1, eos_ids=EOS_IDS):
     ids, mask = left_pad(PROMPTS, PAD_ID)
     ids, mask = ids.repeat_interleave(6, dim=0), mask.repeat_interleave(6, dim=0)
@@ -47,7 +56,7 @@ def both_paths(model, params, group_size=1, eos_ids=EOS_IDS):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("group_size", [1, 6])
-def test_decode_draws_what_generate_draws(arch, setting, group_size):
+def test_decode_draws_what_generate_draws(arch, setting, group_size, generate_draw):
     model = model_of(arch)
     ours, reference, logprobs = both_paths(model, SETTINGS[setting], group_size)
     completion_ids, mask = ours[0], ours[1]
@@ -61,7 +70,7 @@ def test_decode_draws_what_generate_draws(arch, setting, group_size):
         assert (ours[3][mask.bool()] <= 0).all() and (ours[3][~mask.bool()] == 0).all()
 
 
-def test_decode_stops_when_every_row_has_ended_and_at_any_eos_id():
+def test_decode_stops_when_every_row_has_ended_and_at_any_eos_id(generate_draw):
     model = model_of("llama")
     eos_ids = (EOS_ID, *range(EOS_ID + 1, 102, 2))
     ours, reference, _ = both_paths(model, SamplingParams(max_new_tokens=30), eos_ids=eos_ids)
@@ -71,9 +80,11 @@ def test_decode_stops_when_every_row_has_ended_and_at_any_eos_id():
     assert torch.isin(ended_at, torch.tensor(eos_ids)).all()
 
 
-def test_decode_draws_from_the_tempered_distribution():
+@pytest.mark.parametrize("draw", ["inverse_cdf", "multinomial"])
+def test_decode_draws_from_the_tempered_distribution(draw, monkeypatch):
     """One step from one prompt, many rows: the frequencies match softmax(logits / T) and each drawn token's
     log-prob is that distribution's."""
+    monkeypatch.setattr(rlhf.decode, "DRAW", draw)
     model = tiny_model("llama", hidden_size=32, num_layers=1, num_heads=2, seed=0).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
@@ -94,8 +105,6 @@ def test_decode_draws_from_the_tempered_distribution():
 def test_reserved_cache_changes_no_bit(arch, monkeypatch):
     """The in-place KV buffer is a speed change only: with it and with DynamicLayer's concatenation the same tokens
     and bit-identical log-probs."""
-    import rlhf.decode
-
     model = model_of(arch)
     ids, mask = left_pad(PROMPTS, PAD_ID)
     runs = []
@@ -157,12 +166,12 @@ def test_growing_layer_matches_dynamic_layer():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("setting", ["sampled", "greedy", "warpers"])
-def test_finished_rows_leave_the_batch_and_change_no_bit(arch, setting, monkeypatch):
+@pytest.mark.parametrize("draw", ["inverse_cdf", "multinomial"])
+def test_finished_rows_leave_the_batch_and_change_no_bit(arch, setting, draw, monkeypatch):
     """Rows that have ended leave the model's batch (the forward passes shrink): the same tokens as keeping every row
     to the end, and the same log-probs of every token up to each row's EOS up to float rounding (a matmul over fewer
     rows may round differently: 1e-6 here; bit-identical on the Llama)."""
-    import rlhf.decode
-
+    monkeypatch.setattr(rlhf.decode, "DRAW", draw)
     model = model_of(arch)
     ids, mask = left_pad(PROMPTS, PAD_ID)
     ids, mask = ids.repeat_interleave(6, dim=0), mask.repeat_interleave(6, dim=0)
@@ -187,3 +196,50 @@ def test_finished_rows_leave_the_batch_and_change_no_bit(arch, setting, monkeypa
     assert 1 <= valid.sum(dim=1).min() < valid.sum(dim=1).max()
     if sampled:
         assert (logprobs[valid] - kept_logprobs[valid]).abs().max() <= 1e-5
+
+
+def test_inverse_cdf_draw_matches_a_slow_reference():
+    """Probabilities in multiples of 1/1024 (every running sum exact in any order), zeros among them, rows that do not
+    sum to 1, and uniform numbers at the ends of [0, 1): the first token whose running sum exceeds u x total."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 6, (40, 37), generator=generator).float() / 1024
+    probs[:, ::4] = 0  # tokens that must never be drawn
+    probs[:3, :-1] = 0  # all the mass on the last token
+    probs[:3, -1] = 3 / 1024
+    uniform = torch.rand(40, generator=generator, dtype=torch.float64)
+    uniform[3], uniform[4] = 0.0, 1.0 - 2**-53
+    drawn = rlhf.decode.inverse_cdf_draw(probs, uniform)
+    for row in range(40):
+        total, target = float(probs[row].double().sum()), float(uniform[row]) * float(probs[row].double().sum())
+        running, expected = 0.0, None
+        for token, p in enumerate(probs[row].tolist()):
+            running += p
+            if running > target:
+                expected = token
+                break
+        assert int(drawn[row]) == expected, row
+        assert probs[row, drawn[row]] > 0 and total > 0
+    assert drawn[:3].tolist() == [36, 36, 36]
+
+
+def test_inverse_cdf_draw_keeps_tokens_of_tiny_probability():
+    """A token of probability 1e-9 beside one of nearly 1: drawn for exactly its share of [0, 1) (float32 running
+    sums would round its interval to nothing)."""
+    probs = torch.tensor([[1.0 - 1e-9, 1e-9]])
+    assert int(rlhf.decode.inverse_cdf_draw(probs, torch.tensor([1.0 - 5e-10], dtype=torch.float64))) == 1
+    assert int(rlhf.decode.inverse_cdf_draw(probs, torch.tensor([1.0 - 2e-9], dtype=torch.float64))) == 0
+
+
+def test_the_default_draw_takes_one_random_number_per_row_and_step():
+    """B uniform numbers a step, whichever rows are still running: the stream after decoding is that of B x steps
+    draws, so the same seed gives the same tokens with and without rows leaving (test above) and after a resume."""
+    assert rlhf.decode.DRAW == "inverse_cdf"
+    model = model_of("llama")
+    ids, mask = left_pad(PROMPTS, PAD_ID)
+    torch.manual_seed(9)
+    tokens, _ = rlhf.decode.decode(model, ids, mask, SamplingParams(max_new_tokens=5, min_new_tokens=5), [EOS_ID],
+                                   PAD_ID)
+    after_decode = torch.rand(3)
+    torch.manual_seed(9)
+    torch.rand(len(PROMPTS) * tokens.shape[1], dtype=torch.float64)
+    assert torch.equal(after_decode, torch.rand(3))

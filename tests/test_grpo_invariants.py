@@ -8,6 +8,7 @@ from helpers import (
     make_trainer,
     policy_gradient_reference,
     relative_error,
+    with_varied_lengths,
 )
 
 import rlhf.trainer.trainer as trainer_module
@@ -83,7 +84,7 @@ def test_bnpo_is_the_mean_of_each_micro_batchs_token_mean(tmp_path):
     from rlhf.trainer.plan import length_order
 
     trainer = make_trainer(tmp_path, loss_type="bnpo")
-    batch, _ = trainer.make_rollout(0)
+    batch = with_varied_lengths(trainer.make_rollout(0)[0])
     trainer.args.micro_batch_size = 2
     grad = gradient(trainer, batch)
     order = length_order(batch, 1)  # how the update forms micro-batches: by length (rows of similar length)

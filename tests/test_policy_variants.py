@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import gradient, independent_lengths, make_trainer, policy_gradient_reference, relative_error
+from helpers import (gradient, independent_lengths, make_trainer, policy_gradient_reference, relative_error,
+                     with_varied_lengths)
 
 from rlhf.core import rollout_correction
 from rlhf.metrics import StepMetrics
@@ -45,7 +46,7 @@ def test_gspo_first_pass_has_ratio_one_and_the_sequence_mean_policy_gradient(tmp
     """On the first on-policy pass the sequence ratio is exactly 1 and the gradient is
     -(1/B) sum_i A_i mean_t grad log p_it (GSPO's, at s = 1), computed sequence by sequence."""
     trainer = make_trainer(tmp_path, importance_sampling_level=level, loss_agg="seq-mean-token-mean")
-    batch, _ = trainer.make_rollout(0)
+    batch = with_varied_lengths(trainer.make_rollout(0)[0])
     metrics = StepMetrics()
     grad = gradient(trainer, batch, metrics)
     stats = metrics.reduce()

@@ -132,9 +132,14 @@ def test_prefilling_each_prompt_once_per_group_changes_no_completion(arch):
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_static_kv_cache_generates_the_same_completions(do_sample):
-    """The fast decode path (a static cache, compiled on GPUs) samples exactly what the dynamic cache does, from
-    the same RNG state, left padding included."""
+def test_static_kv_cache_generates_the_same_completions(do_sample, monkeypatch):
+    """The fast decode path (a static cache, compiled on GPUs; transformers' ``generate``) samples exactly what the
+    dynamic cache does, from the same RNG state, left padding included, when our loop draws as ``generate`` does
+    (``DRAW = "multinomial"``; with the default inverse-CDF draw the two are the same distribution on two random
+    streams)."""
+    import rlhf.decode
+
+    monkeypatch.setattr(rlhf.decode, "DRAW", "multinomial")
     model = tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=6).eval()
     ids, mask = left_pad([[1, 10, 11, 12, 13, 14, 15], [1, 16], [1, 17, 18, 19]], PAD_ID)
     outputs = []
