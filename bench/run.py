@@ -137,25 +137,24 @@ def matmul_rate(device: str, dtype: torch.dtype, size: int = 1024, seconds: floa
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
-def memory_bandwidth(device: str) -> float | None:
-    """Measured bytes/s of a large device copy (read + write), GPU only."""
-    if device != "cuda":
-        return None
+def memory_bandwidth(device: str) -> float:
+    """Measured bytes/s of a large copy (read + write) on the device (a CPU: with this process's torch threads)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x = torch.empty(2**28, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(20):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     return 2 * x.numel() * 20 / (time.perf_counter() - start)
 
 
 def floors(shape: dict, params: int, rate: float, bandwidth: float | None) -> dict:
     """Seconds each phase would take at the measured rates, for the least work the step needs: each prompt
     run once (not once per completion), 2 FLOPs per parameter per token forward (6 with the backward),
-    plus attention; generation on a GPU: every decode step reads the weights and the KV cache once."""
+    plus attention; and generation's bandwidth floor: every decode step reads the weights and the KV cache once."""
     arch = shape["arch"]
     prompts, rows = shape["prompts"], shape["prompts"] * shape["generations"]
     prompt, new = shape["prompt_length"], shape["new_tokens"]

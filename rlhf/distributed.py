@@ -88,9 +88,9 @@ def model_for_generation(accelerator: Accelerator, model):
         yield unwrapped
 
 
-def sample_in_autocast(setting: bool | None, accelerator: Accelerator) -> bool:
-    """``autocast_generation``: as set, or (None) on an accelerator yes and on a CPU no."""
-    return setting if setting is not None else accelerator.device.type != "cpu"
+def sample_in_autocast(setting: bool | None) -> bool:
+    """``autocast_generation``: as set, or (None) yes."""
+    return setting if setting is not None else True
 
 
 @contextmanager

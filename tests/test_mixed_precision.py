@@ -35,14 +35,12 @@ def test_identical_reference_under_bf16_autocast_gives_zero_kl(tmp_path, bf16_au
     assert metrics["kl/sequence"] == 0.0
 
 
-@pytest.mark.parametrize("autocast_generation", [None, False])
-def test_on_a_cpu_the_sampler_runs_in_float32_under_bf16_autocast(tmp_path, bf16_autocast, monkeypatch,
-                                                                   autocast_generation):
-    """autocast_generation None (on a CPU) or False: the same tokens and sampler log-probs as a float32 run of the same
-    seed, while the scoring pass still runs in the autocast (it differs from float32), and the actor's autocast forward
-    is back in place after sampling."""
+def test_autocast_generation_false_samples_in_float32_under_bf16_autocast(tmp_path, bf16_autocast, monkeypatch):
+    """autocast_generation=False: the same tokens and sampler log-probs as a float32 run of the same seed, while the
+    scoring pass still runs in the autocast (it differs from float32), and the actor's autocast forward is back in
+    place after sampling."""
     trainer = make_trainer(tmp_path / "bf16", kl_coef=0.1, top_entropy_quantile=0.5,  # a scoring pass of the actor
-                           autocast_generation=autocast_generation)
+                           autocast_generation=False)
     assert trainer.accelerator.mixed_precision == "bf16" and not trainer.policy.autocast
     batch, _ = trainer.make_rollout(0)
     assert "_original_forward" in trainer.model.__dict__ and "forward" in trainer.model.__dict__
@@ -57,10 +55,11 @@ def test_on_a_cpu_the_sampler_runs_in_float32_under_bf16_autocast(tmp_path, bf16
     assert (batch.old_logprobs - expected.old_logprobs)[mask].abs().max() > 1e-4  # scored in bf16 autocast
 
 
-def test_autocast_generation_samples_in_the_autocast(tmp_path, bf16_autocast):
-    """autocast_generation=True: the sampler's log-probs are the bf16 autocast's, not float32's (negative control of
-    the test above: the switch is what makes the difference)."""
-    sampled = make_trainer(tmp_path / "bf16", autocast_generation=True)
+@pytest.mark.parametrize("autocast_generation", [None, True])
+def test_autocast_generation_samples_in_the_autocast(tmp_path, bf16_autocast, autocast_generation):
+    """autocast_generation None (the default, on a CPU too) or True: the sampler's log-probs are the bf16 autocast's,
+    not float32's (negative control of the test above: the switch is what makes the difference)."""
+    sampled = make_trainer(tmp_path / "bf16", autocast_generation=autocast_generation)
     assert sampled.policy.autocast
     batch, _ = sampled.make_rollout(0)
     float32 = make_trainer(tmp_path / "fp32", autocast_generation=False)

@@ -195,7 +195,7 @@ def build_run(trainer_name: str, args: RLConfig, inputs: RunInputs) -> RunParts:
                                     accelerator.unwrap_model(critic), "critic")
     policy = Policy(model, accelerator, models.tokenizer, models.eos_ids, args.max_prompt_length,
                     args.truncate_prompts, prefill_group=args.share_prompt_prefix and not shards_parameters(accelerator),
-                    autocast=sample_in_autocast(args.autocast_generation, accelerator))
+                    autocast=sample_in_autocast(args.autocast_generation))
     identity = {"trainer": trainer_name, "num_processes": accelerator.num_processes, "model": models.source,
                 "model_fingerprint": models.fingerprint, "train_dataset": dataset_fingerprint(data.train_dataset),
                 "eval_dataset": dataset_fingerprint(data.eval_dataset),
