@@ -68,6 +68,9 @@ METHODS = {
     # PPO with a 5x stronger KL in the reward: on SmolLM2 the default 0.01 let the KL to the reference reach 4-8 nats
     # per sequence and the entropy collapse within 10 steps while the critic explained none of the return variance.
     "ppo_kl05": ("ppo", {"kl_coef": 0.05}),
+    # ... and a critic learning rate 10x the actor's: at lr 2e-5 AdamW moves the fresh value head's bias by at most
+    # 2e-5 a step, 4e-4 in 20 steps, against returns of 0-2, so the critic cannot fit the mean return in this budget.
+    "ppo_critic_lr": ("ppo", {"kl_coef": 0.05, "critic_learning_rate": 2e-4}),
     "reinforce++": ("reinforce", {"baseline": "reinforce++"}),
     "grpo_2proc": ("grpo", {}),  # launched on two processes, same global batch
     "trl_grpo": ("trl_grpo", {}),

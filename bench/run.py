@@ -55,7 +55,8 @@ SHAPES = {
     # The real model: SmolLM2-135M-Instruct, its chat template (a ~50-token prompt), 8 prompts x 4 completions x 64
     # new tokens (a step of ours takes about a minute and a half on 2 cores; 8 x 8 x 128 would take 5). "real":
     # completions of exactly 64 tokens on both sides, ours and TRL in float32 and with bf16 autocast (mixed
-    # precision), and PPO; "real_eos": natural EOS, lengths vary, float32.
+    # precision), and PPO; "real_eos": natural EOS, lengths vary (each step's time follows its lengths, so 4 timed
+    # steps), float32 and bf16 autocast.
     "real": dict(model="smollm2", arch=dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                                             num_kv_heads=3, vocab=49152),
                  prompts=8, generations=4, new_tokens=64, prompt_length=None, micro_batch=16, dtype="float32",
@@ -63,7 +64,7 @@ SHAPES = {
     "real_eos": dict(model="smollm2", arch=dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                                                 num_kv_heads=3, vocab=49152),
                      prompts=8, generations=4, new_tokens=64, prompt_length=None, micro_batch=16, dtype="float32",
-                     steps=3, warmup=1, chat=True, natural_eos=True, precisions=["no"], ppo=False),
+                     steps=5, warmup=1, chat=True, natural_eos=True, precisions=["no", "bf16"], ppo=False),
     "memory_smoke": dict(arch=dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
                                    vocab=151936), prompts=4, generations=2, new_tokens=8, prompt_length=24,
                          micro_batch=8, dtype="float32", steps=2, warmup=1, memory=True),

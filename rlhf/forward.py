@@ -199,7 +199,7 @@ def packed_batch(model: nn.Module, prompt_ids, prompt_mask, completion_ids, comp
                  group_size: int) -> PackedRows | None:
     """The batch as packed trees (``rlhf.packing``), the prompt once per group of ``group_size`` rows when they
     share it; None when the model's attention cannot take the mask or packing would not save work."""
-    if not packable(causal_lm(model)):
+    if not packable(causal_lm(model), prompt_ids.shape[1] + completion_ids.shape[1]):
         return None
     shares = groups_share_prompts(prompt_ids, prompt_mask, group_size)
     return pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size if shares else 1)

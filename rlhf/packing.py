@@ -12,8 +12,11 @@ A branch is [last prompt token, completion tokens but the last]: its position t 
 every position predicts at most one token and the scoring path's one-target-per-position contract holds (the last
 prompt token is repeated once per branch, G - 1 extra tokens per group).
 
-Only for attention implementations that take a custom 4D mask (``sdpa`` and ``eager``); others (flash attention,
-flex) keep the plain layout: ``pack_rows`` returns None and the caller falls back.
+Only where a custom 4D mask is all that mixes tokens (``packable``): attention implementations that take one
+(``sdpa``, ``eager``; not flash attention or flex), decoders whose every layer is attention (``PURE_ATTENTION``:
+a recurrent or convolutional layer, as in Mamba-style hybrids, would carry state from one packed tree into the next),
+and no sliding window shorter than the plain layout (the custom mask replaces the window). Others keep the plain
+layout.
 """
 
 from dataclasses import dataclass
@@ -68,12 +71,28 @@ class PackedRows:
         return flat * valid
 
 
-def packable(model) -> bool:
-    """Whether ``model``'s attention takes the custom 4D mask packing needs."""
-    if not ENABLED:
-        return False
+# Model types whose layers mix tokens only through attention under the mask transformers builds (or ours), with
+# positions from ``position_ids``; any other model keeps the plain layout.
+PURE_ATTENTION = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
+    "gpt2", "gpt_neox", "olmo", "olmo2", "granite", "smollm3", "starcoder2", "stablelm", "cohere",
+})
+
+
+def packable(model, length: int) -> bool:
+    """Whether packed trees give ``model`` the outputs of the plain layout of ``length`` columns (prompt width +
+    completion width): a pure-attention decoder (``PURE_ATTENTION``), attention that takes a custom 4D mask, and no
+    sliding window shorter than ``length`` in force (the custom mask would drop it)."""
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    if not ENABLED or config is None:
+        return False
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return (getattr(config, "model_type", None) in PURE_ATTENTION
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and not any(kind not in ("full_attention", "sliding_attention")
+                        for kind in (getattr(config, "layer_types", None) or []))
+            and (not window or window >= length))
 
 
 def pack_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import rlhf.decode
-
 from rlhf.data import left_pad
 from rlhf.extras.tiny import EOS_ID, PAD_ID, tiny_model
 from rlhf.forward import groups_share_prompts, run_shared_prompts

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from rlhf import ValueModel
-from rlhf import packing
+from rlhf import ValueModel, packing
 from rlhf.critic import completion_values
 from rlhf.data import left_pad
-from rlhf.forward import completion_logprobs, packed_batch
 from rlhf.extras.tiny import tiny_model
+from rlhf.forward import completion_logprobs, packed_batch
 
 GROUP = 3
 PROMPTS = [[1, 10, 11, 12, 13, 14, 15, 16], [1, 20], [1, 30, 31, 32, 33]]
@@ -57,7 +56,7 @@ def test_packed_trees_give_the_plain_layouts_outputs_and_gradients(arch, attenti
     plain = _outputs(arch, attention, batch, group, False, monkeypatch)
     packed = _outputs(arch, attention, batch, group, True, monkeypatch)
     for name, a, b in zip(["logprobs", "entropy", "values", "actor grad", "critic grad"], packed, plain):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (name, float((a - b).abs().max()))
 
 
 def test_trees_split_when_longer_than_a_row_give_the_same_outputs(monkeypatch):
@@ -66,7 +65,7 @@ def test_trees_split_when_longer_than_a_row_give_the_same_outputs(monkeypatch):
     whole = _outputs("llama", "sdpa", batch, GROUP, True, monkeypatch)
     monkeypatch.setattr(packing, "ROW_TOKENS", 1)  # capacity: the plain layout's width (8 + 9 = 17 tokens)
     packed = packing.pack_rows(*batch, GROUP)
-    assert int((packed.tree.max() + 1)) > len(PROMPTS)  # the 7 + 1 + 9 + 4 = 21-token tree was split
+    assert int(packed.tree.max() + 1) > len(PROMPTS)  # the 7 + 1 + 9 + 4 = 21-token tree was split
     assert packed.input_ids.shape[1] <= batch[0].shape[1] + batch[2].shape[1]
     split = _outputs("llama", "sdpa", batch, GROUP, True, monkeypatch)
     for a, b in zip(split, whole):
@@ -125,7 +124,25 @@ def test_masks_with_holes_and_equal_lengths_keep_the_plain_layout():
 
 def test_attention_without_custom_masks_keeps_the_plain_layout():
     model = tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2)
-    assert packing.packable(model)
+    assert packing.packable(model, 64)
     model.config._attn_implementation = "flash_attention_2"
-    assert not packing.packable(model)
+    assert not packing.packable(model, 64)
     assert packed_batch(model, *_grouped_batch(), GROUP) is None
+
+
+def test_models_with_other_mixing_layers_or_a_short_window_keep_the_plain_layout():
+    """A recurrent or convolutional layer would carry state across packed trees, and the custom mask would drop a
+    sliding window: such models are not packed (a window at least as long as the plain layout cuts nothing)."""
+    model = tiny_model("qwen2", hidden_size=32, num_layers=2, num_heads=2)
+    config = model.config
+    assert packing.packable(model, 64)
+    config.model_type = "mamba"
+    assert not packing.packable(model, 64)
+    config.model_type = "qwen2"
+    config.layer_types = ["full_attention", "linear_attention"]
+    assert not packing.packable(model, 64)
+    config.layer_types = ["full_attention", "sliding_attention"]
+    config.use_sliding_window, config.sliding_window = True, 32
+    assert not packing.packable(model, 64) and packing.packable(model, 32)
+    config.use_sliding_window = False  # Qwen2's default: the window is not applied
+    assert packing.packable(model, 64)
