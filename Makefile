@@ -40,7 +40,7 @@ help:
 	@echo "make rlhf-demo  the RLHF chain on synthetic preferences: train a reward model, then PPO against it"
 	@echo "make install    create/use a virtualenv ($(VENV)) and install rlhf[dev]"
 	@echo "make bench      our GRPO step against TRL's: speed, and memory at a real vocabulary (DEVICE=cuda: GPU case)"
-	@echo "make bench-real our GRPO step against TRL's on SmolLM2-135M-Instruct (real model), fp32 and bf16 (~40 min)"
+	@echo "make bench-real our GRPO step against TRL's on SmolLM2-135M-Instruct, fp32 and bf16, fixed and natural EOS (~20 min)"
 	@echo "make learn-bench  our GRPO, PPO, RLOO, REINFORCE++ vs TRL's GRPO and RLOO, 2 tasks, 5-10 seeds (~45 min)"
 	@echo "make learn-bench-real  our GRPO, PPO, RLOO vs TRL's GRPO and RLOO on SmolLM2-135M-Instruct, 3 seeds"
 	@echo "make learn-bench-variants  GSPO, CISPO, entropy tokens, DAPO refill, rollout correction, REINFORCE++-baseline"
