@@ -156,9 +156,15 @@ def inverse_cdf_draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     """For each row of ``probs`` [b, V] (non-negative, any total) and its ``uniform`` [b] number in [0, 1), the first
     token whose cumulative probability exceeds ``uniform`` x the row's total: a token is drawn with probability
     p / total. The running sum is float64 (float32's would round tokens of probability below ~1e-7 to 0 or double
-    them), and a token of probability 0 is never drawn."""
+    them), and a token of probability 0 is never drawn. A row with no mass (all zero, or NaN: every score -inf or
+    NaN) raises, as ``torch.multinomial`` does, rather than drawing a token it gives probability 0."""
     cumulative = probs.double().cumsum(dim=-1)
-    target = (uniform.double() * cumulative[:, -1]).unsqueeze(1)
+    totals = cumulative[:, -1]
+    if not bool((totals > 0).all() and torch.isfinite(totals).all()):
+        bad = (~((totals > 0) & torch.isfinite(totals))).nonzero().flatten().tolist()
+        raise ValueError(f"cannot sample rows {bad[:8]}: their next-token distribution has no mass (every score -inf "
+                         "or NaN). The model's logits are NaN or inf, or a logits processor masked every token.")
+    target = (uniform.double() * totals).unsqueeze(1)
     return torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 

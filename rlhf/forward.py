@@ -74,6 +74,16 @@ def model_cache(outputs):
     return cache if cache is not None else getattr(outputs, "past_key_values", None)
 
 
+def keeps_cache(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` returns the KV cache the prompt-sharing pass needs: not while it trains under
+    gradient checkpointing (transformers then turns the cache off). Packed trees need no cache."""
+    lm = causal_lm(model)
+    backbone = getattr(lm, "backbone", lm)  # a ValueModel's
+    checkpointing = getattr(lm, "is_gradient_checkpointing", False) or getattr(backbone, "is_gradient_checkpointing",
+                                                                                  False)
+    return not (checkpointing and lm.training)
+
+
 def groups_share_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int) -> bool:
     """Whether every run of ``group_size`` rows holds one prompt (ids and padding)."""
     rows, width = prompt_ids.shape
@@ -227,7 +237,7 @@ def predicting_outputs(model: nn.Module, prompt_ids, prompt_mask, completion_ids
     packed = packed_batch(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
     if packed is not None:
         return packed.unpack(read(model(**packed_inputs(model, packed))))
-    if not groups_share_prompts(prompt_ids, prompt_mask, group_size):
+    if not (keeps_cache(model) and groups_share_prompts(prompt_ids, prompt_mask, group_size)):
         keep = {"logits_to_keep": num_completion + 1} if accepts_logits_to_keep(model) else {}
         outputs = model(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False,
                         **keep)
@@ -285,7 +295,7 @@ def _scored_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
     if packed is not None:
         out = model(**packed_inputs(model, packed), score_tokens=packed.targets, **scoring)
         return packed.unpack(out.logprobs), packed.unpack(out.entropy)
-    if not groups_share_prompts(prompt_ids, prompt_mask, group_size):
+    if not (keeps_cache(model) and groups_share_prompts(prompt_ids, prompt_mask, group_size)):
         targets = torch.full((prompt_ids.shape[0], width + num_completion), -1, dtype=completion_ids.dtype,
                              device=completion_ids.device)
         targets[:, width - 1: width + num_completion - 1] = completion_ids  # position t predicts token t + 1

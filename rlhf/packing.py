@@ -142,7 +142,7 @@ def pack_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_id
         packed_rows[slot].append(tree)
         free[slot] -= tree[2]
     plain = rows // group_size * width + rows * columns if group_size > 1 else rows * (width + columns)
-    if len(packed_rows) * length > MAX_FRACTION * plain:
+    if length == 0 or len(packed_rows) * length > MAX_FRACTION * plain:
         return None
 
     shape = (len(packed_rows), length)

@@ -242,3 +242,11 @@ def test_the_default_draw_takes_one_random_number_per_row_and_step():
     torch.manual_seed(9)
     torch.rand(len(PROMPTS) * tokens.shape[1], dtype=torch.float64)
     assert torch.equal(after_decode, torch.rand(3))
+
+
+def test_inverse_cdf_draw_refuses_a_row_with_no_mass():
+    """All-zero or NaN probabilities (every score -inf, or NaN logits) raise naming the row, as torch.multinomial
+    does, instead of drawing a token of probability 0."""
+    probs = torch.tensor([[0.5, 0.5], [0.0, 0.0], [float("nan"), float("nan")]])
+    with pytest.raises(ValueError, match=r"rows \[1, 2\].*no mass"):
+        rlhf.decode.inverse_cdf_draw(probs, torch.tensor([0.3, 0.3, 0.3], dtype=torch.float64))

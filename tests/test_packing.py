@@ -146,3 +146,25 @@ def test_models_with_other_mixing_layers_or_a_short_window_keep_the_plain_layout
     assert not packing.packable(model, 64) and packing.packable(model, 32)
     config.use_sliding_window = False  # Qwen2's default: the window is not applied
     assert packing.packable(model, 64)
+
+
+@pytest.mark.parametrize("lengths", ["varied", "equal"])
+def test_gradient_checkpointing_shares_prompts_through_packing_and_falls_back_without_a_cache(lengths, monkeypatch):
+    """Training under gradient checkpointing keeps no KV cache: packed trees still run each prompt once; a batch that
+    is not packed (equal lengths) runs every row whole instead of failing on the missing cache. Both equal the plain
+    layout without checkpointing."""
+    batch = list(_grouped_batch())
+    if lengths == "equal":
+        batch[3] = torch.ones_like(batch[3])
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", hidden_size=32, num_layers=2, num_heads=2, seed=3).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        logprobs, _ = completion_logprobs(model, *batch, group_size=GROUP)
+        logprobs[batch[3].bool()].sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logprobs[batch[3].bool()].detach(), grad))
+    assert (packed_batch(model, *batch, GROUP) is not None) == (lengths == "varied")
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -30,9 +30,10 @@ def plan_step(args: RLConfig, num_processes: int, sharded: bool, distilling: boo
     micro = args.local_micro_batch_size(num_processes)
     inference = args.inference_batch_size or 2 * micro
     group = args.num_generations
-    # Prompt sharing needs every micro-batch to hold whole groups, and an unsharded model whose forward keeps a
-    # cache (gradient checkpointing recomputes without one).
-    shares = (args.share_prompt_prefix and not sharded and group > 1 and not args.gradient_checkpointing
+    # Prompt sharing needs every micro-batch to hold whole groups and an unsharded model. Under gradient checkpointing
+    # the forward keeps no cache: packed trees still share the prompt, the plain layout then runs every row whole
+    # (rlhf.forward.keeps_cache).
+    shares = (args.share_prompt_prefix and not sharded and group > 1
               and mini % group == 0 and micro % group == 0 and inference % group == 0)
     on_policy = args.optimizer_steps_per_step == 1
     kl_in = kl_placement(args.kl_in, args.kl_coef)
