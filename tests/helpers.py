@@ -104,3 +104,17 @@ def policy_gradient_reference(model, batch):
         loss = loss - (advantages * logprobs).sum() / num_tokens
     loss.backward()
     return flat_grad(model), lengths
+
+
+def padded_batch(prompts, completions, pad_id=0):
+    """Left-padded prompts and right-padded completions (lists of ids) as the four tensors the forward passes take."""
+    from rlhf.data import left_pad
+
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    width = max(map(len, completions))
+    completion_ids = torch.full((len(completions), width), pad_id)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        completion_ids[i, : len(c)] = torch.tensor(c)
+        completion_mask[i, : len(c)] = 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rlhf.data import left_pad
 from rlhf.forward import completion_logprobs, position_ids_from_mask
 from rlhf.models import disable_dropout, eos_token_ids
 from rlhf.extras.tiny import EOS_ID, tiny_model
+from helpers import padded_batch
 
 
 def _reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0):
@@ -16,17 +16,6 @@ def _reference_logprobs(model, prompt: list[int], completion: list[int], tempera
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
 
 
-def _padded_batch(prompts, completions, pad_id=0):
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(map(len, completions))
-    completion_ids = torch.full((len(completions), width), pad_id)
-    completion_mask = torch.zeros((len(completions), width), dtype=torch.long)
-    for i, c in enumerate(completions):
-        completion_ids[i, : len(c)] = torch.tensor(c)
-        completion_mask[i, : len(c)] = 1
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
-
-
 PROMPTS = [[1, 10, 11, 12, 13, 14, 15, 16], [1, 20], [1, 30, 31, 32, 33]]
 COMPLETIONS = [[40, 41, 2], [42, 43, 44, 45, 46], [47]]
 
@@ -34,7 +23,7 @@ COMPLETIONS = [[40, 41, 2], [42, 43, 44, 45, 46], [47]]
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # RoPE and absolute positions
 def test_left_padding_does_not_change_logprobs(arch):
     model = tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
-    batch = _padded_batch(PROMPTS, COMPLETIONS)
+    batch = padded_batch(PROMPTS, COMPLETIONS)
     with torch.no_grad():
         logprobs, _ = completion_logprobs(model, *batch)
         for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -45,7 +34,7 @@ def test_left_padding_does_not_change_logprobs(arch):
 def test_absolute_positions_need_position_ids():
     """Negative control: without position ids from the mask, a left-padded GPT-2 row is scored wrongly."""
     model = tiny_model("gpt2", hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
-    prompt_ids, prompt_mask, completion_ids, completion_mask = _padded_batch(PROMPTS, COMPLETIONS)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = padded_batch(PROMPTS, COMPLETIONS)
     ids = torch.cat([prompt_ids, completion_ids], 1)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, completion_mask], 1)).logits
@@ -62,7 +51,7 @@ def test_position_ids_match_generate():
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 2.5])
 def test_logprobs_use_the_sampling_temperature(llama, temperature):
-    batch = _padded_batch(PROMPTS, COMPLETIONS)
+    batch = padded_batch(PROMPTS, COMPLETIONS)
     with torch.no_grad():
         logprobs, _ = completion_logprobs(llama, *batch, temperature=temperature)
     for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -71,7 +60,7 @@ def test_logprobs_use_the_sampling_temperature(llama, temperature):
 
 
 def test_entropy_matches_full_softmax(llama):
-    batch = _padded_batch(PROMPTS, COMPLETIONS)
+    batch = padded_batch(PROMPTS, COMPLETIONS)
     with torch.no_grad():
         _, entropy = completion_logprobs(llama, *batch, temperature=1.3, with_entropy=True)
         prompt, completion = PROMPTS[0], COMPLETIONS[0]
@@ -106,7 +95,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(arch):
     group = 3
     prompts = [p for p in PROMPTS for _ in range(group)]
     completions = [[40 + i, 41, 42 + i % 3, 2][: 1 + i % 4] for i in range(len(prompts))]
-    batch = _padded_batch(prompts, completions)
+    batch = padded_batch(prompts, completions)
     results = {}
     for size in (1, group):
         model = tiny_model(arch, hidden_size=32, num_layers=2, num_heads=2, seed=3).eval()  # GPT-2 has dropout
@@ -122,7 +111,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(arch):
 
 
 def test_rows_of_different_prompts_are_not_shared(llama):
-    batch = _padded_batch(PROMPTS, COMPLETIONS)  # three different prompts, "group size" 3
+    batch = padded_batch(PROMPTS, COMPLETIONS)  # three different prompts, "group size" 3
     with torch.no_grad():
         full, _ = completion_logprobs(llama, *batch)
         guarded, _ = completion_logprobs(llama, *batch, group_size=3)

@@ -5,23 +5,12 @@ import torch
 
 from rlhf import ValueModel, packing
 from rlhf.critic import completion_values
-from rlhf.data import left_pad
 from rlhf.extras.tiny import tiny_model
 from rlhf.forward import completion_logprobs, packed_batch
+from helpers import padded_batch
 
 GROUP = 3
 PROMPTS = [[1, 10, 11, 12, 13, 14, 15, 16], [1, 20], [1, 30, 31, 32, 33]]
-
-
-def _batch(prompts, completions, pad_id=0):
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(map(len, completions))
-    completion_ids = torch.full((len(completions), width), pad_id)
-    completion_mask = torch.zeros((len(completions), width), dtype=torch.long)
-    for i, c in enumerate(completions):
-        completion_ids[i, : len(c)] = torch.tensor(c)
-        completion_mask[i, : len(c)] = 1
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
 
 
 def _grouped_batch():
@@ -29,7 +18,7 @@ def _grouped_batch():
     prompts = [p for p in PROMPTS for _ in range(GROUP)]
     lengths = [1, 9, 4, 6, 2, 9, 3, 5, 7]
     completions = [[(40 + 7 * i + t) % 60 + 4 for t in range(n)] for i, n in enumerate(lengths)]
-    return _batch(prompts, completions)
+    return padded_batch(prompts, completions)
 
 
 def _outputs(arch, attention, batch, group, enabled, monkeypatch):
@@ -74,7 +63,7 @@ def test_trees_split_when_longer_than_a_row_give_the_same_outputs(monkeypatch):
 
 def test_a_tree_holds_the_prompt_once_and_each_branch_sees_only_the_prompt_and_itself():
     """The layout written out by hand for one prompt [1, 5, 6] and completions [7, 8] and [9]."""
-    batch = _batch([[1, 5, 6], [1, 5, 6]], [[7, 8], [9]])
+    batch = padded_batch([[1, 5, 6], [1, 5, 6]], [[7, 8], [9]])
     packed = packing.pack_rows(*batch, 2)
     assert packed.input_ids.tolist() == [[1, 5, 6, 7, 6]]  # trunk [1, 5]; branch [6, 7]; branch [6]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2]]
