@@ -33,6 +33,14 @@ from rlhf.forward import completion_logprobs, enable_token_scoring
 from rlhf.rollout import SamplingParams, sample_completions
 
 
+# Levers of the decode loop: the rlhf.decode attribute each sets, and its settings (default first).
+GENERATION_LEVERS = {
+    "leave": ("LEAVE_FRACTION", {"rows leave (default)": rlhf.decode.LEAVE_FRACTION,
+                                 "every row to the end": float("inf")}),
+    "draw": ("DRAW", {"inverse CDF (default)": "inverse_cdf", "multinomial": "multinomial"}),
+}
+
+
 def _timed(run, settings: dict, repeats: int) -> tuple[dict, dict]:
     """``run(name, value, repeat)`` for each setting, interleaved; the first round warms up and is not counted.
     Returns the seconds of each setting and each round's outputs."""
@@ -82,25 +90,19 @@ def main() -> None:
 
     result = {"machine": describe_machine(), "lever": cli.lever, "rows": len(prompt_ids),
               "max_new_tokens": cli.max_new_tokens}
-    if cli.lever == "leave":
-        def run(name, fraction, repeat):
-            rlhf.decode.LEAVE_FRACTION = fraction
+    if cli.lever in GENERATION_LEVERS:
+        attribute, settings = GENERATION_LEVERS[cli.lever]
+
+        def run(name, value, repeat):
+            setattr(rlhf.decode, attribute, value)
             return sample(repeat)
 
-        settings = {"rows leave (default)": rlhf.decode.LEAVE_FRACTION, "every row to the end": float("inf")}
-        seconds, outputs = _timed(run, settings, cli.repeats)
-        completion_mask = outputs[0][next(iter(settings))][1]
-        result["same_tokens"] = all(torch.equal(*(o[0] for o in round_.values())) for round_ in outputs.values())
-    elif cli.lever == "draw":
-        def run(name, draw, repeat):
-            rlhf.decode.DRAW = draw
-            return sample(repeat)
-
-        settings = {"inverse CDF (default)": "inverse_cdf", "multinomial": "multinomial"}
         seconds, outputs = _timed(run, settings, cli.repeats)
         completion_mask = outputs[0][next(iter(settings))][1]
         result["mean_length"] = {name: round(statistics.mean(float(o[name][1].sum(dim=1).float().mean())
                                                              for o in outputs.values()), 1) for name in settings}
+        if cli.lever == "leave":  # the same random stream either way: the same tokens
+            result["same_tokens"] = all(torch.equal(*(o[0] for o in round_.values())) for round_ in outputs.values())
     else:
         completion_ids, completion_mask = sample(0)
         enable_token_scoring(model)

@@ -193,6 +193,7 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     present = torch.arange(rows, device=device)  # the rows in the model's batch, in the order the cache holds them
     compactable, buffer = False, None
+    inverse_cdf = params.do_sample and DRAW == "inverse_cdf"
     tokens, logprobs = [], []
     for step in range(params.max_new_tokens):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -202,7 +203,6 @@ def decode(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             compactable = _reserve_cache(cache, cache.get_seq_length() + params.max_new_tokens - 1)
         scores = outputs.logits[:, -1, :].float()  # no copy in fp32: the model's own output, modified in place
         del outputs
-        inverse_cdf = params.do_sample and DRAW == "inverse_cdf"
         if len(present) < rows and not inverse_cdf:  # rows have left: back to [B, V], the ended rows' scores stale
             buffer = scores.new_zeros(rows, scores.shape[1]) if buffer is None else buffer
             scores = buffer.index_copy_(0, present, scores)

@@ -88,11 +88,6 @@ def model_for_generation(accelerator: Accelerator, model):
         yield unwrapped
 
 
-def sample_in_autocast(setting: bool | None) -> bool:
-    """``autocast_generation``: as set, or (None) yes."""
-    return setting if setting is not None else True
-
-
 @contextmanager
 def without_autocast(model):
     """``model`` with its own forward for the block, not the autocast one Accelerate's mixed precision installs on the

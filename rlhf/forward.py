@@ -205,14 +205,24 @@ def scores_tokens(model: nn.Module) -> bool:
     return getattr(causal_lm(model), "_rlhf_scores_tokens", False)
 
 
+def batch_layout(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                 group_size: int) -> tuple[PackedRows | None, bool]:
+    """How a pass lays the batch out: packed trees (``rlhf.packing``; the prompt once per group of ``group_size``
+    rows when they share it), else None and whether the prompt runs once per group through a KV cache
+    (``run_shared_prompts``; False: every row whole)."""
+    shares = groups_share_prompts(prompt_ids, prompt_mask, group_size)
+    if packable(causal_lm(model), prompt_ids.shape[1] + completion_ids.shape[1]):
+        packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size if shares else 1)
+        if packed is not None:
+            return packed, shares
+    return None, shares and keeps_cache(model)
+
+
 def packed_batch(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask,
                  group_size: int) -> PackedRows | None:
-    """The batch as packed trees (``rlhf.packing``), the prompt once per group of ``group_size`` rows when they
-    share it; None when the model's attention cannot take the mask or packing would not save work."""
-    if not packable(causal_lm(model), prompt_ids.shape[1] + completion_ids.shape[1]):
-        return None
-    shares = groups_share_prompts(prompt_ids, prompt_mask, group_size)
-    return pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size if shares else 1)
+    """The batch as packed trees, or None when the model's attention cannot take the mask or packing would not save
+    work (``batch_layout``)."""
+    return batch_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)[0]
 
 
 def packed_inputs(model: nn.Module, packed: PackedRows) -> dict[str, torch.Tensor]:
@@ -234,10 +244,10 @@ def predicting_outputs(model: nn.Module, prompt_ids, prompt_mask, completion_ids
     one backward).
     """
     num_completion = completion_ids.shape[1]
-    packed = packed_batch(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    packed, shared_prompts = batch_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
     if packed is not None:
         return packed.unpack(read(model(**packed_inputs(model, packed))))
-    if not (keeps_cache(model) and groups_share_prompts(prompt_ids, prompt_mask, group_size)):
+    if not shared_prompts:
         keep = {"logits_to_keep": num_completion + 1} if accepts_logits_to_keep(model) else {}
         outputs = model(**sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False,
                         **keep)
@@ -291,11 +301,11 @@ def _scored_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
     """``completion_logprobs`` through the chunked LM head (``enable_token_scoring``). [B, T] each."""
     scoring = {"score_temperature": temperature, "score_entropy_grad": entropy_grad}
     width, num_completion = prompt_ids.shape[1], completion_ids.shape[1]
-    packed = packed_batch(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    packed, shared_prompts = batch_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
     if packed is not None:
         out = model(**packed_inputs(model, packed), score_tokens=packed.targets, **scoring)
         return packed.unpack(out.logprobs), packed.unpack(out.entropy)
-    if not (keeps_cache(model) and groups_share_prompts(prompt_ids, prompt_mask, group_size)):
+    if not shared_prompts:
         targets = torch.full((prompt_ids.shape[0], width + num_completion), -1, dtype=completion_ids.dtype,
                              device=completion_ids.device)
         targets[:, width - 1: width + num_completion - 1] = completion_ids  # position t predicts token t + 1

@@ -28,7 +28,7 @@ from rlhf.callbacks import Callbacks, new_state
 from rlhf.configs import RLConfig
 from rlhf.critic import build_critic
 from rlhf.data import PromptSampler, StreamSampler, as_dataset, check_prompts, dataset_columns, render_prompts
-from rlhf.distributed import fill_deepspeed_config, make_accelerator, sample_in_autocast, shards_parameters
+from rlhf.distributed import fill_deepspeed_config, make_accelerator, shards_parameters
 from rlhf.environments import environment_dataset
 from rlhf.evaluation import sampling_params
 from rlhf.fingerprints import dataset_fingerprint, model_fingerprint
@@ -195,7 +195,7 @@ def build_run(trainer_name: str, args: RLConfig, inputs: RunInputs) -> RunParts:
                                     accelerator.unwrap_model(critic), "critic")
     policy = Policy(model, accelerator, models.tokenizer, models.eos_ids, args.max_prompt_length,
                     args.truncate_prompts, prefill_group=args.share_prompt_prefix and not shards_parameters(accelerator),
-                    autocast=sample_in_autocast(args.autocast_generation))
+                    autocast=args.autocast_generation is not False)  # None: yes
     identity = {"trainer": trainer_name, "num_processes": accelerator.num_processes, "model": models.source,
                 "model_fingerprint": models.fingerprint, "train_dataset": dataset_fingerprint(data.train_dataset),
                 "eval_dataset": dataset_fingerprint(data.eval_dataset),
